@@ -1,0 +1,42 @@
+# difftune: `make demo` and `make test` are all a new machine needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+ASSETS := work_dirs/tiny_assets
+DEMO := work_dirs/demo
+export HF_HUB_OFFLINE := 1
+
+.PHONY: venv assets demo test test-fast lint clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	# Only for the CLIP vocabulary file it ships (tiny assets); its own dependencies are not needed.
+	$(BIN)/pip install --quiet --no-deps open-clip-torch==3.3.0
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+assets: $(ASSETS)/.done
+
+$(ASSETS)/.done: $(VENV)/.installed scripts/make_tiny_assets.py
+	$(BIN)/python scripts/make_tiny_assets.py $(ASSETS)
+	touch $@
+
+demo: venv assets
+	bash scripts/demo.sh $(ASSETS) $(DEMO)
+
+test: venv
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: venv
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf work_dirs .pytest_cache

@@ -1,0 +1,304 @@
+"""Write tiny random models and a toy captioned image set for tests and the demo.
+
+Every model is a real diffusers/transformers class with a tiny config, saved in
+the layout of the Hub repo it stands in for, so the training and inference code
+loads it exactly as it loads the real thing:
+
+    OUT_DIR/sdxl/               like stabilityai/stable-diffusion-xl-base-1.0
+    OUT_DIR/sdxl-vae-fp16-fix/  like madebyollin/sdxl-vae-fp16-fix
+    OUT_DIR/wuerstchen-prior/   like warp-ai/wuerstchen-prior
+    OUT_DIR/wuerstchen/         like warp-ai/wuerstchen
+    OUT_DIR/effnet/effnet.safetensors  EfficientNetV2-S image encoder, stage-B keys
+    OUT_DIR/data/               imagefolder: PNGs + metadata.jsonl (file_name, text)
+
+Usage: python scripts/make_tiny_assets.py OUT_DIR [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.util
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+
+# The real CLIP vocabulary: 256 byte tokens, the same with an end-of-word mark,
+# 48,894 merges, then the two special tokens (49,408 in all).
+NUM_CLIP_MERGES = 49152 - 256 - 2
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """The byte-level BPE alphabet in CLIP's order: printable bytes as themselves first, then the rest above 255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [byte for byte in range(256) if byte not in printable]
+    table = {byte: chr(byte) for byte in printable}
+    table.update({byte: chr(256 + n) for n, byte in enumerate(others)})
+    return table
+
+
+def write_clip_vocab(directory: Path) -> tuple[Path, Path]:
+    """Turn open_clip's BPE file into the vocab.json + merges.txt of the real CLIP tokenizer."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or spec.origin is None:
+        raise SystemExit("error: the CLIP vocabulary comes from the open-clip-torch wheel; run `make venv` first")
+    bpe_file = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(bpe_file).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : NUM_CLIP_MERGES + 1]]
+    alphabet = list(byte_to_unicode().values())
+    tokens = alphabet + [t + "</w>" for t in alphabet] + ["".join(m) for m in merges] + [BOS, EOS]
+    vocab_file, merges_file = directory / "vocab.json", directory / "merges.txt"
+    vocab_file.write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    merges_file.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return vocab_file, merges_file
+
+
+def clip_tokenizer(vocab: tuple[Path, Path], pad_token: str):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(vocab=str(vocab[0]), merges=str(vocab[1]), pad_token=pad_token, model_max_length=77)
+
+
+def save_tokenizer(tokenizer, directory: Path, vocab: tuple[Path, Path]) -> None:
+    """Save like the Hub repos: tokenizer.json and config, plus the slow tokenizer's vocab.json + merges.txt."""
+    tokenizer.save_pretrained(directory)
+    for file in vocab:
+        shutil.copy(file, directory / file.name)
+
+
+def clip_text_config(tokenizer, hidden: int, hidden_act: str, projection_dim: int | None = None):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act=hidden_act,
+        projection_dim=projection_dim or hidden,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def tiny_sdxl_vae(force_upcast: bool):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        sample_size=64,
+        scaling_factor=0.13025,
+        force_upcast=force_upcast,
+    )
+
+
+def make_sdxl(out: Path, vocab: tuple[Path, Path]) -> None:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    # SDXL pads its first tokenizer with the end token and its second with "!".
+    tokenizer, tokenizer_2 = clip_tokenizer(vocab, EOS), clip_tokenizer(vocab, "!")
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer, 32, "quick_gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(tokenizer_2, 48, "gelu", projection_dim=32))
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 32, 64),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 8),
+        use_linear_projection=True,
+        cross_attention_dim=32 + 48,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + 32,
+        norm_num_groups=32,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type="epsilon",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_sdxl_vae(force_upcast=True),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+    )
+    pipe.save_pretrained(out / "sdxl", safe_serialization=True)
+    save_tokenizer(tokenizer, out / "sdxl" / "tokenizer", vocab)
+    save_tokenizer(tokenizer_2, out / "sdxl" / "tokenizer_2", vocab)
+    # The fp16-fix VAE is a separate repo with the weights at its root.
+    fixed_vae = tiny_sdxl_vae(force_upcast=False)
+    fixed_vae.load_state_dict(pipe.vae.state_dict())
+    fixed_vae.save_pretrained(out / "sdxl-vae-fp16-fix", safe_serialization=True)
+
+
+def write_model_index(directory: Path, index: dict) -> None:
+    """Write model_index.json the way the Hub repos have it (Wuerstchen classes under "wuerstchen")."""
+    import diffusers
+
+    (directory / "model_index.json").write_text(
+        json.dumps({**index, "_diffusers_version": diffusers.__version__}, indent=2) + "\n"
+    )
+
+
+def make_wuerstchen(out: Path, vocab: tuple[Path, Path]) -> None:
+    from diffusers import DDPMWuerstchenScheduler
+    from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
+    from transformers import CLIPTextModel
+
+    from difftune.wuerstchen import EfficientNetEncoder
+
+    prior_dir, decoder_dir = out / "wuerstchen-prior", out / "wuerstchen"
+    tokenizer = clip_tokenizer(vocab, "!")
+    hidden = 32
+
+    prior = WuerstchenPrior(c_in=16, c=32, c_cond=hidden, c_r=8, depth=2, nhead=2)
+    prior.save_pretrained(prior_dir / "prior", safe_serialization=True)
+    CLIPTextModel(clip_text_config(tokenizer, hidden, "gelu")).save_pretrained(prior_dir / "text_encoder")
+    save_tokenizer(tokenizer, prior_dir / "tokenizer", vocab)
+    DDPMWuerstchenScheduler().save_pretrained(prior_dir / "scheduler")
+    write_model_index(
+        prior_dir,
+        {
+            "_class_name": "WuerstchenPriorPipeline",
+            "latent_mean": 42.0,
+            "latent_std": 1.0,
+            "resolution_multiple": 42.67,
+            "prior": ["wuerstchen", "WuerstchenPrior"],
+            "scheduler": ["diffusers", "DDPMWuerstchenScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizerFast"],
+        },
+    )
+
+    decoder = WuerstchenDiffNeXt(
+        c_in=4,
+        c_out=4,
+        c_r=8,
+        c_cond=hidden,
+        c_hidden=[32],
+        nhead=[-1],
+        blocks=[2],
+        level_config=["CT"],
+        inject_effnet=[False],
+        effnet_embd=16,
+        clip_embd=hidden,
+    )
+    decoder.save_pretrained(decoder_dir / "decoder", safe_serialization=True)
+    vqgan = PaellaVQModel(bottleneck_blocks=1, embed_dim=32, num_vq_embeddings=16)
+    vqgan.save_pretrained(decoder_dir / "vqgan", safe_serialization=True)
+    CLIPTextModel(clip_text_config(tokenizer, hidden, "gelu")).save_pretrained(decoder_dir / "text_encoder")
+    save_tokenizer(tokenizer, decoder_dir / "tokenizer", vocab)
+    DDPMWuerstchenScheduler().save_pretrained(decoder_dir / "scheduler")
+    write_model_index(
+        decoder_dir,
+        {
+            "_class_name": "WuerstchenDecoderPipeline",
+            "latent_dim_scale": 10.67,
+            "decoder": ["wuerstchen", "WuerstchenDiffNeXt"],
+            "scheduler": ["diffusers", "DDPMWuerstchenScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizerFast"],
+            "vqgan": ["wuerstchen", "PaellaVQModel"],
+        },
+    )
+
+    (out / "effnet").mkdir(parents=True, exist_ok=True)
+    effnet = EfficientNetEncoder()
+    save_file({k: v.contiguous() for k, v in effnet.state_dict().items()}, str(out / "effnet" / "effnet.safetensors"))
+
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 50, 170),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+    "orange": (240, 140, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = ((96, 96), (128, 96), (96, 128), (160, 90), (90, 160), (200, 120), (80, 80), (144, 112))
+
+
+def make_data(out: Path, rng: random.Random, count: int = 20) -> None:
+    """A toy captioned image set: a coloured shape on a coloured background, several sizes."""
+    data_dir = out / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    names = list(COLOURS)
+    records = []
+    for i in range(count):
+        shape = SHAPES[i % len(SHAPES)]
+        fg, bg = rng.sample(names, 2)
+        width, height = SIZES[i % len(SIZES)]
+        image = Image.new("RGB", (width, height), COLOURS[bg])
+        draw = ImageDraw.Draw(image)
+        side = int(min(width, height) * rng.uniform(0.4, 0.7))
+        left, top = rng.randint(0, width - side), rng.randint(0, height - side)
+        box = (left, top, left + side, top + side)
+        if shape == "circle":
+            draw.ellipse(box, fill=COLOURS[fg])
+        elif shape == "square":
+            draw.rectangle(box, fill=COLOURS[fg])
+        else:
+            draw.polygon([(left, top + side), (left + side, top + side), (left + side // 2, top)], fill=COLOURS[fg])
+        file_name = f"{i:03d}_{fg}_{shape}.png"
+        image.save(data_dir / file_name)
+        records.append({"file_name": file_name, "text": f"a {fg} {shape} on a {bg} background"})
+    (data_dir / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", choices=["sdxl", "wuerstchen", "data"], action="append", help="default: all")
+    args = parser.parse_args()
+    parts = args.only or ["sdxl", "wuerstchen", "data"]
+    out = args.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab = write_clip_vocab(Path(tmp))
+        if "sdxl" in parts:
+            make_sdxl(out, vocab)
+        if "wuerstchen" in parts:
+            make_wuerstchen(out, vocab)
+    if "data" in parts:
+        make_data(out, random.Random(args.seed))
+    print(f"tiny assets written to {out}")
+
+
+if __name__ == "__main__":
+    main()

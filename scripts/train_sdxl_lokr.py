@@ -1,0 +1,161 @@
+"""Fine-tune Stable Diffusion XL with a LoKr adapter on the UNet (and optionally both text encoders).
+
+    accelerate launch scripts/train_sdxl_lokr.py --train_data_dir DATA --output_dir OUT ...
+
+Checkpoints land in OUTPUT_DIR/step<N>/ in peft format (unet/, text_encoder_one/,
+text_encoder_two/), loadable with PeftModel.from_pretrained; see the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import torch
+
+from difftune import adapters, args as cli, data, losses, sdxl, training, validation
+from difftune.errors import run_cli
+from difftune.modelcard import write_model_card
+
+PROJECT = "sdxl-lokr"
+LOADING = """
+```python
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline
+from peft import PeftModel
+
+checkpoint = "{checkpoint}"
+vae = AutoencoderKL.from_pretrained("{vae}", torch_dtype=torch.float16)
+pipe = DiffusionPipeline.from_pretrained("{base}", vae=vae, torch_dtype=torch.float16).to("cuda")
+pipe.unet = PeftModel.from_pretrained(pipe.unet, f"{{checkpoint}}/unet", adapter_name="default")
+{text_encoders}image = pipe("{prompt}", num_inference_steps=50).images[0]
+```
+"""
+TEXT_ENCODERS = """pipe.text_encoder = PeftModel.from_pretrained(
+    pipe.text_encoder, f"{checkpoint}/text_encoder_one", adapter_name="default")
+pipe.text_encoder_2 = PeftModel.from_pretrained(
+    pipe.text_encoder_2, f"{checkpoint}/text_encoder_two", adapter_name="default")
+"""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = cli.ErrorOnlyParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pretrained_model_name_or_path", default="stabilityai/stable-diffusion-xl-base-1.0")
+    parser.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        default="madebyollin/sdxl-vae-fp16-fix",
+        help='A VAE that survives fp16; "none" uses the base model\'s own.',
+    )
+    cli.add_model_args(parser)
+    cli.add_data_args(parser, resolution=1024)
+    cli.add_training_args(parser, output_dir="work_dirs/stable_diffusion_xl_lokr_pokemon_blip")
+    adapters.add_lokr_args(parser)
+    group = parser.add_argument_group("objective")
+    group.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting; 5.0 is a good value.")
+    group.add_argument("--noise_offset", type=float, default=0.0)
+    group.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"])
+    return cli.parse(parser, argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    accelerator = training.make_accelerator(args)
+    device, dtype = accelerator.device, training.weight_dtype(accelerator)
+
+    # Models: frozen in the weight dtype; the VAE in fp32 unless it is made for fp16 (force_upcast off).
+    vae_path = None if args.pretrained_vae_model_name_or_path.lower() == "none" else args.pretrained_vae_model_name_or_path
+    sd = sdxl.load_sdxl(args.pretrained_model_name_or_path, vae_path, args.revision, args.variant)
+    if args.prediction_type is not None:
+        sd.noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    vae_dtype = torch.float32 if sd.vae.config.force_upcast else dtype
+    sd.vae.requires_grad_(False).to(device, vae_dtype)
+    for model in (sd.unet, sd.text_encoder_one, sd.text_encoder_two):
+        model.requires_grad_(False).to(device, dtype)
+
+    # Data.
+    images = data.load_captioned_images(
+        args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column, args.caption_column,
+        args.max_train_samples, args.seed,
+    )  # fmt: skip
+    dataset = data.CaptionedImageDataset(
+        images, args.image_column, args.caption_column,
+        data.ImageTransform(args.center_crop, args.random_flip),
+        data.Tokenize({"one": sd.tokenizer_one, "two": sd.tokenizer_two}),
+        args.resolution, args.seed,
+    )  # fmt: skip
+
+    # Adapters: LoKr on the UNet, and on both text encoders when asked.
+    base = args.pretrained_model_name_or_path
+    trained = {"unet": adapters.attach(sd.unet, adapters.lokr_config(args, args.target_modules), base)}
+    if args.train_text_encoder:
+        te_config = adapters.lokr_config(args, args.text_encoder_target_modules)
+        trained["text_encoder_one"] = adapters.attach(sd.text_encoder_one, te_config, base)
+        trained["text_encoder_two"] = adapters.attach(sd.text_encoder_two, adapters.lokr_config(args, args.text_encoder_target_modules), base)
+    if args.gradient_checkpointing:
+        sd.unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            for name in ("text_encoder_one", "text_encoder_two"):
+                trained[name].get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
+    param_groups = [{"params": adapters.trainable_parameters(trained["unet"])}]
+    if args.train_text_encoder:
+        te_params = [p for n in ("text_encoder_one", "text_encoder_two") for p in adapters.trainable_parameters(trained[n])]
+        param_groups.append({"params": te_params, "lr": args.text_encoder_lr or args.learning_rate})
+
+    scheduler = sd.noise_scheduler
+
+    def compute_loss(batch: dict, models: dict) -> torch.Tensor:
+        with torch.no_grad():
+            latents = sd.vae.encode(batch["pixel_values"].to(vae_dtype)).latent_dist.sample()
+            latents = latents * sd.vae.config.scaling_factor
+        noise = losses.sample_noise(latents, args.noise_offset)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+        noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+        with torch.set_grad_enabled(args.train_text_encoder):
+            prompt_embeds, pooled = sdxl.encode_prompt(
+                models.get("text_encoder_one", sd.text_encoder_one),
+                models.get("text_encoder_two", sd.text_encoder_two),
+                batch["one_input_ids"],
+                batch["two_input_ids"],
+            )
+        pred = models["unet"](
+            noisy_latents,
+            timesteps,
+            prompt_embeds,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": batch["time_ids"].to(prompt_embeds.dtype)},
+        ).sample
+        target = losses.diffusion_target(scheduler, latents, noise, timesteps)
+        return losses.diffusion_loss(pred, target, scheduler, timesteps, args.snr_gamma)
+
+    def validate(step: int, peft_models: dict) -> None:
+        pipe = sdxl.build_pipeline(
+            sd, base, args.revision, **{name: peft_models[key].get_base_model() for key, name in (
+                ("unet", "unet"), ("text_encoder_one", "text_encoder"), ("text_encoder_two", "text_encoder_2"),
+            ) if key in peft_models},
+        )  # fmt: skip
+        images = validation.generate(
+            pipe, args.validation_prompt, args.num_validation_images, args.seed, device, dtype,
+            num_inference_steps=args.validation_inference_steps, height=args.resolution, width=args.resolution,
+        )  # fmt: skip
+        validation.save_and_log(accelerator, images, step, args.output_dir)
+
+    result = training.train(
+        accelerator, args, project_name=PROJECT, adapters=trained, param_groups=param_groups, dataset=dataset,
+        compute_loss=compute_loss, validate=validate,
+    )  # fmt: skip
+
+    if accelerator.is_main_process:
+        loading = LOADING.format(
+            checkpoint=result.final_checkpoint,
+            vae=vae_path or base,
+            base=base,
+            text_encoders=TEXT_ENCODERS if args.train_text_encoder else "",
+            prompt=(args.validation_prompt or ["a photo"])[0],
+        )
+        write_model_card(
+            args.output_dir, args, title="SDXL LoKr adapter", base_models=[base], adapter="LoKr", loading=loading
+        )
+        print(f"done: {result.global_step} steps, final checkpoint {result.final_checkpoint}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

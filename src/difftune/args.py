@@ -1,0 +1,122 @@
+"""Command-line flags shared by the training scripts, named as in the diffusers examples."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from difftune.errors import UserError
+
+
+class ErrorOnlyParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is reported like every other user error (one line, exit 2)."""
+
+    def error(self, message: str) -> None:
+        raise UserError(f"{message} (see --help)")
+
+
+def comma_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the base model.")
+    group.add_argument("--variant", default=None, help="Weights variant of the base model, e.g. fp16.")
+
+
+def add_data_args(parser: argparse.ArgumentParser, *, resolution: int) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset_name",
+        default="lambdalabs/pokemon-blip-captions",
+        help="Hub data set id or local data set path (ignored when --train_data_dir is given).",
+    )
+    group.add_argument("--dataset_config_name", default=None)
+    group.add_argument(
+        "--train_data_dir", default=None, help="A folder of images with a metadata.jsonl (file_name, text)."
+    )
+    group.add_argument("--image_column", default="image")
+    group.add_argument("--caption_column", default="text")
+    group.add_argument("--max_train_samples", type=int, default=None, help="Train on this many samples at most.")
+    group.add_argument("--resolution", type=int, default=resolution, help="Training image side, a multiple of 8.")
+    group.add_argument("--center_crop", action="store_true", help="Crop the centre (default: a random crop).")
+    group.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    group.add_argument("--dataloader_num_workers", type=int, default=0)
+
+
+def add_training_args(parser: argparse.ArgumentParser, *, output_dir: str) -> None:
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--train_batch_size", type=int, default=1, help="Batch size per process.")
+    group.add_argument("--num_train_epochs", type=int, default=100)
+    group.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--gradient_checkpointing", action="store_true")
+    group.add_argument("--learning_rate", type=float, default=1e-4)
+    group.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+    )
+    group.add_argument("--lr_warmup_steps", type=int, default=0)
+    group.add_argument("--adam_beta1", type=float, default=0.9)
+    group.add_argument("--adam_beta2", type=float, default=0.999)
+    group.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    group.add_argument("--adam_epsilon", type=float, default=1e-8)
+    group.add_argument("--max_grad_norm", type=float, default=1.0)
+    group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit.")
+    group.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Default: the accelerate config's. fp16 needs CUDA.",
+    )
+    group.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
+    group.add_argument("--seed", type=int, default=None, help="Default: a random seed, recorded in args.json.")
+
+    group = parser.add_argument_group("checkpoints and logging")
+    group.add_argument("--output_dir", default=output_dir)
+    group.add_argument("--checkpointing_steps", type=int, default=500)
+    group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep this many checkpoints.")
+    group.add_argument(
+        "--resume_from_checkpoint", default=None, help='A checkpoint dir (output_dir/step<N>) or "latest".'
+    )
+    group.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"])
+    group.add_argument("--logging_dir", default="logs", help="Tracker logs, relative to --output_dir.")
+
+    group = parser.add_argument_group("validation")
+    group.add_argument(
+        "--validation_prompt", action="append", default=None, help="Repeat for several prompts."
+    )
+    group.add_argument("--num_validation_images", type=int, default=4, help="Images per prompt.")
+    group.add_argument("--validation_steps", type=int, default=500, help="Validate every N steps and at the end.")
+    group.add_argument("--validation_inference_steps", type=int, default=30)
+
+
+def check_common_args(args: argparse.Namespace) -> None:
+    """Refuse settings that cannot work, before anything is loaded."""
+    if args.resolution <= 0 or args.resolution % 8:
+        raise UserError(f"--resolution {args.resolution} must be a positive multiple of 8 (e.g. 1024)")
+    positive = (
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "num_train_epochs",
+        "checkpointing_steps",
+        "validation_steps",
+        "num_validation_images",
+    )
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.max_train_steps is not None and args.max_train_steps <= 0:
+        raise UserError(f"--max_train_steps must be positive, got {args.max_train_steps}")
+    if args.learning_rate <= 0:
+        raise UserError(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit <= 0:
+        raise UserError("--checkpoints_total_limit must be positive")
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    check_common_args(args)
+    return args

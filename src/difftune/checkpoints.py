@@ -1,0 +1,136 @@
+"""Checkpoint directories: atomic writes, finding the latest complete one, pruning old ones.
+
+A checkpoint is OUTPUT_DIR/step<N>/. It is written under a temporary name and renamed
+into place only once complete (its training_state.json is written last), so a process
+killed mid-save never leaves a directory that "latest" would pick.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from difftune.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "training_state.json"
+ARGS_FILE = "args.json"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "lr_scheduler.pt"
+CHECKPOINT_NAME = re.compile(r"^step(\d+)$")
+
+
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return Path(output_dir) / f"step{step}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / STATE_FILE).is_file()
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in output_dir.iterdir():
+        match = CHECKPOINT_NAME.match(path.name)
+        if match and path.is_dir() and is_complete(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_resume(output_dir: Path, resume_from: str | None) -> Path | None:
+    """The checkpoint to resume from: None, "latest" (None when there is none yet), or a path."""
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet, starting a new run", output_dir)
+            return None
+        return found[-1][1]
+    path = Path(resume_from)
+    if not path.is_dir() and (Path(output_dir) / resume_from).is_dir():
+        path = Path(output_dir) / resume_from
+    if not path.is_dir():
+        raise UserError(f"--resume_from_checkpoint {resume_from} does not exist: pass a step<N> dir or 'latest'")
+    if not is_complete(path):
+        raise UserError(f"--resume_from_checkpoint {resume_from} is incomplete (no {STATE_FILE}): pick another one")
+    return path
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def write_json(path: Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _fsync_tree(directory: Path) -> None:
+    for root, _, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    write_contents: Callable[[Path], None],
+    state: dict,
+    total_limit: int | None = None,
+) -> Path:
+    """Write a complete checkpoint for `step` atomically, then prune to `total_limit`."""
+    output_dir = Path(output_dir)
+    final = checkpoint_dir(output_dir, step)
+    partial = output_dir / f".partial-step{step}-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    write_contents(partial)
+    write_json(partial / STATE_FILE, state)
+    _fsync_tree(partial)
+    if final.exists():
+        # A resumed run reaching the same step again: swap the old one out before the rename.
+        stale = output_dir / f".stale-step{step}-{os.getpid()}"
+        final.rename(stale)
+        partial.rename(final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        partial.rename(final)
+    _fsync_tree(final)
+    if total_limit is not None:
+        prune(output_dir, total_limit)
+    return final
+
+
+def prune(output_dir: Path, total_limit: int) -> None:
+    """Delete the oldest complete checkpoints beyond `total_limit` (never incomplete ones)."""
+    found = list_checkpoints(output_dir)
+    for _, path in found[: max(0, len(found) - total_limit)]:
+        logger.info("removing old checkpoint %s (--checkpoints_total_limit %d)", path, total_limit)
+        shutil.rmtree(path)
+
+
+def save_torch_state(obj: object, path: Path) -> None:
+    torch.save(obj, path)
+
+
+def load_torch_state(path: Path) -> dict:
+    """Optimizer / scheduler state: tensors and plain values only (weights_only=True)."""
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,272 @@
+"""Captioned image data: loading (Hub data set or image folder), transforms, batching.
+
+Randomness here (crop position, flip, caption choice, shuffle order) is derived from
+(seed, epoch, sample index), not from a global RNG, so a resumed run sees exactly
+the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from difftune.errors import UserError
+from difftune.hub import is_offline, looks_like_hub_id
+
+logger = logging.getLogger(__name__)
+
+
+def load_captioned_images(
+    dataset_name: str | None,
+    dataset_config_name: str | None,
+    train_data_dir: str | None,
+    image_column: str,
+    caption_column: str,
+    max_train_samples: int | None,
+    seed: int,
+):
+    """A datasets.Dataset with undecoded images, checked columns, and unreadable images dropped."""
+    import datasets
+
+    if train_data_dir is not None:
+        if not Path(train_data_dir).is_dir():
+            raise UserError(f"--train_data_dir {train_data_dir} does not exist: pass a folder of images")
+        source, kwargs = f"--train_data_dir {train_data_dir}", {"path": "imagefolder", "data_dir": train_data_dir}
+    elif dataset_name is not None:
+        if not Path(dataset_name).exists() and not looks_like_hub_id(dataset_name):
+            raise UserError(f"--dataset_name {dataset_name} does not exist: pass a Hub data set id or a local path")
+        source, kwargs = f"--dataset_name {dataset_name}", {"path": dataset_name, "name": dataset_config_name}
+    else:
+        raise UserError("no training data: pass --dataset_name or --train_data_dir")
+    try:
+        dataset = datasets.load_dataset(**kwargs, split="train")
+    except Exception as error:  # noqa: BLE001 - every loading failure becomes one clear line
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        hint = (
+            "the Hub is offline (HF_HUB_OFFLINE=1): use a cached data set or --train_data_dir"
+            if is_offline() and dataset_name and not Path(dataset_name).exists()
+            else "check the name, or use --train_data_dir for a local image folder"
+        )
+        raise UserError(f"cannot load {source}: {first_line} ({hint})") from None
+
+    columns = list(dataset.column_names)
+    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if column not in columns:
+            raise UserError(f"{flag} {column!r} is not a column of {source}; its columns are {columns}")
+    dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    if max_train_samples is not None:
+        dataset = dataset.shuffle(seed=seed).select(range(min(max_train_samples, len(dataset))))
+    dataset = drop_unreadable_images(dataset, image_column)
+    if len(dataset) == 0:
+        raise UserError(f"{source} has no readable images")
+    return dataset
+
+
+def image_name(record: dict) -> str:
+    return record.get("path") or "<image bytes>"
+
+
+def open_image(record: dict) -> Image.Image:
+    """Decode an undecoded datasets image record ({"bytes", "path"}) to RGB."""
+    source = io.BytesIO(record["bytes"]) if record.get("bytes") else record["path"]
+    image = Image.open(source)
+    image.load()
+    return image.convert("RGB")
+
+
+def drop_unreadable_images(dataset, image_column: str):
+    """Skip images that PIL cannot decode, with a warning naming each one."""
+    good = []
+    for index, row in enumerate(dataset.select_columns([image_column])):
+        record = row[image_column]
+        try:
+            open_image(record)
+        except Exception as error:  # noqa: BLE001 - any decode failure means unreadable
+            logger.warning("skipping unreadable image %s (%s)", image_name(record), error)
+            continue
+        good.append(index)
+    return dataset if len(good) == len(dataset) else dataset.select(good)
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """An RNG for one sample in one epoch, independent of what ran before."""
+    return random.Random(f"{seed}:{epoch}:{index}")
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Resize to cover the target size, crop (centre or random), maybe flip, normalise.
+
+    Returns the tensor, the original (height, width) and the crop's (top, left) in the
+    resized image as seen after the flip: what SDXL's micro-conditioning wants.
+    """
+
+    center_crop: bool
+    random_flip: bool
+    mean: Sequence[float] = (0.5, 0.5, 0.5)
+    std: Sequence[float] = (0.5, 0.5, 0.5)
+
+    def __call__(
+        self, image: Image.Image, size: tuple[int, int], rng: random.Random
+    ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as F
+
+        target_h, target_w = size
+        original = (image.height, image.width)
+        scale = max(target_h / image.height, target_w / image.width)
+        resized_h = max(target_h, round(image.height * scale))
+        resized_w = max(target_w, round(image.width * scale))
+        image = F.resize(image, [resized_h, resized_w], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        if self.center_crop:
+            top, left = round((resized_h - target_h) / 2), round((resized_w - target_w) / 2)
+        else:
+            top, left = rng.randint(0, resized_h - target_h), rng.randint(0, resized_w - target_w)
+        image = F.crop(image, top, left, target_h, target_w)
+        if self.random_flip and rng.random() < 0.5:
+            image = F.hflip(image)
+            left = resized_w - left - target_w
+        tensor = F.normalize(F.to_tensor(image), self.mean, self.std)
+        return tensor, original, (top, left)
+
+
+class Tokenize:
+    """Captions to fixed-length token ids for one or more tokenizers (picklable for workers)."""
+
+    def __init__(self, tokenizers: dict[str, object], attention_mask: bool = False) -> None:
+        self.tokenizers = tokenizers
+        self.attention_mask = attention_mask
+
+    def __call__(self, caption: str) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, tokenizer in self.tokenizers.items():
+            tokens = tokenizer(
+                caption,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
+            out[f"{name}_input_ids"] = tokens.input_ids[0]
+            if self.attention_mask:
+                out[f"{name}_attention_mask"] = tokens.attention_mask[0]
+        return out
+
+
+def pick_caption(value, rng: random.Random) -> str:
+    """A caption column holds a string or a list of strings (then one is chosen at random)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and value:
+        return rng.choice(value)
+    raise UserError(f"caption column holds {type(value).__name__} values; captions must be strings or lists of them")
+
+
+class CaptionedImageDataset(torch.utils.data.Dataset):
+    """Transformed images with their tokenized captions and SDXL size conditioning."""
+
+    def __init__(
+        self,
+        hf_dataset,
+        image_column: str,
+        caption_column: str,
+        transform: ImageTransform,
+        tokenize: Callable[[str], dict[str, torch.Tensor]],
+        resolution: int,
+        seed: int,
+    ) -> None:
+        self.rows = hf_dataset.select_columns([image_column, caption_column])
+        self.image_column, self.caption_column = image_column, caption_column
+        self.transform, self.tokenize = transform, tokenize
+        self.resolution, self.seed = resolution, seed
+        self.epoch = 0
+        self.target_sizes: list[tuple[int, int]] | None = None  # per sample, when bucketing
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def target_size(self, index: int) -> tuple[int, int]:
+        return self.target_sizes[index] if self.target_sizes else (self.resolution, self.resolution)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = sample_rng(self.seed, self.epoch, index)
+        row = self.rows[index]
+        record = row[self.image_column]
+        try:
+            image = open_image(record)
+        except Exception as error:  # noqa: BLE001
+            raise UserError(f"cannot read image {image_name(record)}: {error}") from None
+        target = self.target_size(index)
+        pixels, original, crop = self.transform(image, target, rng)
+        return {
+            "pixel_values": pixels,
+            "time_ids": torch.tensor([*original, *crop, *target], dtype=torch.float32),
+            **self.tokenize(pick_caption(row[self.caption_column], rng)),
+        }
+
+
+def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([e[key] for e in examples]) for key in examples[0]}
+
+
+class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Shuffled batches, reshuffled each epoch from (seed, epoch), split across processes.
+
+    Each global batch of batch_size * num_processes samples is cut into one batch per
+    process; incomplete global batches are dropped so that every process runs the same
+    number of steps. `start` skips batches (for resuming mid-epoch).
+    """
+
+    def __init__(
+        self, num_samples: int, batch_size: int, seed: int, num_processes: int = 1, process_index: int = 0
+    ) -> None:
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.num_processes, self.process_index = num_processes, process_index
+        self.epoch, self.start = 0, 0
+        if len(self) == 0:
+            raise UserError(
+                f"{num_samples} training images cannot fill one batch of {batch_size} per process "
+                f"on {num_processes} process(es): lower --train_batch_size or add images"
+            )
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def global_batches(self) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        size = self.batch_size * self.num_processes
+        return [order[i : i + size] for i in range(0, len(order) - size + 1, size)]
+
+    def __len__(self) -> int:
+        return self.num_samples // (self.batch_size * self.num_processes)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.global_batches()[self.start :]:
+            offset = self.process_index * self.batch_size
+            yield batch[offset : offset + self.batch_size]
+
+
+def num_update_steps_per_epoch(batches_per_epoch: int, gradient_accumulation_steps: int) -> int:
+    steps = batches_per_epoch // gradient_accumulation_steps
+    if steps == 0:
+        raise UserError(
+            f"one epoch has {batches_per_epoch} batches, fewer than --gradient_accumulation_steps "
+            f"{gradient_accumulation_steps}: lower it or add images"
+        )
+    return steps
+
+
+def epochs_for(max_train_steps: int, steps_per_epoch: int) -> int:
+    return math.ceil(max_train_steps / steps_per_epoch)

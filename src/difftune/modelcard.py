@@ -1,0 +1,51 @@
+"""The model card (README.md) written into a run's output dir."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import difftune
+
+
+def write_model_card(
+    output_dir: Path, args: argparse.Namespace, *, title: str, base_models: list[str], adapter: str, loading: str
+) -> Path:
+    """README.md with the base model, adapter settings, data, steps and how to load the result."""
+    data = args.train_data_dir or args.dataset_name
+    targets = ", ".join(args.target_modules)
+    alpha = getattr(args, "alpha", None) or getattr(args, "lora_alpha", None)
+    lines = [
+        "---",
+        "library_name: peft",
+        "tags: [difftune, text-to-image, diffusers, " + adapter.lower() + "]",
+        "base_model: " + base_models[0],
+        "---",
+        "",
+        f"# {title}",
+        "",
+        f"Trained with difftune {difftune.__version__}.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | {', '.join(base_models)} |",
+        f"| adapter | {adapter}, rank {args.rank}, alpha {alpha}, on {targets} |",
+        f"| text encoder(s) trained | {'yes' if args.train_text_encoder else 'no'} |",
+        f"| data | {data} |",
+        f"| resolution | {args.resolution} |",
+        f"| steps | {args.max_train_steps} (batch {args.train_batch_size} per process, "
+        f"accumulation {args.gradient_accumulation_steps}) |",
+        f"| learning rate | {args.learning_rate} ({args.lr_scheduler}) |",
+        f"| precision | {args.mixed_precision or 'from the accelerate config'} |",
+        f"| seed | {args.seed} |",
+        "",
+        "Checkpoints are the `step<N>/` folders; each holds the run's arguments in `args.json`.",
+        "",
+        "## Loading",
+        "",
+        loading.strip(),
+        "",
+    ]
+    path = Path(output_dir) / "README.md"
+    path.write_text("\n".join(lines))
+    return path

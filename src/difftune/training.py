@@ -1,0 +1,294 @@
+"""The training run shared by both scripts: accelerator set-up, optimizer, and the loop.
+
+The loop owns batching, gradient accumulation, checkpoints, validation and logging; a
+script supplies only `compute_loss(batch, models)` for its model family. Before every
+micro-batch the global RNG is re-seeded from (seed, step, micro-batch, process), so noise,
+timesteps and dropout depend only on the position in the run, which makes resuming exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from difftune import adapters as adapter_io
+from difftune import checkpoints
+from difftune.data import EpochBatchSampler, collate, epochs_for, num_update_steps_per_epoch
+from difftune.errors import UserError
+
+logger = logging.getLogger("difftune")
+
+
+def make_accelerator(args: argparse.Namespace):
+    """An Accelerator for the run's precision, trackers and output dir; fills in a random seed if none."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, broadcast_object_list
+
+    precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise UserError(
+            "--mixed_precision fp16 needs a CUDA GPU (on the CPU it would silently train in fp32): "
+            "use bf16 or no"
+        )
+    if args.report_to == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError("--report_to wandb needs wandb: pip install wandb (or use tensorboard)") from None
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+    )
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if accelerator.is_main_process else logging.ERROR,
+    )
+    if not accelerator.is_main_process:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.seed is None:
+        seed = [int.from_bytes(os.urandom(4), "little")]
+        broadcast_object_list(seed)
+        args.seed = seed[0]
+    return accelerator
+
+
+def weight_dtype(accelerator) -> torch.dtype:
+    """The dtype for frozen weights: the mixed-precision dtype, else fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def build_optimizer(args: argparse.Namespace, param_groups: list[dict]) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes AdamW8bit) over the adapter parameters."""
+    kwargs = {
+        "lr": args.learning_rate,
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "weight_decay": args.adam_weight_decay,
+        "eps": args.adam_epsilon,
+    }
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(param_groups, **kwargs)
+    return torch.optim.AdamW(param_groups, **kwargs)
+
+
+def micro_batch_seed(seed: int, step: int, micro_batch: int, process_index: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{step}:{micro_batch}:{process_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@dataclass
+class StepTimes:
+    """Seconds spent per phase, summed over the run (read by the benchmark)."""
+
+    data: float = 0.0
+    forward: float = 0.0
+    backward: float = 0.0
+    optimizer: float = 0.0
+    steps: int = 0
+    per_step: list[float] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    final_checkpoint: Path
+    last_loss: float
+    times: StepTimes
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    """The run's arguments as plain JSON values."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def _tracker_config(args: argparse.Namespace) -> dict:
+    # Trackers take scalars only.
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in run_config(args).items()}
+
+
+def train(
+    accelerator,
+    args: argparse.Namespace,
+    *,
+    project_name: str,
+    adapters: dict[str, nn.Module],
+    param_groups: list[dict],
+    dataset: torch.utils.data.Dataset,
+    compute_loss: Callable[[dict, dict[str, nn.Module]], torch.Tensor],
+    save_extra: Callable[[Path, dict[str, nn.Module]], None] | None = None,
+    validate: Callable[[int, dict[str, nn.Module]], None] | None = None,
+) -> TrainResult:
+    """Train the adapters in `adapters` (name -> PeftModel, the name is the checkpoint subfolder)."""
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    output_dir = Path(args.output_dir)
+    accum = args.gradient_accumulation_steps
+    sampler = EpochBatchSampler(
+        len(dataset), args.train_batch_size, args.seed, accelerator.num_processes, accelerator.process_index
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    steps_per_epoch = num_update_steps_per_epoch(len(sampler), accum)
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    args.max_train_steps = max_steps
+
+    optimizer = build_optimizer(args, param_groups)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_steps
+    )
+    names = list(adapters)
+    *prepared, optimizer = accelerator.prepare(*adapters.values(), optimizer)
+    models = dict(zip(names, prepared))
+    params = [p for group in param_groups for p in group["params"]]
+
+    global_step = 0
+    resume_dir = checkpoints.resolve_resume(output_dir, args.resume_from_checkpoint)
+    if resume_dir is not None:
+        adapter_io.load_adapters(adapters, resume_dir)
+        optimizer.load_state_dict(checkpoints.load_torch_state(resume_dir / checkpoints.OPTIMIZER_FILE))
+        lr_scheduler.load_state_dict(checkpoints.load_torch_state(resume_dir / checkpoints.SCHEDULER_FILE))
+        global_step = checkpoints.read_json(resume_dir / checkpoints.STATE_FILE)["global_step"]
+        logger.info("resumed from %s at step %d", resume_dir, global_step)
+
+    def write_checkpoint(step: int) -> Path:
+        accelerator.wait_for_everyone()
+        path = checkpoints.checkpoint_dir(output_dir, step)
+        if accelerator.is_main_process:
+
+            def write_contents(directory: Path) -> None:
+                adapter_io.save_adapters(adapters, directory)
+                if save_extra is not None:
+                    save_extra(directory, adapters)
+                checkpoints.save_torch_state(optimizer.state_dict(), directory / checkpoints.OPTIMIZER_FILE)
+                checkpoints.save_torch_state(lr_scheduler.state_dict(), directory / checkpoints.SCHEDULER_FILE)
+                checkpoints.write_json(directory / checkpoints.ARGS_FILE, run_config(args))
+
+            state = {
+                "global_step": step,
+                "epoch": step // steps_per_epoch,
+                "steps_per_epoch": steps_per_epoch,
+                "seed": args.seed,
+                "num_processes": accelerator.num_processes,
+            }
+            path = checkpoints.save_checkpoint(output_dir, step, write_contents, state, args.checkpoints_total_limit)
+            logger.info("saved checkpoint %s", path)
+        accelerator.wait_for_everyone()
+        return path
+
+    def run_validation(step: int) -> None:
+        if validate is None or not args.validation_prompt:
+            return
+        if accelerator.is_main_process:
+            for model in adapters.values():
+                model.eval()
+            validate(step, adapters)
+            for model in adapters.values():
+                model.train()
+        accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers(project_name, config=_tracker_config(args))
+    logger.info(
+        "training: %d samples, %d steps per epoch, %d steps, batch %d x %d processes x %d accumulation",
+        len(dataset),
+        steps_per_epoch,
+        max_steps,
+        args.train_batch_size,
+        accelerator.num_processes,
+        accum,
+    )
+    for model in adapters.values():
+        model.train()
+    progress = tqdm(
+        total=max_steps, initial=global_step, unit="step", desc="train", disable=not accelerator.is_main_process
+    )
+    times, last_loss, last_saved = StepTimes(), math.nan, None
+    epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
+    while global_step < max_steps and epoch < epochs_for(max_steps, steps_per_epoch):
+        sampler.set_epoch(epoch, start=step_in_epoch * accum)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        batches = iter(loader)
+        for _ in range(step_in_epoch, steps_per_epoch):
+            step_start = time.perf_counter()
+            losses = []
+            for micro in range(accum):
+                tick = time.perf_counter()
+                batch = to_device(next(batches), accelerator.device)
+                times.data += time.perf_counter() - tick
+                torch.manual_seed(micro_batch_seed(args.seed, global_step, micro, accelerator.process_index))
+                with ExitStack() as stack:
+                    if micro < accum - 1:
+                        for model in prepared:
+                            stack.enter_context(accelerator.no_sync(model))
+                    tick = time.perf_counter()
+                    loss = compute_loss(batch, models)
+                    times.forward += time.perf_counter() - tick
+                    tick = time.perf_counter()
+                    accelerator.backward(loss / accum)
+                    times.backward += time.perf_counter() - tick
+                losses.append(loss.detach().float())
+            tick = time.perf_counter()
+            if args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            times.optimizer += time.perf_counter() - tick
+            global_step += 1
+            times.steps += 1
+            times.per_step.append(time.perf_counter() - step_start)
+
+            last_loss = accelerator.gather(torch.stack(losses).mean()).mean().item()
+            lr = lr_scheduler.get_last_lr()[0]
+            progress.update(1)
+            progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
+            accelerator.log({"train/loss": last_loss, "train/lr": lr}, step=global_step)
+
+            if global_step % args.checkpointing_steps == 0 or global_step == max_steps:
+                write_checkpoint(global_step)
+                last_saved = global_step
+            if global_step % args.validation_steps == 0 or global_step == max_steps:
+                run_validation(global_step)
+            if global_step >= max_steps:
+                break
+        epoch, step_in_epoch = epoch + 1, 0
+    progress.close()
+    final = checkpoints.checkpoint_dir(output_dir, global_step)
+    if last_saved != global_step and not checkpoints.is_complete(final):
+        final = write_checkpoint(global_step)
+    accelerator.end_training()
+    return TrainResult(global_step, final, last_loss, times)

@@ -1,0 +1,139 @@
+"""Wuerstchen v2: the stage-C prior, its frozen EfficientNet image encoder, and the full pipeline.
+
+diffusers 0.42 keeps Wuerstchen in its deprecated corner, where `from_pretrained` on a
+saved pipeline cannot resolve the model classes; so every component is loaded from its
+subfolder with its own class and the pipeline is assembled here. This works alike for the
+Hub repos (warp-ai/wuerstchen-prior, warp-ai/wuerstchen) and for local copies of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from difftune.errors import UserError
+from difftune.hub import looks_like_hub_id, read_model_index
+
+PRIOR_PIPELINE = "WuerstchenPriorPipeline"
+DECODER_PIPELINE = "WuerstchenDecoderPipeline"
+DEFAULT_IMAGE_ENCODER = "dome272/wuerstchen/model_v2_stage_b.pt"
+# EfficientNet embeddings are mapped to the prior's latent range by (x + 1) / 42.
+EMBEDDING_SHIFT, EMBEDDING_SCALE = 1.0, 42.0
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class EfficientNetEncoder(nn.Module):
+    """EfficientNetV2-S features and a 1x1 conv + BatchNorm to 16 channels (stage B's `effnet`)."""
+
+    def __init__(self, latent_channels: int = 16) -> None:
+        super().__init__()
+        from torchvision.models import efficientnet_v2_s
+
+        self.backbone = efficientnet_v2_s(weights=None).features
+        self.mapper = nn.Sequential(
+            nn.Conv2d(1280, latent_channels, kernel_size=1, bias=False), nn.BatchNorm2d(latent_channels)
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.mapper(self.backbone(images))
+
+
+def image_embeddings(encoder: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The prior's training target x0 for ImageNet-normalised images."""
+    return encoder(pixel_values).add(EMBEDDING_SHIFT).div(EMBEDDING_SCALE)
+
+
+def _read_encoder_state(path: str) -> dict[str, torch.Tensor]:
+    local = Path(path).expanduser()
+    if not local.exists():
+        parts = path.split("/")
+        if len(parts) < 3 or not looks_like_hub_id("/".join(parts[:2])):
+            raise UserError(
+                f"--image_encoder_path {path} does not exist: pass a .safetensors or .pt file "
+                "(or a Hub file as org/repo/filename)"
+            )
+        from difftune.hub import fetch_file
+
+        local = fetch_file("/".join(parts[:2]), "/".join(parts[2:]), None, "--image_encoder_path")
+    if local.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(local))
+    if local.suffix in {".pt", ".pth", ".bin", ".ckpt"}:
+        try:
+            state = torch.load(local, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001
+            raise UserError(f"--image_encoder_path {path} cannot be read safely (weights only): {error}") from None
+        return state.get("effnet_state_dict", state) if isinstance(state, dict) else {}
+    raise UserError(f"--image_encoder_path {path}: expected a .safetensors or .pt file")
+
+
+def load_image_encoder(path: str) -> EfficientNetEncoder:
+    """The frozen EfficientNet encoder, in eval mode, from stage B's `effnet_state_dict` or safetensors."""
+    state = _read_encoder_state(path)
+    encoder = EfficientNetEncoder()
+    expected = set(encoder.state_dict())
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise UserError(
+            f"--image_encoder_path {path} is not an EfficientNetV2-S Wuerstchen image encoder "
+            f"({len(missing)} keys missing, e.g. {missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]}): "
+            "pass stage B's model_v2_stage_b.pt or a file with its effnet_state_dict keys"
+        )
+    encoder.load_state_dict(state)
+    return encoder.eval().requires_grad_(False)
+
+
+@dataclass
+class PriorComponents:
+    tokenizer: object
+    text_encoder: nn.Module
+    prior: nn.Module
+    scheduler: object
+
+
+def load_prior(path: str, revision: str | None = None, variant: str | None = None) -> PriorComponents:
+    """The prior repo's components, each by subfolder (see the module docstring)."""
+    from diffusers import DDPMWuerstchenScheduler
+    from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    read_model_index(path, revision, "--pretrained_prior_model_name_or_path", PRIOR_PIPELINE)
+    return PriorComponents(
+        tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision),
+        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, variant=variant),
+        prior=WuerstchenPrior.from_pretrained(path, subfolder="prior", revision=revision, variant=variant),
+        scheduler=DDPMWuerstchenScheduler.from_pretrained(path, subfolder="scheduler", revision=revision),
+    )
+
+
+def load_decoder(path: str, revision: str | None = None, variant: str | None = None) -> dict[str, object]:
+    """The decoder repo's components (stage B and A), by subfolder, as pipeline keyword arguments."""
+    from diffusers import DDPMWuerstchenScheduler
+    from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    read_model_index(path, revision, "--pretrained_decoder_model_name_or_path", DECODER_PIPELINE)
+    return {
+        "tokenizer": AutoTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision),
+        "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, variant=variant),
+        "decoder": WuerstchenDiffNeXt.from_pretrained(path, subfolder="decoder", revision=revision, variant=variant),
+        "vqgan": PaellaVQModel.from_pretrained(path, subfolder="vqgan", revision=revision, variant=variant),
+        "scheduler": DDPMWuerstchenScheduler.from_pretrained(path, subfolder="scheduler", revision=revision),
+    }
+
+
+def build_combined_pipeline(prior: PriorComponents, decoder: dict[str, object]):
+    """A WuerstchenCombinedPipeline (prior + decoder) from loaded components."""
+    from diffusers import WuerstchenCombinedPipeline
+
+    return WuerstchenCombinedPipeline(
+        **decoder,
+        prior_tokenizer=prior.tokenizer,
+        prior_text_encoder=prior.text_encoder,
+        prior_prior=prior.prior,
+        prior_scheduler=prior.scheduler,
+    )
