@@ -52,6 +52,7 @@ def make_accelerator(args: argparse.Namespace):
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
     )
+    args.mixed_precision = accelerator.mixed_precision  # recorded as used, whichever way it was chosen
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if accelerator.is_main_process else logging.ERROR,

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny assets built once per session, offline Hub, in-process script runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# Set before anything imports huggingface_hub: no test may touch the network or the user's cache.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="difftune-hf-")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> Path:
+    """Tiny models and toy data, made by the project's own script."""
+    out = tmp_path_factory.mktemp("assets")
+    subprocess.run([sys.executable, str(SCRIPTS / "make_tiny_assets.py"), str(out)], check=True, capture_output=True)
+    return out
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"difftune_script_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+@pytest.fixture
+def run_main():
+    """Run a script's main(argv) in this process, as `python scripts/NAME.py ARGS` would (exit code and all)."""
+
+    def run(name: str, argv: list[str]) -> int:
+        from difftune.errors import run_cli
+
+        reset_accelerate()
+        try:
+            run_cli(load_script(name).main, [str(a) for a in argv])
+        except SystemExit as exit_:
+            return int(exit_.code or 0)
+        finally:
+            reset_accelerate()
+        return 0
+
+    return run
+
+
+def launch(script: str, args: list[str], *, processes: int = 1, mixed_precision: str = "no", timeout: int = 600):
+    """`accelerate launch` a script in a subprocess (quiet: our one-line errors are the only output)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--quiet"]
+    env = dict(os.environ)
+    if processes > 1:
+        # On the CPU, --cpu with several processes silently starts one; this starts them all (gloo DDP).
+        env["ACCELERATE_USE_CPU"] = "1"
+        command += ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1"]
+    else:
+        command += ["--num_processes", "1", "--num_machines", "1"]
+    command += ["--mixed_precision", mixed_precision, "--dynamo_backend", "no", str(SCRIPTS / f"{script}.py")]
+    return subprocess.run(
+        command + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )

@@ -1,0 +1,41 @@
+"""Argument lists and numeric checks shared by the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def sdxl_args(assets: Path, output_dir: Path, *extra: object, steps: int = 4) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", assets / "sdxl",
+        "--pretrained_vae_model_name_or_path", assets / "sdxl-vae-fp16-fix",
+        "--train_data_dir", assets / "data",
+        "--output_dir", output_dir,
+        "--resolution", "64",
+        "--train_batch_size", "2",
+        "--max_train_steps", str(steps),
+        "--checkpointing_steps", "2",
+        "--learning_rate", "1e-3",
+        "--report_to", "none",
+        "--seed", "0",
+        *map(str, extra),
+    ]  # fmt: skip
+
+
+def sdxl_pipeline_image(pipe, prompt: str = "a red circle on a blue background", seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    out = pipe(prompt, num_inference_steps=3, height=64, width=64, generator=generator, output_type="np")
+    return out.images[0]
+
+
+def assert_only_adapter_changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], marker: str) -> None:
+    changed_adapter = False
+    for name, old in before.items():
+        new = after[name]
+        if marker in name:
+            changed_adapter |= not torch.equal(old, new)
+        else:
+            assert torch.equal(old, new), f"frozen weight {name} changed"
+    assert changed_adapter, "no adapter weight changed"

@@ -1,0 +1,56 @@
+"""The tiny assets load like the real Hub repos and tokenize like the real CLIP tokenizer."""
+
+import json
+
+from PIL import Image
+
+
+def test_sdxl_layout_and_pipeline(assets):
+    from diffusers import StableDiffusionXLPipeline
+
+    sdxl = assets / "sdxl"
+    for sub in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
+        assert (sdxl / sub).is_dir(), sub
+    assert json.loads((sdxl / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
+    assert pipe.vae_scale_factor == 8
+    # Real CLIP ids for "a photo of a cat"; SDXL's second tokenizer pads with "!" (id 0).
+    assert pipe.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert pipe.tokenizer_2.pad_token_id == 0 and pipe.tokenizer.pad_token_id == 49407
+    assert (sdxl / "tokenizer" / "vocab.json").is_file() and (sdxl / "tokenizer" / "merges.txt").is_file()
+    assert len(pipe.tokenizer) == 49408
+    image = pipe("a cat", num_inference_steps=2, height=64, width=64).images[0]
+    assert image.size == (64, 64)
+
+
+def test_fp16_fix_vae_is_a_plain_vae_repo(assets):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(assets / "sdxl-vae-fp16-fix")
+    assert vae.config.force_upcast is False
+
+
+def test_toy_data(assets):
+    lines = (assets / "data" / "metadata.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) >= 16
+    sizes = {Image.open(assets / "data" / r["file_name"]).size for r in records}
+    assert any(w != h for w, h in sizes) and len(sizes) >= 4
+    assert all(r["text"].startswith("a ") for r in records)
+
+
+def test_assets_are_deterministic(assets, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import SCRIPTS
+
+    subprocess.run(
+        [sys.executable, str(SCRIPTS / "make_tiny_assets.py"), str(tmp_path), "--only", "data"],
+        check=True,
+        capture_output=True,
+    )
+    for name in ("metadata.jsonl", "000_red_circle.png"):
+        if (assets / "data" / name).exists():
+            assert (tmp_path / "data" / name).read_bytes() == (assets / "data" / name).read_bytes()
+    assert (tmp_path / "data" / "metadata.jsonl").read_text() == (assets / "data" / "metadata.jsonl").read_text()

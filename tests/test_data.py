@@ -1,0 +1,70 @@
+"""Data: SDXL size conditioning for cropped and flipped images, and the epoch batch sampler."""
+
+import random
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+
+from difftune.data import EpochBatchSampler, ImageTransform
+from difftune.errors import UserError
+
+
+def gradient_image(width: int, height: int) -> Image.Image:
+    x = torch.linspace(0, 255, width).expand(height, width)
+    y = torch.linspace(0, 255, height)[:, None].expand(height, width)
+    array = torch.stack([x, y, 255 - x], dim=-1).to(torch.uint8).numpy()
+    return Image.fromarray(array)
+
+
+def flipped_rng() -> random.Random:
+    """An RNG whose crop is off-centre and whose flip happens, found by search (not hard-coded)."""
+    for seed in range(1000):
+        rng = random.Random(seed)
+        top, left = rng.randint(0, 0), rng.randint(0, 107 - 64)
+        if rng.random() < 0.5 and left not in (0, 21, 43):
+            return random.Random(seed)
+    raise AssertionError("no seed found")
+
+
+def test_time_ids_for_random_crop_and_flip():
+    image = gradient_image(200, 120)  # landscape: resized to 107 x 64 for a 64 px square crop
+    transform = ImageTransform(center_crop=False, random_flip=True)
+    pixels, original, (top, left) = transform(image, (64, 64), flipped_rng())
+    assert original == (120, 200)
+    resized = F.resize(image, [64, 107], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    resized_w = resized.width
+    assert top == 0 and 0 <= left <= resized_w - 64
+    # The crop, seen after the flip, starts at `left`: so the unflipped crop started at W - left - 64.
+    unflipped_left = resized_w - left - 64
+    expected = F.normalize(F.to_tensor(F.hflip(F.crop(resized, 0, unflipped_left, 64, 64))), [0.5] * 3, [0.5] * 3)
+    assert torch.allclose(pixels, expected)
+    assert left != unflipped_left
+
+
+def test_center_crop_of_portrait_image():
+    image = gradient_image(90, 160)
+    pixels, original, crop = ImageTransform(center_crop=True, random_flip=False)(image, (64, 64), random.Random(0))
+    assert original == (160, 90) and pixels.shape == (3, 64, 64)
+    assert crop == (round((114 - 64) / 2), 0)
+
+
+def test_sampler_shards_and_reshuffles():
+    shards = [EpochBatchSampler(10, 2, seed=3, num_processes=2, process_index=i) for i in range(2)]
+    epoch0 = [list(s) for s in shards]
+    assert len(epoch0[0]) == len(epoch0[1]) == 2  # 10 samples, global batch 4: two full batches
+    flat = [i for shard in epoch0 for batch in shard for i in batch]
+    assert len(set(flat)) == 8
+    for s in shards:
+        s.set_epoch(1)
+    assert [list(s) for s in shards] != epoch0
+    resumed = EpochBatchSampler(10, 2, seed=3, num_processes=2, process_index=0)
+    resumed.set_epoch(0, start=1)
+    assert list(resumed) == epoch0[0][1:]
+
+
+def test_sampler_refuses_too_few_samples():
+    with pytest.raises(UserError, match="cannot fill one batch"):
+        EpochBatchSampler(3, 4, seed=0)

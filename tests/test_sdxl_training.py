@@ -1,0 +1,150 @@
+"""SDXL LoKr training end to end: checkpoints load with the users' snippet and change the output."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import launch
+from helpers import assert_only_adapter_changed, sdxl_args, sdxl_pipeline_image
+
+from difftune import training
+
+
+def two_image_folder(assets, tmp_path):
+    folder = tmp_path / "two"
+    folder.mkdir()
+    lines = (assets / "data" / "metadata.jsonl").read_text().splitlines()[:2]
+    for line in lines:
+        name = json.loads(line)["file_name"]
+        shutil.copy(assets / "data" / name, folder / name)
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder, [json.loads(line)["text"] for line in lines]
+
+
+def load_user_pipeline(assets, checkpoint, text_encoders=False):
+    """The snippet from the issue / model card, verbatim but for the paths and dtype."""
+    from diffusers import AutoencoderKL, DiffusionPipeline
+    from peft import PeftModel
+
+    vae = AutoencoderKL.from_pretrained(assets / "sdxl-vae-fp16-fix", torch_dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(assets / "sdxl", vae=vae, torch_dtype=torch.float32)
+    if checkpoint is not None:
+        pipe.unet = PeftModel.from_pretrained(pipe.unet, checkpoint / "unet", adapter_name="default")
+        if text_encoders:
+            pipe.text_encoder = PeftModel.from_pretrained(
+                pipe.text_encoder, checkpoint / "text_encoder_one", adapter_name="default"
+            )
+            pipe.text_encoder_2 = PeftModel.from_pretrained(
+                pipe.text_encoder_2, checkpoint / "text_encoder_two", adapter_name="default"
+            )
+    return pipe
+
+
+@torch.no_grad()
+def denoising_loss(pipe, folder, captions) -> float:
+    """The epsilon-prediction loss on the given images at fixed noise and timesteps, computed with the pipeline's
+    own prompt encoder and time ids (independent of the training code)."""
+    from PIL import Image
+    from torchvision.transforms import functional as F
+
+    images = sorted(folder.glob("*.png"))
+    total = 0.0
+    generator = torch.Generator().manual_seed(1)
+    for path, caption in zip(images, captions):
+        image = Image.open(path).convert("RGB")
+        h, w = image.height, image.width
+        scale = 64 / min(h, w)
+        rh, rw = max(64, round(h * scale)), max(64, round(w * scale))
+        resized = F.resize(image, [rh, rw], antialias=True)
+        top, left = round((rh - 64) / 2), round((rw - 64) / 2)
+        pixels = F.normalize(F.to_tensor(F.crop(resized, top, left, 64, 64)), [0.5] * 3, [0.5] * 3)[None]
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        embeds, _, pooled, _ = pipe.encode_prompt(caption, do_classifier_free_guidance=False)
+        time_ids = torch.tensor([[h, w, top, left, 64, 64]], dtype=torch.float32)
+        from diffusers import DDPMScheduler
+
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        for t in (50, 200, 400, 600, 800, 950):
+            noise = torch.randn(latents.shape, generator=generator)
+            noisy = scheduler.add_noise(latents, noise, torch.tensor([t]))
+            pred = pipe.unet(noisy, torch.tensor([t]), embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+            total += torch.nn.functional.mse_loss(pred, noise).item()
+    return total / (6 * len(images))
+
+
+def test_overfits_two_images_and_only_adapter_weights_change(assets, tmp_path, run_main, monkeypatch):
+    folder, captions = two_image_folder(assets, tmp_path)
+    snapshots = {}
+    real_train = training.train
+
+    def spy(accelerator, args, **kwargs):
+        unet = kwargs["adapters"]["unet"]
+        snapshots["before"] = {n: p.detach().clone() for n, p in unet.named_parameters()}
+        result = real_train(accelerator, args, **kwargs)
+        snapshots["after"] = {n: p.detach().clone() for n, p in unet.named_parameters()}
+        return result
+
+    monkeypatch.setattr(training, "train", spy)
+    out = tmp_path / "run"
+    # A random tiny UNet's output hardly depends on its attention; LoKr on the convolutions and
+    # feed-forwards too gives the adapter enough reach to overfit two images.
+    targets = "to_q,to_k,to_v,to_out.0,conv1,conv2,conv_out,proj_in,proj_out,ff.net.0.proj,ff.net.2"
+    argv = sdxl_args(assets, out, "--train_data_dir", folder, "--center_crop", "--target_modules", targets, steps=80)
+    argv[argv.index("--learning_rate") + 1] = "3e-3"
+    argv[argv.index("--checkpointing_steps") + 1] = "100"
+    assert run_main("train_sdxl_lokr", argv) == 0
+    assert_only_adapter_changed(snapshots["before"], snapshots["after"], "lokr_")
+
+    base_loss = denoising_loss(load_user_pipeline(assets, None), folder, captions)
+    tuned_loss = denoising_loss(load_user_pipeline(assets, out / "step80"), folder, captions)
+    assert tuned_loss < 0.7 * base_loss, (base_loss, tuned_loss)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_bf16_checkpoints_validation_and_user_snippet(assets, tmp_path):
+    out = tmp_path / "run"
+    args = sdxl_args(
+        assets, out, "--validation_prompt", "a red circle", "--num_validation_images", "1",
+        "--validation_steps", "2", "--validation_inference_steps", "2", "--report_to", "tensorboard",
+    )  # fmt: skip
+    proc = launch("train_sdxl_lokr", args, mixed_precision="bf16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for step in (2, 4):
+        checkpoint = out / f"step{step}"
+        assert (checkpoint / "unet" / "adapter_config.json").is_file()
+        assert (checkpoint / "unet" / "adapter_model.safetensors").is_file()
+        for name in ("optimizer.pt", "lr_scheduler.pt", "args.json", "training_state.json"):
+            assert (checkpoint / name).is_file(), name
+        assert not (checkpoint / "text_encoder_one").exists()
+    assert json.loads((out / "step4" / "unet" / "adapter_config.json").read_text())["peft_type"] == "LOKR"
+    assert json.loads((out / "step4" / "args.json").read_text())["mixed_precision"] == "bf16"
+    assert len(list((out / "validation").glob("step000004_*.png"))) == 1
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    card = (out / "README.md").read_text()
+    assert "PeftModel.from_pretrained(pipe.unet" in card and str(out / "step4") in card
+
+    from safetensors.torch import load_file
+
+    weights = load_file(out / "step4" / "unet" / "adapter_model.safetensors")
+    assert weights and all(v.dtype == torch.float32 for v in weights.values())
+    assert all(k.startswith("base_model.model.") and ".lokr_w" in k for k in weights)
+
+    base = sdxl_pipeline_image(load_user_pipeline(assets, None))
+    tuned = sdxl_pipeline_image(load_user_pipeline(assets, out / "step4"))
+    assert abs(base - tuned).max() > 1e-3
+
+
+def test_text_encoder_training_writes_and_reloads_both_adapters(assets, tmp_path, run_main):
+    out = tmp_path / "run"
+    argv = sdxl_args(assets, out, "--train_text_encoder", "--text_encoder_lr", "1e-2")
+    assert run_main("train_sdxl_lokr", argv) == 0
+    checkpoint = out / "step4"
+    for name in ("unet", "text_encoder_one", "text_encoder_two"):
+        assert (checkpoint / name / "adapter_model.safetensors").is_file(), name
+    full = load_user_pipeline(assets, checkpoint, text_encoders=True)
+    unet_only = load_user_pipeline(assets, checkpoint)
+    embeds_full = full.encode_prompt("a red circle", do_classifier_free_guidance=False)[0]
+    embeds_unet_only = unet_only.encode_prompt("a red circle", do_classifier_free_guidance=False)[0]
+    assert not torch.allclose(embeds_full, embeds_unet_only)
+    assert abs(sdxl_pipeline_image(full) - sdxl_pipeline_image(unet_only)).max() > 1e-4
