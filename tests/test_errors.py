@@ -1,0 +1,96 @@
+"""Bad input: one line on stderr naming the problem and the fix, exit code 2, no traceback."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import SCRIPTS, launch
+from helpers import sdxl_args
+
+
+def replace(argv, flag, value):
+    argv = list(argv)
+    argv[argv.index(flag) + 1] = str(value)
+    return argv
+
+
+def one_line_error(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.fixture
+def base(assets, tmp_path):
+    return sdxl_args(assets, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--train_data_dir", "/nonexistent/data", "--train_data_dir /nonexistent/data does not exist"),
+        ("--pretrained_model_name_or_path", "/nonexistent/model", "does not exist"),
+        ("--pretrained_model_name_or_path", "stabilityai/stable-diffusion-xl-base-1.0", "offline"),
+        ("--pretrained_vae_model_name_or_path", "/nonexistent/vae", "does not exist"),
+        ("--resolution", "100", "--resolution 100 must be a positive multiple of 8"),
+        ("--rank", "0", "--rank must be a positive integer"),
+        ("--alpha", "0", "--alpha must be positive"),
+        ("--image_column", "picture", "--image_column 'picture' is not a column"),
+        ("--caption_column", "caption", "its columns are ['image', 'text']"),
+        ("--mixed_precision", "fp16", "fp16 needs a CUDA GPU"),
+        ("--resume_from_checkpoint", "/nonexistent/step5", "does not exist"),
+    ],
+)
+def test_bad_input_gives_one_line(run_main, capsys, base, flag, value, message):
+    if flag in base:
+        argv = replace(base, flag, value)
+    else:
+        argv = [*base, flag, value]
+    assert run_main("train_sdxl_lokr", argv) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_not_an_sdxl_pipeline(run_main, capsys, base, assets):
+    argv = replace(base, "--pretrained_model_name_or_path", assets / "wuerstchen-prior")
+    assert run_main("train_sdxl_lokr", argv) == 2
+    assert "is a WuerstchenPriorPipeline pipeline, not a StableDiffusionXLPipeline" in one_line_error(capsys)
+
+
+def test_hub_dataset_while_offline(run_main, capsys, base):
+    argv = [a for a in base]
+    i = argv.index("--train_data_dir")
+    del argv[i : i + 2]
+    assert run_main("train_sdxl_lokr", argv) == 2  # default --dataset_name: the pokemon set on the Hub
+    assert "offline" in one_line_error(capsys)
+
+
+def test_unreadable_image_is_skipped_with_a_warning(run_main, capsys, caplog, assets, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(assets / "data", data)
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with (data / "metadata.jsonl").open("a") as handle:
+        handle.write(json.dumps({"file_name": "broken.png", "text": "nothing"}) + "\n")
+    argv = replace(sdxl_args(assets, tmp_path / "out", steps=1), "--train_data_dir", data)
+    with caplog.at_level("WARNING"):
+        assert run_main("train_sdxl_lokr", argv) == 0
+    assert any("skipping unreadable image" in r.message and "broken.png" in r.message for r in caplog.records)
+
+
+def test_unknown_flag(run_main, capsys, base):
+    assert run_main("train_sdxl_lokr", [*base, "--no_such_flag"]) == 2
+    assert "unrecognized arguments: --no_such_flag" in one_line_error(capsys)
+
+
+@pytest.mark.slow
+def test_real_processes_exit_2_without_traceback(assets, tmp_path):
+    argv = replace(sdxl_args(assets, tmp_path / "out"), "--train_data_dir", tmp_path / "missing")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "train_sdxl_lokr.py"), *map(str, argv)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --train_data_dir")
+    launched = launch("train_sdxl_lokr", argv)
+    assert launched.returncode != 0 and "Traceback" not in launched.stderr
+    assert "error: --train_data_dir" in launched.stderr
