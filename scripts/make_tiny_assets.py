@@ -50,7 +50,8 @@ def write_clip_vocab(directory: Path) -> tuple[Path, Path]:
     if spec is None or spec.origin is None:
         raise SystemExit("error: the CLIP vocabulary comes from the open-clip-torch wheel; run `make venv` first")
     bpe_file = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.open(bpe_file).read().decode("utf-8").split("\n")
+    with gzip.open(bpe_file) as handle:
+        lines = handle.read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : NUM_CLIP_MERGES + 1]]
     alphabet = list(byte_to_unicode().values())
     tokens = alphabet + [t + "</w>" for t in alphabet] + ["".join(m) for m in merges] + [BOS, EOS]
@@ -183,6 +184,11 @@ def make_wuerstchen(out: Path, vocab: tuple[Path, Path]) -> None:
     hidden = 32
 
     prior = WuerstchenPrior(c_in=16, c=32, c_cond=hidden, c_r=8, depth=2, nhead=2)
+    # The prior returns (x - a) / |1 - b|; with a full-size random output layer b comes near 1 and
+    # sampling explodes. A small output layer keeps the random prior finite, as a trained one is.
+    with torch.no_grad():
+        prior.out[1].weight.mul_(0.05)
+        prior.out[1].bias.zero_()
     prior.save_pretrained(prior_dir / "prior", safe_serialization=True)
     CLIPTextModel(clip_text_config(tokenizer, hidden, "gelu")).save_pretrained(prior_dir / "text_encoder")
     save_tokenizer(tokenizer, prior_dir / "tokenizer", vocab)
@@ -210,10 +216,17 @@ def make_wuerstchen(out: Path, vocab: tuple[Path, Path]) -> None:
         nhead=[-1],
         blocks=[2],
         level_config=["CT"],
-        inject_effnet=[False],
+        inject_effnet=[True],  # the real decoder injects the prior's embeddings; so must this one
         effnet_embd=16,
         clip_embd=hidden,
     )
+    # The decoder returns (x - a) / sigmoid(b) and diffusers zero-initialises its output layer, which
+    # would make it ignore every input. Start it small and random, with sigmoid(b) near 1 (after the
+    # pixel shuffle the last half of the conv's channels become b), so that it is finite and responsive.
+    with torch.no_grad():
+        decoder.clf[1].weight.normal_(std=0.2)
+        decoder.clf[1].bias.zero_()
+        decoder.clf[1].bias[decoder.clf[1].out_channels // 2 :] = 4.0
     decoder.save_pretrained(decoder_dir / "decoder", safe_serialization=True)
     vqgan = PaellaVQModel(bottleneck_blocks=1, embed_dim=32, num_vq_embeddings=16)
     vqgan.save_pretrained(decoder_dir / "vqgan", safe_serialization=True)

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from difftune import adapters, args as cli, data, losses, sdxl, training, validation
+from difftune import adapters, data, losses, sdxl, training, validation
+from difftune import args as cli
 from difftune.errors import run_cli
 from difftune.modelcard import write_model_card
 
@@ -63,7 +64,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     device, dtype = accelerator.device, training.weight_dtype(accelerator)
 
     # Models: frozen in the weight dtype; the VAE in fp32 unless it is made for fp16 (force_upcast off).
-    vae_path = None if args.pretrained_vae_model_name_or_path.lower() == "none" else args.pretrained_vae_model_name_or_path
+    vae_path = (
+        None if args.pretrained_vae_model_name_or_path.lower() == "none" else args.pretrained_vae_model_name_or_path
+    )
     sd = sdxl.load_sdxl(args.pretrained_model_name_or_path, vae_path, args.revision, args.variant)
     if args.prediction_type is not None:
         sd.noise_scheduler.register_to_config(prediction_type=args.prediction_type)
@@ -90,7 +93,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.train_text_encoder:
         te_config = adapters.lokr_config(args, args.text_encoder_target_modules)
         trained["text_encoder_one"] = adapters.attach(sd.text_encoder_one, te_config, base)
-        trained["text_encoder_two"] = adapters.attach(sd.text_encoder_two, adapters.lokr_config(args, args.text_encoder_target_modules), base)
+        trained["text_encoder_two"] = adapters.attach(
+            sd.text_encoder_two, adapters.lokr_config(args, args.text_encoder_target_modules), base
+        )
     if args.gradient_checkpointing:
         sd.unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
@@ -98,7 +103,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 trained[name].get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
     param_groups = [{"params": adapters.trainable_parameters(trained["unet"])}]
     if args.train_text_encoder:
-        te_params = [p for n in ("text_encoder_one", "text_encoder_two") for p in adapters.trainable_parameters(trained[n])]
+        te_params = [
+            p for n in ("text_encoder_one", "text_encoder_two") for p in adapters.trainable_parameters(trained[n])
+        ]
         param_groups.append({"params": te_params, "lr": args.text_encoder_lr or args.learning_rate})
 
     scheduler = sd.noise_scheduler

@@ -39,3 +39,30 @@ def assert_only_adapter_changed(before: dict[str, torch.Tensor], after: dict[str
         else:
             assert torch.equal(old, new), f"frozen weight {name} changed"
     assert changed_adapter, "no adapter weight changed"
+
+
+def wuerstchen_args(assets: Path, output_dir: Path, *extra: object, steps: int = 4) -> list[str]:
+    return [
+        "--pretrained_prior_model_name_or_path", assets / "wuerstchen-prior",
+        "--pretrained_decoder_model_name_or_path", assets / "wuerstchen",
+        "--image_encoder_path", assets / "effnet" / "effnet.safetensors",
+        "--train_data_dir", assets / "data",
+        "--output_dir", output_dir,
+        "--resolution", "128",
+        "--train_batch_size", "2",
+        "--max_train_steps", str(steps),
+        "--checkpointing_steps", "2",
+        "--learning_rate", "1e-3",
+        "--report_to", "none",
+        "--seed", "0",
+        *map(str, extra),
+    ]  # fmt: skip
+
+
+def prior_inputs(prior, batch: int = 2, seed: int = 0):
+    """Fixed inputs for a Wuerstchen prior: noisy embeddings, timesteps in (0, 1), text states."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, prior.config.c_in, 4, 4, generator=generator)
+    r = torch.rand(batch, generator=generator)
+    c = torch.randn(batch, 77, prior.config.c_cond, generator=generator)
+    return x, r, c

@@ -35,7 +35,9 @@ def test_lokr_is_a_noop_at_step_zero_and_only_it_trains(assets, init, decompose_
     sample, t, hidden, added = unet_inputs(unet)
     with torch.no_grad():
         expected = unet(sample, t, hidden, added_cond_kwargs=added).sample
-    config = adapters.lokr_config(lokr_args(lokr_init=init, decompose_both=decompose_both, rank=2), ["to_q", "to_k", "to_v", "to_out.0", "conv1"])
+    config = adapters.lokr_config(
+        lokr_args(lokr_init=init, decompose_both=decompose_both, rank=2), ["to_q", "to_k", "to_v", "to_out.0", "conv1"]
+    )
     peft_unet = adapters.attach(unet, config, "base")
     with torch.no_grad():
         got = peft_unet(sample, t, hidden, added_cond_kwargs=added).sample

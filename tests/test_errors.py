@@ -44,10 +44,7 @@ def base(assets, tmp_path):
     ],
 )
 def test_bad_input_gives_one_line(run_main, capsys, base, flag, value, message):
-    if flag in base:
-        argv = replace(base, flag, value)
-    else:
-        argv = [*base, flag, value]
+    argv = replace(base, flag, value) if flag in base else [*base, flag, value]
     assert run_main("train_sdxl_lokr", argv) == 2
     assert message in one_line_error(capsys)
 

@@ -51,7 +51,7 @@ def denoising_loss(pipe, folder, captions) -> float:
     images = sorted(folder.glob("*.png"))
     total = 0.0
     generator = torch.Generator().manual_seed(1)
-    for path, caption in zip(images, captions):
+    for path, caption in zip(images, captions, strict=True):
         image = Image.open(path).convert("RGB")
         h, w = image.height, image.width
         scale = 64 / min(h, w)
@@ -68,7 +68,9 @@ def denoising_loss(pipe, folder, captions) -> float:
         for t in (50, 200, 400, 600, 800, 950):
             noise = torch.randn(latents.shape, generator=generator)
             noisy = scheduler.add_noise(latents, noise, torch.tensor([t]))
-            pred = pipe.unet(noisy, torch.tensor([t]), embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+            pred = pipe.unet(
+                noisy, torch.tensor([t]), embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}
+            ).sample
             total += torch.nn.functional.mse_loss(pred, noise).item()
     return total / (6 * len(images))
 

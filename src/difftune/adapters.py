@@ -21,12 +21,8 @@ def add_common_adapter_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--target_modules", type=comma_list, default=comma_list(ATTENTION_TARGETS), help="Comma-separated."
     )
-    group.add_argument(
-        "--train_text_encoder", action="store_true", help="Also put an adapter on the text encoder(s)."
-    )
-    group.add_argument(
-        "--text_encoder_target_modules", type=comma_list, default=comma_list(TEXT_ENCODER_TARGETS)
-    )
+    group.add_argument("--train_text_encoder", action="store_true", help="Also put an adapter on the text encoder(s).")
+    group.add_argument("--text_encoder_target_modules", type=comma_list, default=comma_list(TEXT_ENCODER_TARGETS))
     group.add_argument("--text_encoder_lr", type=float, default=None, help="Default: --learning_rate.")
 
 
@@ -38,9 +34,7 @@ def add_lokr_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--decompose_factor", type=int, default=-1, help="-1: factors closest to sqrt(dim).")
     group.add_argument("--rank_dropout", type=float, default=0.0)
     group.add_argument("--module_dropout", type=float, default=0.0)
-    group.add_argument(
-        "--lokr_init", default="peft", choices=["peft", "lycoris"], help="Which factor starts at zero."
-    )
+    group.add_argument("--lokr_init", default="peft", choices=["peft", "lycoris"], help="Which factor starts at zero.")
 
 
 def add_lora_args(parser: argparse.ArgumentParser) -> None:

@@ -85,9 +85,7 @@ def add_training_args(parser: argparse.ArgumentParser, *, output_dir: str) -> No
     group.add_argument("--logging_dir", default="logs", help="Tracker logs, relative to --output_dir.")
 
     group = parser.add_argument_group("validation")
-    group.add_argument(
-        "--validation_prompt", action="append", default=None, help="Repeat for several prompts."
-    )
+    group.add_argument("--validation_prompt", action="append", default=None, help="Repeat for several prompts.")
     group.add_argument("--num_validation_images", type=int, default=4, help="Images per prompt.")
     group.add_argument("--validation_steps", type=int, default=500, help="Validate every N steps and at the end.")
     group.add_argument("--validation_inference_steps", type=int, default=30)

@@ -38,8 +38,7 @@ def make_accelerator(args: argparse.Namespace):
     precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if precision == "fp16" and not torch.cuda.is_available():
         raise UserError(
-            "--mixed_precision fp16 needs a CUDA GPU (on the CPU it would silently train in fp32): "
-            "use bf16 or no"
+            "--mixed_precision fp16 needs a CUDA GPU (on the CPU it would silently train in fp32): use bf16 or no"
         )
     if args.report_to == "wandb":
         try:
@@ -50,7 +49,9 @@ def make_accelerator(args: argparse.Namespace):
     accelerator = Accelerator(
         mixed_precision=precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
     )
     args.mixed_precision = accelerator.mixed_precision  # recorded as used, whichever way it was chosen
     logging.basicConfig(
@@ -172,7 +173,7 @@ def train(
     )
     names = list(adapters)
     *prepared, optimizer = accelerator.prepare(*adapters.values(), optimizer)
-    models = dict(zip(names, prepared))
+    models = dict(zip(names, prepared, strict=True))
     params = [p for group in param_groups for p in group["params"]]
 
     global_step = 0

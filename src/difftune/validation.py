@@ -22,9 +22,7 @@ def generate(
     """`num_images` images per prompt, reproducible for a seed; low-precision weights run under autocast."""
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    autocast = (
-        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    )
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     images = {}
     with torch.no_grad(), autocast:
         for prompt in prompts:

@@ -119,7 +119,9 @@ def load_decoder(path: str, revision: str | None = None, variant: str | None = N
     read_model_index(path, revision, "--pretrained_decoder_model_name_or_path", DECODER_PIPELINE)
     return {
         "tokenizer": AutoTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision),
-        "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, variant=variant),
+        "text_encoder": CLIPTextModel.from_pretrained(
+            path, subfolder="text_encoder", revision=revision, variant=variant
+        ),
         "decoder": WuerstchenDiffNeXt.from_pretrained(path, subfolder="decoder", revision=revision, variant=variant),
         "vqgan": PaellaVQModel.from_pretrained(path, subfolder="vqgan", revision=revision, variant=variant),
         "scheduler": DDPMWuerstchenScheduler.from_pretrained(path, subfolder="scheduler", revision=revision),

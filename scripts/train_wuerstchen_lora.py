@@ -1,0 +1,208 @@
+"""Fine-tune the Wuerstchen v2 prior (stage C) with a LoRA adapter (and optionally its text encoder).
+
+    accelerate launch scripts/train_wuerstchen_lora.py --train_data_dir DATA --output_dir OUT ...
+
+Checkpoints land in OUTPUT_DIR/step<N>/: prior/ (peft format), pytorch_lora_weights.safetensors
+(diffusers format, for load_lora_weights), text_encoder/ when trained; see the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from difftune import adapters, data, training, validation, wuerstchen
+from difftune import args as cli
+from difftune.errors import run_cli
+from difftune.modelcard import write_model_card
+
+PROJECT = "wuerstchen-prior-lora"
+LOADING = """
+Wuerstchen lives in diffusers' deprecated corner: `from_pretrained` on the Hub repos fails in
+diffusers 0.42 ("wuerstchen is not one of the libraries..."), so load each part by subfolder:
+
+```python
+import torch
+from diffusers import DDPMWuerstchenScheduler, WuerstchenCombinedPipeline
+from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
+from transformers import AutoTokenizer, CLIPTextModel
+
+prior_repo, decoder_repo, checkpoint = "{prior}", "{decoder}", "{checkpoint}"
+pipe = WuerstchenCombinedPipeline(
+    prior_prior=WuerstchenPrior.from_pretrained(prior_repo, subfolder="prior"),
+    prior_text_encoder=CLIPTextModel.from_pretrained(prior_repo, subfolder="text_encoder"),
+    prior_tokenizer=AutoTokenizer.from_pretrained(prior_repo, subfolder="tokenizer"),
+    prior_scheduler=DDPMWuerstchenScheduler.from_pretrained(prior_repo, subfolder="scheduler"),
+    decoder=WuerstchenDiffNeXt.from_pretrained(decoder_repo, subfolder="decoder"),
+    vqgan=PaellaVQModel.from_pretrained(decoder_repo, subfolder="vqgan"),
+    text_encoder=CLIPTextModel.from_pretrained(decoder_repo, subfolder="text_encoder"),
+    tokenizer=AutoTokenizer.from_pretrained(decoder_repo, subfolder="tokenizer"),
+    scheduler=DDPMWuerstchenScheduler.from_pretrained(decoder_repo, subfolder="scheduler"),
+).to("cuda", torch.float16)
+```
+
+Route 1, diffusers LoRA loading (prior{te_and} from `pytorch_lora_weights.safetensors`):
+
+```python
+pipe.prior_pipe.load_lora_weights(checkpoint)
+```
+
+Route 2, peft:
+
+```python
+from peft import PeftModel
+
+pipe.prior_pipe.prior = PeftModel.from_pretrained(pipe.prior_pipe.prior, f"{{checkpoint}}/prior").get_base_model()
+{te_peft}```
+
+Then:
+
+```python
+from diffusers.pipelines.deprecated.wuerstchen import DEFAULT_STAGE_C_TIMESTEPS
+
+image = pipe("{prompt}", prior_timesteps=DEFAULT_STAGE_C_TIMESTEPS, height=1024, width=1024).images[0]
+```
+"""
+TE_PEFT = """pipe.prior_pipe.text_encoder = PeftModel.from_pretrained(
+    pipe.prior_pipe.text_encoder, f"{checkpoint}/text_encoder").get_base_model()
+"""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = cli.ErrorOnlyParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pretrained_prior_model_name_or_path", default="warp-ai/wuerstchen-prior")
+    parser.add_argument(
+        "--pretrained_decoder_model_name_or_path", default="warp-ai/wuerstchen", help="For validation images."
+    )
+    parser.add_argument(
+        "--image_encoder_path",
+        default=wuerstchen.DEFAULT_IMAGE_ENCODER,
+        help="EfficientNet weights: stage B's .pt (read weights-only), a .safetensors, or a Hub org/repo/file.",
+    )
+    cli.add_model_args(parser)
+    cli.add_data_args(parser, resolution=768)
+    cli.add_training_args(parser, output_dir="work_dirs/wuerstchen_prior_lora_pokemon_blip")
+    adapters.add_lora_args(parser)
+    return cli.parse(parser, argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    accelerator = training.make_accelerator(args)
+    device, dtype = accelerator.device, training.weight_dtype(accelerator)
+
+    # Models: the prior, its text encoder and the frozen EfficientNet image encoder.
+    base = args.pretrained_prior_model_name_or_path
+    prior = wuerstchen.load_prior(base, args.revision, args.variant)
+    image_encoder = wuerstchen.load_image_encoder(args.image_encoder_path).to(device, dtype)
+    for model in (prior.prior, prior.text_encoder):
+        model.requires_grad_(False).to(device, dtype)
+
+    # Data: ImageNet-normalised images for EfficientNet; captions padded, with attention masks.
+    images = data.load_captioned_images(
+        args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column, args.caption_column,
+        args.max_train_samples, args.seed,
+    )  # fmt: skip
+    dataset = data.CaptionedImageDataset(
+        images, args.image_column, args.caption_column,
+        data.ImageTransform(args.center_crop, args.random_flip, wuerstchen.IMAGENET_MEAN, wuerstchen.IMAGENET_STD),
+        data.Tokenize({"prior": prior.tokenizer}, attention_mask=True),
+        args.resolution, args.seed,
+    )  # fmt: skip
+
+    # Adapters: LoRA on the prior's attention, and on its text encoder when asked.
+    trained = {"prior": adapters.attach(prior.prior, adapters.lora_config(args, args.target_modules), base)}
+    if args.train_text_encoder:
+        te_config = adapters.lora_config(args, args.text_encoder_target_modules)
+        trained["text_encoder"] = adapters.attach(prior.text_encoder, te_config, base)
+    if args.gradient_checkpointing:
+        prior.prior.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            trained["text_encoder"].get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
+    param_groups = [{"params": adapters.trainable_parameters(trained["prior"])}]
+    if args.train_text_encoder:
+        te_lr = args.text_encoder_lr or args.learning_rate
+        param_groups.append({"params": adapters.trainable_parameters(trained["text_encoder"]), "lr": te_lr})
+
+    scheduler = prior.scheduler
+
+    def compute_loss(batch: dict, models: dict) -> torch.Tensor:
+        with torch.no_grad():
+            x0 = wuerstchen.image_embeddings(image_encoder, batch["pixel_values"].to(dtype))
+        with torch.set_grad_enabled(args.train_text_encoder):
+            text_encoder = models.get("text_encoder", prior.text_encoder)
+            text = text_encoder(batch["prior_input_ids"], attention_mask=batch["prior_attention_mask"])
+        noise = torch.randn_like(x0)
+        timesteps = torch.rand(x0.shape[0], device=device, dtype=x0.dtype)
+        noisy = scheduler.add_noise(x0, noise, timesteps)
+        pred = models["prior"](noisy, timesteps, text.last_hidden_state)
+        return F.mse_loss(pred.float(), noise.float())
+
+    def save_diffusers_lora(directory: Path, peft_models: dict) -> None:
+        from diffusers import WuerstchenPriorPipeline
+
+        WuerstchenPriorPipeline.save_lora_weights(
+            directory,
+            unet_lora_layers=adapters.adapter_state_dict(peft_models["prior"]),
+            text_encoder_lora_layers=(
+                adapters.adapter_state_dict(peft_models["text_encoder"]) if "text_encoder" in peft_models else None
+            ),
+        )
+
+    decoder_parts = {}
+
+    def validate(step: int, peft_models: dict) -> None:
+        from diffusers.pipelines.deprecated.wuerstchen import DEFAULT_STAGE_C_TIMESTEPS
+
+        if not decoder_parts:
+            decoder_parts.update(wuerstchen.load_decoder(args.pretrained_decoder_model_name_or_path, args.revision))
+            for part in decoder_parts.values():
+                if isinstance(part, torch.nn.Module):
+                    part.requires_grad_(False).to(device, dtype)
+        components = wuerstchen.PriorComponents(
+            tokenizer=prior.tokenizer,
+            text_encoder=peft_models["text_encoder"].get_base_model()
+            if "text_encoder" in peft_models
+            else prior.text_encoder,
+            prior=peft_models["prior"].get_base_model(),
+            scheduler=prior.scheduler,
+        )
+        pipe = wuerstchen.build_combined_pipeline(components, decoder_parts)
+        images = validation.generate(
+            pipe, args.validation_prompt, args.num_validation_images, args.seed, device, dtype,
+            prior_timesteps=DEFAULT_STAGE_C_TIMESTEPS, num_inference_steps=args.validation_inference_steps,
+            height=args.resolution, width=args.resolution,
+        )  # fmt: skip
+        validation.save_and_log(accelerator, images, step, args.output_dir)
+
+    result = training.train(
+        accelerator, args, project_name=PROJECT, adapters=trained, param_groups=param_groups, dataset=dataset,
+        compute_loss=compute_loss, save_extra=save_diffusers_lora, validate=validate,
+    )  # fmt: skip
+
+    if accelerator.is_main_process:
+        loading = LOADING.format(
+            prior=base,
+            decoder=args.pretrained_decoder_model_name_or_path,
+            checkpoint=result.final_checkpoint,
+            te_and=" and text encoder" if args.train_text_encoder else "",
+            te_peft=TE_PEFT.format(checkpoint="{checkpoint}") if args.train_text_encoder else "",
+            prompt=(args.validation_prompt or ["a photo"])[0],
+        )
+        write_model_card(
+            args.output_dir,
+            args,
+            title="Wuerstchen prior LoRA adapter",
+            base_models=[base, args.pretrained_decoder_model_name_or_path],
+            adapter="LoRA",
+            loading=loading,
+        )
+        print(f"done: {result.global_step} steps, final checkpoint {result.final_checkpoint}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

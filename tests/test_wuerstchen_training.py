@@ -1,0 +1,209 @@
+"""Wuerstchen prior LoRA training end to end: both loading routes, validation, loss, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import launch
+from helpers import assert_only_adapter_changed, prior_inputs, wuerstchen_args
+from PIL import Image
+
+from difftune import training, validation, wuerstchen
+
+
+@pytest.fixture(scope="module")
+def trained(assets, tmp_path_factory):
+    """One in-process run, keeping the live trained prior for comparisons."""
+    from conftest import load_script, reset_accelerate
+
+    out = tmp_path_factory.mktemp("wuerstchen") / "run"
+    captured = {}
+    real_train = training.train
+
+    def spy(accelerator, args, **kwargs):
+        prior = kwargs["adapters"]["prior"]
+        captured["before"] = {n: p.detach().clone() for n, p in prior.named_parameters()}
+        result = real_train(accelerator, args, **kwargs)
+        captured["after"] = {n: p.detach().clone() for n, p in prior.named_parameters()}
+        captured["prior"] = prior.eval()
+        return result
+
+    # A random tiny prior's output hardly depends on its attention: LoRA on the feed-forwards and the
+    # output layer too gives it the reach to overfit the toy images.
+    targets = "to_q,to_k,to_v,to_out.0,channelwise.0,channelwise.4,out.1"
+    argv = wuerstchen_args(
+        assets, out, "--validation_prompt", "a red circle", "--num_validation_images", "1",
+        "--validation_steps", "100", "--validation_inference_steps", "2", "--center_crop",
+        "--target_modules", targets, "--max_train_samples", "4", steps=30,
+    )  # fmt: skip
+    argv[argv.index("--learning_rate") + 1] = "1e-2"
+    reset_accelerate()
+    training.train, original = spy, training.train
+    try:
+        load_script("train_wuerstchen_lora").main([str(a) for a in argv])
+    finally:
+        training.train = original
+        reset_accelerate()
+    return out, captured
+
+
+def test_only_lora_weights_change(trained):
+    _, captured = trained
+    assert_only_adapter_changed(captured["before"], captured["after"], "lora_")
+
+
+def test_checkpoint_layout(trained):
+    out, _ = trained
+    step = out / "step30"
+    assert (step / "prior" / "adapter_config.json").is_file()
+    assert json.loads((step / "prior" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert (step / "pytorch_lora_weights.safetensors").is_file()
+    for name in ("optimizer.pt", "lr_scheduler.pt", "args.json", "training_state.json"):
+        assert (step / name).is_file()
+    card = (out / "README.md").read_text()
+    assert "load_lora_weights(checkpoint)" in card and "PeftModel.from_pretrained(pipe.prior_pipe.prior" in card
+
+
+def test_both_loading_routes_reproduce_the_trained_prior(trained, assets):
+    from diffusers import WuerstchenPriorPipeline
+    from peft import PeftModel
+
+    out, captured = trained
+    step = out / "step30"
+    inputs = prior_inputs(captured["prior"])
+    with torch.no_grad():
+        expected = captured["prior"](*inputs)
+        base = wuerstchen.load_prior(str(assets / "wuerstchen-prior"))
+        plain = base.prior(*inputs)
+        assert (plain - expected).abs().max() > 1e-3  # training changed the prior
+
+        peft_prior = PeftModel.from_pretrained(base.prior, step / "prior")
+        assert torch.equal(peft_prior(*inputs), expected)
+
+        fresh = wuerstchen.load_prior(str(assets / "wuerstchen-prior"))
+        prior_pipe = WuerstchenPriorPipeline(
+            tokenizer=fresh.tokenizer, text_encoder=fresh.text_encoder, prior=fresh.prior, scheduler=fresh.scheduler
+        )
+        prior_pipe.load_lora_weights(step)
+        assert torch.allclose(prior_pipe.prior(*inputs), expected, atol=1e-6, rtol=0)
+
+        combined = wuerstchen.build_combined_pipeline(
+            wuerstchen.load_prior(str(assets / "wuerstchen-prior")), wuerstchen.load_decoder(str(assets / "wuerstchen"))
+        )
+        combined.prior_pipe.load_lora_weights(step)
+        assert torch.allclose(combined.prior_pipe.prior(*inputs), expected, atol=1e-6, rtol=0)
+
+
+def test_validation_images_use_the_lora(trained, assets):
+    from diffusers.pipelines.deprecated.wuerstchen import DEFAULT_STAGE_C_TIMESTEPS
+
+    out, _ = trained
+    saved = np.asarray(Image.open(out / "validation" / "step000030_prompt0_0.png"), dtype=np.int16)
+    pipe = wuerstchen.build_combined_pipeline(
+        wuerstchen.load_prior(str(assets / "wuerstchen-prior")), wuerstchen.load_decoder(str(assets / "wuerstchen"))
+    )
+
+    def image():
+        kwargs = {"prior_timesteps": DEFAULT_STAGE_C_TIMESTEPS, "num_inference_steps": 2, "height": 128, "width": 128}
+        got = validation.generate(pipe, ["a red circle"], 1, 0, torch.device("cpu"), **kwargs)
+        return np.asarray(got["a red circle"][0], dtype=np.int16)
+
+    base_image = image()
+    pipe.prior_pipe.load_lora_weights(out / "step30")
+    lora_image = image()
+    assert np.abs(base_image - saved).max() > 0, "validation image equals the base model's"
+    assert np.abs(lora_image - saved).max() <= 1  # same seed, same LoRA: the same picture
+
+
+@torch.no_grad()
+def prior_loss(prior, image_encoder, text_encoder, tokenizer, scheduler, records) -> float:
+    """Stage-C loss on the given images at fixed noise and timesteps."""
+    from torchvision.transforms import functional as F
+
+    generator = torch.Generator().manual_seed(1)
+    total, count = 0.0, 0
+    for record in records:
+        image = Image.open(record["path"]).convert("RGB")
+        image = F.center_crop(F.resize(image, 128, antialias=True), 128)
+        pixels = F.normalize(F.to_tensor(image), wuerstchen.IMAGENET_MEAN, wuerstchen.IMAGENET_STD)[None]
+        x0 = wuerstchen.image_embeddings(image_encoder, pixels)
+        tokens = tokenizer(record["text"], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        text = text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        for t in (0.1, 0.3, 0.5, 0.7, 0.9):
+            noise = torch.randn(x0.shape, generator=generator)
+            r = torch.tensor([t])
+            pred = prior(scheduler.add_noise(x0, noise, r), r, text)
+            total += torch.nn.functional.mse_loss(pred, noise).item()
+            count += 1
+    return total / count
+
+
+def test_loss_falls(trained, assets):
+    _, captured = trained
+    base = wuerstchen.load_prior(str(assets / "wuerstchen-prior"))
+    encoder = wuerstchen.load_image_encoder(str(assets / "effnet" / "effnet.safetensors"))
+    # The images the run trained on: --max_train_samples picks them with the run's seed.
+    from difftune.data import load_captioned_images
+
+    chosen = load_captioned_images(None, None, str(assets / "data"), "image", "text", 4, 0)
+    records = [{"path": row["image"]["path"], "text": row["text"]} for row in chosen]
+    common = (encoder, base.text_encoder, base.tokenizer, base.scheduler, records)
+    before = prior_loss(base.prior, *common)
+    after = prior_loss(captured["prior"], *common)
+    assert after < 0.7 * before, (before, after)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_end_to_end_with_text_encoder(assets, tmp_path):
+    from diffusers import WuerstchenPriorPipeline
+
+    out = tmp_path / "run"
+    args = wuerstchen_args(
+        assets, out, "--train_text_encoder", "--validation_prompt", "a blue square", "--num_validation_images", "1",
+        "--validation_steps", "2", "--validation_inference_steps", "2",
+    )  # fmt: skip
+    proc = launch("train_wuerstchen_lora", args, mixed_precision="bf16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for step in (2, 4):
+        assert (out / f"step{step}" / "text_encoder" / "adapter_model.safetensors").is_file()
+        assert len(list((out / "validation").glob(f"step{step:06d}_*.png"))) == 1
+    # The diffusers file carries the text encoder's LoRA too; loading it changes the prompt embeddings.
+    parts = wuerstchen.load_prior(str(assets / "wuerstchen-prior"))
+    pipe = WuerstchenPriorPipeline(
+        tokenizer=parts.tokenizer, text_encoder=parts.text_encoder, prior=parts.prior, scheduler=parts.scheduler
+    )
+    ids = parts.tokenizer("a blue square", return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = pipe.text_encoder(ids).last_hidden_state
+        pipe.load_lora_weights(out / "step4")
+        after = pipe.text_encoder(ids).last_hidden_state
+    assert (before - after).abs().max() > 0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("--image_encoder_path", "/nonexistent/effnet.safetensors"), "does not exist"),
+        (("--image_encoder_path", "WRONG_KEYS"), "is not an EfficientNetV2-S Wuerstchen image encoder"),
+        (("--pretrained_prior_model_name_or_path", "SDXL"), "not a WuerstchenPriorPipeline"),
+        (("--resolution", "129"), "multiple of 8"),
+        (("--rank", "-4"), "--rank must be a positive integer"),
+        (("--lora_alpha", "0"), "--lora_alpha must be positive"),
+        (("--train_data_dir", "/nonexistent"), "does not exist"),
+    ],
+)
+def test_bad_input(assets, tmp_path, run_main, capsys, change, message):
+    flag, value = change
+    value = {
+        "WRONG_KEYS": assets / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors",
+        "SDXL": assets / "sdxl",
+    }.get(value, value)
+    argv = wuerstchen_args(assets, tmp_path / "out")
+    if flag in argv:
+        argv[argv.index(flag) + 1] = str(value)
+    else:
+        argv += [flag, str(value)]
+    assert run_main("train_wuerstchen_lora", argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], errors
