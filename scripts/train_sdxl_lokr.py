@@ -75,38 +75,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     for model in (sd.unet, sd.text_encoder_one, sd.text_encoder_two):
         model.requires_grad_(False).to(device, dtype)
 
-    # Data.
-    images = data.load_captioned_images(
-        args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column, args.caption_column,
-        args.max_train_samples, args.seed,
-    )  # fmt: skip
-    dataset = data.CaptionedImageDataset(
-        images, args.image_column, args.caption_column,
+    # Data: random or centre crops, with SDXL's size conditioning; captions for both tokenizers.
+    dataset = data.dataset_from_args(
+        args,
         data.ImageTransform(args.center_crop, args.random_flip),
         data.Tokenize({"one": sd.tokenizer_one, "two": sd.tokenizer_two}),
-        args.resolution, args.seed,
-    )  # fmt: skip
+    )
 
     # Adapters: LoKr on the UNet, and on both text encoders when asked.
     base = args.pretrained_model_name_or_path
     trained = {"unet": adapters.attach(sd.unet, adapters.lokr_config(args, args.target_modules), base)}
     if args.train_text_encoder:
-        te_config = adapters.lokr_config(args, args.text_encoder_target_modules)
-        trained["text_encoder_one"] = adapters.attach(sd.text_encoder_one, te_config, base)
-        trained["text_encoder_two"] = adapters.attach(
-            sd.text_encoder_two, adapters.lokr_config(args, args.text_encoder_target_modules), base
-        )
+        for name, model in (("text_encoder_one", sd.text_encoder_one), ("text_encoder_two", sd.text_encoder_two)):
+            trained[name] = adapters.attach(model, adapters.lokr_config(args, args.text_encoder_target_modules), base)
+    text_encoders = [trained[n] for n in ("text_encoder_one", "text_encoder_two") if n in trained]
     if args.gradient_checkpointing:
-        sd.unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
-            for name in ("text_encoder_one", "text_encoder_two"):
-                trained[name].get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
-    param_groups = [{"params": adapters.trainable_parameters(trained["unet"])}]
-    if args.train_text_encoder:
-        te_params = [
-            p for n in ("text_encoder_one", "text_encoder_two") for p in adapters.trainable_parameters(trained[n])
-        ]
-        param_groups.append({"params": te_params, "lr": args.text_encoder_lr or args.learning_rate})
+        adapters.enable_gradient_checkpointing(sd.unet, text_encoders)
+    param_groups = adapters.param_groups(args, trained["unet"], text_encoders)
 
     scheduler = sd.noise_scheduler
 
@@ -134,16 +119,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         return losses.diffusion_loss(pred, target, scheduler, timesteps, args.snr_gamma)
 
     def validate(step: int, peft_models: dict) -> None:
-        pipe = sdxl.build_pipeline(
-            sd, base, args.revision, **{name: peft_models[key].get_base_model() for key, name in (
-                ("unet", "unet"), ("text_encoder_one", "text_encoder"), ("text_encoder_two", "text_encoder_2"),
-            ) if key in peft_models},
-        )  # fmt: skip
-        images = validation.generate(
-            pipe, args.validation_prompt, args.num_validation_images, args.seed, device, dtype,
+        models = {"unet": peft_models["unet"].get_base_model()}
+        if args.train_text_encoder:
+            models["text_encoder"] = peft_models["text_encoder_one"].get_base_model()
+            models["text_encoder_2"] = peft_models["text_encoder_two"].get_base_model()
+        pipe = sdxl.build_pipeline(sd, base, args.revision, **models)
+        validation.run_validation(
+            accelerator, args, pipe, step, dtype,
             num_inference_steps=args.validation_inference_steps, height=args.resolution, width=args.resolution,
         )  # fmt: skip
-        validation.save_and_log(accelerator, images, step, args.output_dir)
 
     result = training.train(
         accelerator, args, project_name=PROJECT, adapters=trained, param_groups=param_groups, dataset=dataset,

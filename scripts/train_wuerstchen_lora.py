@@ -9,6 +9,7 @@ Checkpoints land in OUTPUT_DIR/step<N>/: prior/ (peft format), pytorch_lora_weig
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -103,30 +104,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         model.requires_grad_(False).to(device, dtype)
 
     # Data: ImageNet-normalised images for EfficientNet; captions padded, with attention masks.
-    images = data.load_captioned_images(
-        args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column, args.caption_column,
-        args.max_train_samples, args.seed,
-    )  # fmt: skip
-    dataset = data.CaptionedImageDataset(
-        images, args.image_column, args.caption_column,
+    dataset = data.dataset_from_args(
+        args,
         data.ImageTransform(args.center_crop, args.random_flip, wuerstchen.IMAGENET_MEAN, wuerstchen.IMAGENET_STD),
         data.Tokenize({"prior": prior.tokenizer}, attention_mask=True),
-        args.resolution, args.seed,
-    )  # fmt: skip
+    )
 
     # Adapters: LoRA on the prior's attention, and on its text encoder when asked.
     trained = {"prior": adapters.attach(prior.prior, adapters.lora_config(args, args.target_modules), base)}
     if args.train_text_encoder:
         te_config = adapters.lora_config(args, args.text_encoder_target_modules)
         trained["text_encoder"] = adapters.attach(prior.text_encoder, te_config, base)
+    text_encoders = [trained["text_encoder"]] if args.train_text_encoder else []
     if args.gradient_checkpointing:
-        prior.prior.enable_gradient_checkpointing()
-        if args.train_text_encoder:
-            trained["text_encoder"].get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
-    param_groups = [{"params": adapters.trainable_parameters(trained["prior"])}]
-    if args.train_text_encoder:
-        te_lr = args.text_encoder_lr or args.learning_rate
-        param_groups.append({"params": adapters.trainable_parameters(trained["text_encoder"]), "lr": te_lr})
+        adapters.enable_gradient_checkpointing(prior.prior, text_encoders)
+    param_groups = adapters.param_groups(args, trained["prior"], text_encoders)
 
     scheduler = prior.scheduler
 
@@ -163,21 +155,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             for part in decoder_parts.values():
                 if isinstance(part, torch.nn.Module):
                     part.requires_grad_(False).to(device, dtype)
-        components = wuerstchen.PriorComponents(
-            tokenizer=prior.tokenizer,
-            text_encoder=peft_models["text_encoder"].get_base_model()
-            if "text_encoder" in peft_models
-            else prior.text_encoder,
-            prior=peft_models["prior"].get_base_model(),
-            scheduler=prior.scheduler,
-        )
-        pipe = wuerstchen.build_combined_pipeline(components, decoder_parts)
-        images = validation.generate(
-            pipe, args.validation_prompt, args.num_validation_images, args.seed, device, dtype,
+        # The adapters live inside these modules: the pipeline runs with them active.
+        adapted = dataclasses.replace(prior, prior=peft_models["prior"].get_base_model())
+        if args.train_text_encoder:
+            adapted.text_encoder = peft_models["text_encoder"].get_base_model()
+        pipe = wuerstchen.build_combined_pipeline(adapted, decoder_parts)
+        validation.run_validation(
+            accelerator, args, pipe, step, dtype,
             prior_timesteps=DEFAULT_STAGE_C_TIMESTEPS, num_inference_steps=args.validation_inference_steps,
             height=args.resolution, width=args.resolution,
         )  # fmt: skip
-        validation.save_and_log(accelerator, images, step, args.output_dir)
 
     result = training.train(
         accelerator, args, project_name=PROJECT, adapters=trained, param_groups=param_groups, dataset=dataset,

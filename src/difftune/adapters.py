@@ -113,6 +113,22 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def param_groups(args: argparse.Namespace, denoiser: nn.Module, text_encoders: list[nn.Module]) -> list[dict]:
+    """Optimizer groups: the denoiser's adapter at --learning_rate, text encoders' at --text_encoder_lr."""
+    groups = [{"params": trainable_parameters(denoiser)}]
+    if text_encoders:
+        params = [p for model in text_encoders for p in trainable_parameters(model)]
+        groups.append({"params": params, "lr": args.text_encoder_lr or args.learning_rate})
+    return groups
+
+
+def enable_gradient_checkpointing(denoiser: nn.Module, text_encoders: list[nn.Module]) -> None:
+    """Recompute activations in backward: the denoiser (diffusers) and adapted text encoders (transformers)."""
+    denoiser.enable_gradient_checkpointing()
+    for model in text_encoders:
+        model.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
+
+
 def adapter_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter weights with bare module names (no "base_model.model." prefix), as diffusers wants them."""
     from peft import get_peft_model_state_dict

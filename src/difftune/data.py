@@ -216,6 +216,24 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         }
 
 
+def dataset_from_args(
+    args, transform: ImageTransform, tokenize: Callable[[str], dict[str, torch.Tensor]]
+) -> CaptionedImageDataset:
+    """The training data set described by the data flags (see difftune.args.add_data_args)."""
+    images = load_captioned_images(
+        args.dataset_name,
+        args.dataset_config_name,
+        args.train_data_dir,
+        args.image_column,
+        args.caption_column,
+        args.max_train_samples,
+        args.seed,
+    )
+    return CaptionedImageDataset(
+        images, args.image_column, args.caption_column, transform, tokenize, args.resolution, args.seed
+    )
+
+
 def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {key: torch.stack([e[key] for e in examples]) for key in examples[0]}
 

@@ -30,6 +30,14 @@ def generate(
     return images
 
 
+def run_validation(accelerator, args, pipe, step: int, dtype: torch.dtype, **pipe_kwargs) -> list[Path]:
+    """Generate the --validation_prompt images with `pipe`, save and log them."""
+    images = generate(
+        pipe, args.validation_prompt, args.num_validation_images, args.seed, accelerator.device, dtype, **pipe_kwargs
+    )
+    return save_and_log(accelerator, images, step, args.output_dir)
+
+
 def save_and_log(accelerator, images: dict[str, list[Image.Image]], step: int, output_dir: Path) -> list[Path]:
     """Write PNGs to OUTPUT_DIR/validation/ and send them to tensorboard / wandb."""
     folder = Path(output_dir) / "validation"
