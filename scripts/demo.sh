@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The demo: train both adapters on the tiny models and toy data, then generate images.
+# Usage: scripts/demo.sh ASSETS_DIR OUT_DIR   (make demo fills these in)
+set -euo pipefail
+ASSETS=${1:?assets dir}
+OUT=${2:?output dir}
+PY=${PYTHON:-.venv/bin/python}
+export HF_HUB_OFFLINE=1
+LAUNCH=("$PY" -m accelerate.commands.launch --quiet --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no)
+rm -rf "$OUT"
+
+echo "== SDXL LoKr on the tiny SDXL =="
+"${LAUNCH[@]}" scripts/train_sdxl_lokr.py \
+  --pretrained_model_name_or_path "$ASSETS/sdxl" \
+  --pretrained_vae_model_name_or_path "$ASSETS/sdxl-vae-fp16-fix" \
+  --train_data_dir "$ASSETS/data" \
+  --output_dir "$OUT/sdxl_lokr" \
+  --resolution 64 --random_flip --train_batch_size 4 --max_train_steps 40 \
+  --learning_rate 1e-3 --lr_scheduler cosine --lr_warmup_steps 4 --snr_gamma 5.0 \
+  --checkpointing_steps 20 --validation_steps 20 --validation_inference_steps 10 \
+  --validation_prompt "a red circle on a blue background" --num_validation_images 2 \
+  --seed 0
+
+echo "== Wuerstchen prior LoRA on the tiny Wuerstchen =="
+"${LAUNCH[@]}" scripts/train_wuerstchen_lora.py \
+  --pretrained_prior_model_name_or_path "$ASSETS/wuerstchen-prior" \
+  --pretrained_decoder_model_name_or_path "$ASSETS/wuerstchen" \
+  --image_encoder_path "$ASSETS/effnet/effnet.safetensors" \
+  --train_data_dir "$ASSETS/data" \
+  --output_dir "$OUT/wuerstchen_lora" \
+  --resolution 128 --random_flip --train_batch_size 4 --max_train_steps 40 \
+  --learning_rate 1e-3 --checkpointing_steps 20 --validation_steps 20 --validation_inference_steps 4 \
+  --validation_prompt "a green square on a white background" --num_validation_images 2 \
+  --seed 0
+
+echo
+echo "checkpoints:       $(ls -d "$OUT"/*/step* | tr '\n' ' ')"
+echo "validation images: $OUT/sdxl_lokr/validation $OUT/wuerstchen_lora/validation"
+echo "model cards:       $OUT/sdxl_lokr/README.md $OUT/wuerstchen_lora/README.md"
