@@ -71,9 +71,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.prediction_type is not None:
         sd.noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     vae_dtype = torch.float32 if sd.vae.config.force_upcast else dtype
-    sd.vae.requires_grad_(False).to(device, vae_dtype)
+    training.freeze(sd.vae, device, vae_dtype)
     for model in (sd.unet, sd.text_encoder_one, sd.text_encoder_two):
-        model.requires_grad_(False).to(device, dtype)
+        training.freeze(model, device, dtype)
 
     # Data: random or centre crops, with SDXL's size conditioning; captions for both tokenizers.
     dataset = data.dataset_from_args(

@@ -99,9 +99,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Models: the prior, its text encoder and the frozen EfficientNet image encoder.
     base = args.pretrained_prior_model_name_or_path
     prior = wuerstchen.load_prior(base, args.revision, args.variant)
-    image_encoder = wuerstchen.load_image_encoder(args.image_encoder_path).to(device, dtype)
+    image_encoder = training.freeze(wuerstchen.load_image_encoder(args.image_encoder_path), device, dtype)
     for model in (prior.prior, prior.text_encoder):
-        model.requires_grad_(False).to(device, dtype)
+        training.freeze(model, device, dtype)
 
     # Data: ImageNet-normalised images for EfficientNet; captions padded, with attention masks.
     dataset = data.dataset_from_args(
@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             decoder_parts.update(wuerstchen.load_decoder(args.pretrained_decoder_model_name_or_path, args.revision))
             for part in decoder_parts.values():
                 if isinstance(part, torch.nn.Module):
-                    part.requires_grad_(False).to(device, dtype)
+                    training.freeze(part, device, dtype)
         # The adapters live inside these modules: the pipeline runs with them active.
         adapted = dataclasses.replace(prior, prior=peft_models["prior"].get_base_model())
         if args.train_text_encoder:

@@ -79,6 +79,14 @@ def weight_dtype(accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
+def freeze(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """No gradients, on `device`, in `dtype` (cast only when it differs: diffusers warns on every cast)."""
+    model.requires_grad_(False).to(device)
+    if next(model.parameters()).dtype != dtype:
+        model.to(dtype=dtype)
+    return model
+
+
 def build_optimizer(args: argparse.Namespace, param_groups: list[dict]) -> torch.optim.Optimizer:
     """AdamW (or bitsandbytes AdamW8bit) over the adapter parameters."""
     kwargs = {

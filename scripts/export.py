@@ -1,0 +1,83 @@
+"""Export a trained checkpoint to a single .safetensors file for other programs.
+
+    python scripts/export.py --checkpoint OUTPUT_DIR/step<N> --format kohya --out model.safetensors
+
+--format kohya: SDXL LoKr (UNet and, when trained, both text encoders) in the kohya / LyCORIS
+format that ComfyUI and AUTOMATIC1111 load. --format diffusers: the Wuerstchen prior LoRA as the
+diffusers single file (`load_lora_weights`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from difftune import export
+from difftune.args import ErrorOnlyParser
+from difftune.checkpoints import ARGS_FILE, read_json
+from difftune.errors import UserError, run_cli
+from difftune.inference import checkpoint_family
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = ErrorOnlyParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="A step<N> dir of a training run.")
+    parser.add_argument("--format", choices=["kohya", "diffusers"], default="kohya")
+    parser.add_argument("--out", type=Path, required=True, help="The .safetensors file to write.")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--pretrained_model_name_or_path", default=None, help="Default: the run's base model.")
+    return parser.parse_args(argv)
+
+
+def export_sdxl_kohya(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
+    run = read_json(args.checkpoint / ARGS_FILE)
+    base = args.pretrained_model_name_or_path or run["pretrained_model_name_or_path"]
+    models = [m for m in ("unet", "text_encoder_one", "text_encoder_two") if (args.checkpoint / m).is_dir()]
+    adapters = {m: export.read_peft_adapter(args.checkpoint / m) for m in models}
+    for model, (config, _) in adapters.items():
+        if config.get("peft_type") != "LOKR":
+            raise UserError(f"{args.checkpoint / model} is a {config.get('peft_type')} adapter, not LoKr")
+    unet_config, shapes = export.module_shapes(base, run.get("revision"), models)
+    state = export.lokr_to_kohya(adapters, unet_config, shapes, DTYPES[args.dtype])
+    return state, export.kohya_metadata(adapters["unet"][0], base)
+
+
+def export_wuerstchen_diffusers(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
+    from safetensors.torch import load_file
+
+    state = load_file(str(args.checkpoint / "pytorch_lora_weights.safetensors"))
+    return {k: v.to(DTYPES[args.dtype]) for k, v in state.items()}, {"format": "pt"}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    family = checkpoint_family(args.checkpoint)
+    if args.out.suffix != ".safetensors":
+        raise UserError(f"--out {args.out} must end in .safetensors")
+    if (family, args.format) == ("sdxl", "kohya"):
+        state, metadata = export_sdxl_kohya(args)
+    elif (family, args.format) == ("wuerstchen", "diffusers"):
+        state, metadata = export_wuerstchen_diffusers(args)
+    elif family == "sdxl":
+        raise UserError("SDXL LoKr exports as --format kohya (diffusers' LoRA format cannot hold LoKr)")
+    else:
+        raise UserError(
+            "Wuerstchen LoRA exports as --format diffusers: there is no kohya naming convention for the Wuerstchen prior"
+        )
+    from safetensors.torch import save_file
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.out.with_suffix(".partial")
+    save_file(state, str(partial), metadata=metadata)
+    partial.replace(args.out)
+    modules = len({k.rsplit(".", 1)[0] for k in state})
+    print(f"wrote {args.out} ({modules} modules, {args.format}, {args.dtype})")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,178 @@
+"""Generate images from a base model plus a trained checkpoint (SDXL LoKr or Wuerstchen prior LoRA).
+
+    python scripts/infer.py --checkpoint OUTPUT_DIR/step<N> --prompt "yoda pokemon" [--prompt ...]
+
+The model family and base model(s) come from the checkpoint's args.json (override them with
+--pretrained_model_name_or_path and friends). Writes one PNG per image and a grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from difftune import inference
+from difftune.args import ErrorOnlyParser
+from difftune.checkpoints import ARGS_FILE, read_json
+from difftune.errors import UserError, run_cli
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = ErrorOnlyParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="A training run's OUTPUT_DIR/step<N>.")
+    parser.add_argument("--prompt", action="append", default=[], help="Repeat for several prompts.")
+    parser.add_argument("--prompts_file", type=Path, default=None, help="One prompt a line.")
+    parser.add_argument("--negative_prompt", default=None)
+    parser.add_argument("--num_images_per_prompt", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="Image i of each prompt uses seed + i.")
+    parser.add_argument("--num_inference_steps", type=int, default=None, help="SDXL: 30; Wuerstchen decoder: 12.")
+    parser.add_argument("--guidance_scale", type=float, default=None, help="SDXL: 5.0; Wuerstchen prior: 4.0.")
+    parser.add_argument("--height", type=int, default=None, help="Default: the training resolution.")
+    parser.add_argument("--width", type=int, default=None, help="Default: the training resolution.")
+    parser.add_argument("--adapter_scale", type=float, default=1.0, help="0 = base model, 1 = as trained.")
+    parser.add_argument("--fuse", action="store_true", help="Merge the adapter into the weights first.")
+    parser.add_argument("--compare_base", action="store_true", help="Also write the base model's image.")
+    parser.add_argument("--output_dir", type=Path, default=None, help="Default: CHECKPOINT/../samples/step<N>.")
+    parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="Default: fp16 on CUDA, else fp32.")
+    for flag in (
+        "--pretrained_model_name_or_path",
+        "--pretrained_vae_model_name_or_path",
+        "--pretrained_prior_model_name_or_path",
+        "--pretrained_decoder_model_name_or_path",
+        "--revision",
+        "--variant",
+    ):
+        parser.add_argument(flag, default=None, help="Default: the training run's.")
+    return parser.parse_args(argv)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file is not None:
+        if not args.prompts_file.is_file():
+            raise UserError(f"--prompts_file {args.prompts_file} does not exist")
+        prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("no prompt: pass --prompt (repeatable) or --prompts_file")
+    return prompts
+
+
+def build_pipeline(args: argparse.Namespace, family: str, run: dict, dtype: torch.dtype):
+    def setting(name: str):
+        return getattr(args, name) if getattr(args, name) is not None else run.get(name)
+
+    if family == "sdxl":
+        vae = setting("pretrained_vae_model_name_or_path")
+        vae = None if vae is None or vae.lower() == "none" else vae
+        return inference.sdxl_pipeline(
+            setting("pretrained_model_name_or_path"), vae, setting("revision"), setting("variant"), dtype
+        )
+    return inference.wuerstchen_pipeline(
+        setting("pretrained_prior_model_name_or_path"),
+        setting("pretrained_decoder_model_name_or_path"),
+        setting("revision"),
+        setting("variant"),
+        dtype,
+    )
+
+
+def pipeline_kwargs(args: argparse.Namespace, family: str, run: dict) -> dict:
+    size = {"height": args.height or run.get("resolution"), "width": args.width or run.get("resolution")}
+    if family == "sdxl":
+        return {
+            "num_inference_steps": args.num_inference_steps or 30,
+            "guidance_scale": 5.0 if args.guidance_scale is None else args.guidance_scale,
+            "negative_prompt": args.negative_prompt,
+            **size,
+        }
+    from diffusers.pipelines.deprecated.wuerstchen import DEFAULT_STAGE_C_TIMESTEPS
+
+    return {
+        "prior_timesteps": DEFAULT_STAGE_C_TIMESTEPS,
+        "prior_guidance_scale": 4.0 if args.guidance_scale is None else args.guidance_scale,
+        "num_inference_steps": args.num_inference_steps or 12,
+        "negative_prompt": args.negative_prompt,
+        **size,
+    }
+
+
+def generate(pipe, prompts: list[str], count: int, seed: int, kwargs: dict, desc: str) -> list[list[Image.Image]]:
+    pipe.set_progress_bar_config(disable=True)
+    rows = []
+    with tqdm(total=len(prompts) * count, desc=desc, unit="image") as progress, torch.no_grad():
+        for prompt in prompts:
+            row = []
+            for i in range(count):
+                generator = torch.Generator("cpu").manual_seed(seed + i)
+                row.append(pipe(prompt, generator=generator, **kwargs).images[0])
+                progress.update(1)
+            rows.append(row)
+    return rows
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "prompt"
+
+
+def save_grid(rows: list[list[Image.Image]], path: Path) -> None:
+    width, height = rows[0][0].size
+    grid = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)), "white")
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            grid.paste(image, (x * width, y * height))
+    grid.save(path)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    family = inference.checkpoint_family(args.checkpoint)
+    if not (args.checkpoint / ARGS_FILE).is_file():
+        raise UserError(f"--checkpoint {args.checkpoint} has no {ARGS_FILE}: was it written by difftune?")
+    run = read_json(args.checkpoint / ARGS_FILE)
+    prompts = read_prompts(args)
+    if args.num_images_per_prompt <= 0:
+        raise UserError("--num_images_per_prompt must be positive")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise UserError("--dtype fp16 needs a GPU; on the CPU use fp32 or bf16")
+
+    pipe = build_pipeline(args, family, run, dtype).to(device)
+    kwargs = pipeline_kwargs(args, family, run)
+    base_rows = None
+    if args.compare_base:
+        base_rows = generate(pipe, prompts, args.num_images_per_prompt, args.seed, kwargs, "base")
+    inference.load_adapters(pipe, family, args.checkpoint, args.adapter_scale, args.fuse)
+    pipe.to(device)
+    rows = generate(pipe, prompts, args.num_images_per_prompt, args.seed, kwargs, "adapted")
+
+    out = args.output_dir or args.checkpoint.parent / "samples" / args.checkpoint.name
+    out.mkdir(parents=True, exist_ok=True)
+    grid_rows = []
+    for p, (prompt, row) in enumerate(zip(prompts, rows, strict=True)):
+        grid_row = []
+        for i, image in enumerate(row):
+            stem = f"{p:02d}_{slug(prompt)}_{i:02d}"
+            image.save(out / f"{stem}.png")
+            if base_rows is not None:
+                base_rows[p][i].save(out / f"{stem}_base.png")
+                grid_row.append(base_rows[p][i])
+            grid_row.append(image)
+        grid_rows.append(grid_row)
+    save_grid(grid_rows, out / "grid.png")
+    count = len(prompts) * args.num_images_per_prompt
+    extra = " (each beside its base-model image in the grid)" if base_rows is not None else ""
+    print(f"wrote {count} image(s) and grid.png to {out}{extra}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,182 @@
+"""Export SDXL LoKr checkpoints to the single-file kohya / LyCORIS format (ComfyUI, AUTOMATIC1111).
+
+Those programs name UNet modules as in the original SGM/LDM code (input_blocks, middle_block,
+output_blocks) and compute delta = strength * s * kron(w1, w2), where s = alpha / dim only when an
+alpha is stored and a factor is split, else 1. peft always applies alpha / r. Folding alpha / r into
+w1 and storing alpha = r makes every consumer apply exactly peft's scale.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from difftune.errors import UserError
+
+LOKR_SUFFIXES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+RESNET_PARTS = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+TOP_LEVEL = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+PREFIXES = {"unet": "lora_unet_", "text_encoder_one": "lora_te1_", "text_encoder_two": "lora_te2_"}
+
+
+def _resnet_inner(rest: str) -> str:
+    head, _, tail = rest.partition(".")
+    return ".".join(filter(None, [RESNET_PARTS.get(head, head), tail]))
+
+
+def sgm_unet_name(name: str, layers_per_block: int, up_blocks_with_attention: set[int]) -> str:
+    """The SGM/LDM module path of a diffusers SDXL UNet module path."""
+    for diffusers_name, sgm in TOP_LEVEL.items():
+        if name == diffusers_name or name.startswith(diffusers_name + "."):
+            return sgm + name[len(diffusers_name) :]
+    per_block = layers_per_block + 1
+    if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", name):
+        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+        index = per_block * block + layer + 1
+        return f"input_blocks.{index}.{0 if kind == 'resnets' else 1}.{_resnet_inner(rest) if kind == 'resnets' else rest}"
+    if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv(.*)", name):
+        return f"input_blocks.{per_block * (int(m[1]) + 1)}.0.op{m[2]}"
+    if m := re.match(r"mid_block\.resnets\.(\d+)\.(.+)", name):
+        return f"middle_block.{2 * int(m[1])}.{_resnet_inner(m[2])}"
+    if m := re.match(r"mid_block\.attentions\.0\.(.+)", name):
+        return f"middle_block.1.{m[1]}"
+    if m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", name):
+        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+        index = per_block * block + layer
+        return f"output_blocks.{index}.{0 if kind == 'resnets' else 1}.{_resnet_inner(rest) if kind == 'resnets' else rest}"
+    if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)", name):
+        block = int(m[1])
+        position = 2 if block in up_blocks_with_attention else 1
+        return f"output_blocks.{per_block * block + layers_per_block}.{position}.{m[2]}"
+    raise UserError(f"cannot name UNet module {name} in the SGM layout; exclude it from --target_modules")
+
+
+def kohya_name(model: str, module: str, unet_config: dict) -> str:
+    """lora_unet_<sgm path> / lora_te1_<path> / lora_te2_<path>, dots as underscores."""
+    if model == "unet":
+        with_attention = {i for i, t in enumerate(unet_config["up_block_types"]) if "CrossAttn" in t}
+        module = sgm_unet_name(module, unet_config["layers_per_block"], with_attention)
+    return PREFIXES[model] + module.replace(".", "_")
+
+
+def split_peft_key(key: str) -> tuple[str, str]:
+    """("down_blocks.1....to_q", "lokr_w1") from a peft adapter_model key."""
+    key = key.removeprefix("base_model.model.")
+    module, _, suffix = key.rpartition(".")
+    if suffix not in LOKR_SUFFIXES:
+        raise UserError(f"unexpected weight {key} in a LoKr checkpoint")
+    return module, suffix
+
+
+def check_exportable(config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse LoKr settings that ComfyUI / LyCORIS's loader cannot read."""
+    if config.get("use_effective_conv2d"):
+        raise UserError(
+            "this checkpoint uses Tucker conv factors (use_effective_conv2d), which ComfyUI and A1111 cannot load: "
+            "retrain without it to export"
+        )
+    factor = config.get("decompose_factor", -1)
+    if factor > 0:
+        for module, shape in shapes.items():
+            for dim in shape[:2]:
+                if dim % factor == 0 and factor > math.isqrt(dim):
+                    raise UserError(
+                        f"decompose_factor {factor} is above sqrt({dim}) for {module}; ComfyUI and LyCORIS "
+                        "cannot load such factors: retrain with --decompose_factor -1 (or <= sqrt(dim))"
+                    )
+
+
+def lokr_to_kohya(
+    adapters: dict[str, tuple[dict, dict[str, torch.Tensor]]],
+    unet_config: dict,
+    weight_shapes: dict[str, dict[str, tuple[int, ...]]],
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """kohya state dict from {model: (adapter_config, peft state dict)} for unet / text_encoder_one / _two."""
+    out: dict[str, torch.Tensor] = {}
+    for model, (config, state) in adapters.items():
+        check_exportable(config, weight_shapes.get(model, {}))
+        rank, alpha = config["r"], config["alpha"]
+        scale = alpha / rank
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in state.items():
+            module, suffix = split_peft_key(key)
+            grouped.setdefault(module, {})[suffix] = value.float()
+        for module, weights in sorted(grouped.items()):
+            name = kohya_name(model, module, unet_config)
+            left = "lokr_w1" if "lokr_w1" in weights else "lokr_w1_a"
+            for suffix, value in weights.items():
+                value = value * scale if suffix == left else value
+                out[f"{name}.{suffix}"] = value.to(dtype).contiguous()
+            out[f"{name}.alpha"] = torch.tensor(float(rank), dtype=dtype)
+    return out
+
+
+def kohya_metadata(config: dict, base_model: str | None) -> dict[str, str]:
+    args = {"algo": "lokr", "factor": config.get("decompose_factor", -1)}
+    if config.get("decompose_both"):
+        args["decompose_both"] = True
+    return {
+        "ss_network_module": "lycoris.kohya",
+        "ss_network_args": json.dumps(args),
+        "ss_network_dim": str(config["r"]),
+        # alpha / r is folded into w1; the stored alpha equals the rank (see the module docstring).
+        "ss_network_alpha": str(config["r"]),
+        "difftune_peft_alpha": str(config["alpha"]),
+        "ss_base_model_version": "sdxl_base_v1-0",
+        "ss_sd_model_name": str(base_model or ""),
+    }
+
+
+def module_shapes(base: str, revision: str | None, models: list[str]) -> tuple[dict, dict[str, dict]]:
+    """The UNet config and every Linear/Conv weight shape of the base models, built on the meta device."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    unet_config = dict(UNet2DConditionModel.load_config(base, subfolder="unet", revision=revision))
+    builders = {
+        "unet": lambda: UNet2DConditionModel.from_config(unet_config),
+        "text_encoder_one": lambda: CLIPTextModel(
+            CLIPTextConfig.from_pretrained(base, subfolder="text_encoder", revision=revision)
+        ),
+        "text_encoder_two": lambda: CLIPTextModelWithProjection(
+            CLIPTextConfig.from_pretrained(base, subfolder="text_encoder_2", revision=revision)
+        ),
+    }
+    shapes = {}
+    for model in models:
+        with init_empty_weights():
+            module = builders[model]()
+        shapes[model] = {
+            name: tuple(m.weight.shape)
+            for name, m in module.named_modules()
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+        }
+    return unet_config, shapes
+
+
+def read_peft_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    config = json.loads((directory / "adapter_config.json").read_text())
+    return config, load_file(str(directory / "adapter_model.safetensors"))
