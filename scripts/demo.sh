@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The demo: train both adapters on the tiny models and toy data, then generate images.
+# The demo: train both adapters on the tiny models and toy data, generate images, export the LoKr.
 # Usage: scripts/demo.sh ASSETS_DIR OUT_DIR   (make demo fills these in)
 set -euo pipefail
 ASSETS=${1:?assets dir}
@@ -33,7 +33,20 @@ echo "== Wuerstchen prior LoRA on the tiny Wuerstchen =="
   --validation_prompt "a green square on a white background" --num_validation_images 2 \
   --seed 0
 
+echo "== Generate with both checkpoints (and the base models, for comparison) =="
+"$PY" scripts/infer.py --checkpoint "$OUT/sdxl_lokr/step40" --compare_base \
+  --prompt "a red circle on a blue background" --prompt "a yellow triangle on a black background" \
+  --num_images_per_prompt 2 --num_inference_steps 20 --output_dir "$OUT/samples/sdxl_lokr"
+"$PY" scripts/infer.py --checkpoint "$OUT/wuerstchen_lora/step40" --compare_base \
+  --prompt "a green square on a white background" --num_images_per_prompt 2 --num_inference_steps 4 \
+  --output_dir "$OUT/samples/wuerstchen_lora"
+
+echo "== Export the SDXL LoKr for ComfyUI / AUTOMATIC1111 =="
+"$PY" scripts/export.py --checkpoint "$OUT/sdxl_lokr/step40" --format kohya --out "$OUT/export/sdxl_lokr.safetensors"
+
 echo
 echo "checkpoints:       $(ls -d "$OUT"/*/step* | tr '\n' ' ')"
 echo "validation images: $OUT/sdxl_lokr/validation $OUT/wuerstchen_lora/validation"
 echo "model cards:       $OUT/sdxl_lokr/README.md $OUT/wuerstchen_lora/README.md"
+echo "samples (grids):   $OUT/samples/sdxl_lokr/grid.png $OUT/samples/wuerstchen_lora/grid.png"
+echo "ComfyUI / A1111:   $OUT/export/sdxl_lokr.safetensors"

@@ -67,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError("SDXL LoKr exports as --format kohya (diffusers' LoRA format cannot hold LoKr)")
     else:
         raise UserError(
-            "Wuerstchen LoRA exports as --format diffusers: there is no kohya naming convention for the Wuerstchen prior"
+            "Wuerstchen LoRA exports as --format diffusers: "
+            "there is no kohya naming convention for the Wuerstchen prior"
         )
     from safetensors.torch import save_file
 

@@ -38,9 +38,12 @@ TOP_LEVEL = {
 PREFIXES = {"unet": "lora_unet_", "text_encoder_one": "lora_te1_", "text_encoder_two": "lora_te2_"}
 
 
-def _resnet_inner(rest: str) -> str:
+def _inner(kind: str, rest: str) -> str:
+    """ "0.<sgm resnet part>" for a resnet, "1.<path>" for a transformer (SGM keeps attention names)."""
+    if kind == "attentions":
+        return f"1.{rest}"
     head, _, tail = rest.partition(".")
-    return ".".join(filter(None, [RESNET_PARTS.get(head, head), tail]))
+    return "0." + ".".join(filter(None, [RESNET_PARTS.get(head, head), tail]))
 
 
 def sgm_unet_name(name: str, layers_per_block: int, up_blocks_with_attention: set[int]) -> str:
@@ -52,17 +55,17 @@ def sgm_unet_name(name: str, layers_per_block: int, up_blocks_with_attention: se
     if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", name):
         block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
         index = per_block * block + layer + 1
-        return f"input_blocks.{index}.{0 if kind == 'resnets' else 1}.{_resnet_inner(rest) if kind == 'resnets' else rest}"
+        return f"input_blocks.{index}.{_inner(kind, rest)}"
     if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv(.*)", name):
         return f"input_blocks.{per_block * (int(m[1]) + 1)}.0.op{m[2]}"
     if m := re.match(r"mid_block\.resnets\.(\d+)\.(.+)", name):
-        return f"middle_block.{2 * int(m[1])}.{_resnet_inner(m[2])}"
+        return f"middle_block.{2 * int(m[1])}.{_inner('resnets', m[2]).removeprefix('0.')}"
     if m := re.match(r"mid_block\.attentions\.0\.(.+)", name):
         return f"middle_block.1.{m[1]}"
     if m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", name):
         block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
         index = per_block * block + layer
-        return f"output_blocks.{index}.{0 if kind == 'resnets' else 1}.{_resnet_inner(rest) if kind == 'resnets' else rest}"
+        return f"output_blocks.{index}.{_inner(kind, rest)}"
     if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)", name):
         block = int(m[1])
         position = 2 if block in up_blocks_with_attention else 1

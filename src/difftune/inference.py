@@ -11,7 +11,7 @@ from difftune.errors import UserError
 
 
 def checkpoint_family(path: Path) -> str:
-    """"sdxl" or "wuerstchen", from what the step<N> dir holds."""
+    """ "sdxl" or "wuerstchen", from what the step<N> dir holds."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"--checkpoint {path} does not exist: pass a training run's OUTPUT_DIR/step<N>")
