@@ -93,7 +93,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    accelerator = training.make_accelerator(args)
+    accelerator = training.setup_run(args)
     device, dtype = accelerator.device, training.weight_dtype(accelerator)
 
     # Models: the prior, its text encoder and the frozen EfficientNet image encoder.

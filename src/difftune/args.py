@@ -81,6 +81,15 @@ def add_training_args(parser: argparse.ArgumentParser, *, output_dir: str) -> No
     group.add_argument(
         "--resume_from_checkpoint", default=None, help='A checkpoint dir (output_dir/step<N>) or "latest".'
     )
+    group.add_argument(
+        "--overwrite_output_dir", action="store_true", help="Start afresh over an earlier run's checkpoints."
+    )
+    group.add_argument(
+        "--max_nonfinite_steps",
+        type=int,
+        default=0,
+        help="Skip up to N steps whose loss is NaN/inf before stopping with an error.",
+    )
     group.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"])
     group.add_argument("--logging_dir", default="logs", help="Tracker logs, relative to --output_dir.")
 

@@ -69,6 +69,37 @@ def resolve_resume(output_dir: Path, resume_from: str | None) -> Path | None:
     return path
 
 
+def check_output_dir(output_dir: Path, resume_from: str | None, overwrite: bool) -> None:
+    """Refuse to start a fresh run over another run's checkpoints (unless resuming or overwriting)."""
+    found = list_checkpoints(output_dir)
+    if found and resume_from is None and not overwrite:
+        raise UserError(
+            f"--output_dir {output_dir} holds another run's checkpoints ({found[-1][1].name} ...): "
+            "pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, "
+            "or another --output_dir"
+        )
+
+
+def clean_output_dir(output_dir: Path, remove_checkpoints: bool = False) -> None:
+    """Tidy up after a killed save: drop partial checkpoints, put back a complete one that was being
+    replaced; when overwriting, also remove the old run's checkpoints."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return
+    for path in sorted(output_dir.iterdir()):
+        if not path.is_dir():
+            continue
+        stale = re.match(r"^\.stale-step(\d+)-\d+$", path.name)
+        if stale and is_complete(path) and not checkpoint_dir(output_dir, int(stale.group(1))).exists():
+            path.rename(checkpoint_dir(output_dir, int(stale.group(1))))
+            continue
+        if path.name.startswith((".partial-step", ".stale-step")) or (
+            remove_checkpoints and CHECKPOINT_NAME.match(path.name)
+        ):
+            logger.info("removing %s", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -13,6 +13,8 @@ import hashlib
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -24,14 +26,14 @@ from torch import nn
 
 from difftune import adapters as adapter_io
 from difftune import checkpoints
-from difftune.data import EpochBatchSampler, collate, epochs_for, num_update_steps_per_epoch
+from difftune.data import EpochBatchSampler, collate, num_update_steps_per_epoch
 from difftune.errors import UserError
 
 logger = logging.getLogger("difftune")
 
 
-def make_accelerator(args: argparse.Namespace):
-    """An Accelerator for the run's precision, trackers and output dir; fills in a random seed if none."""
+def setup_run(args: argparse.Namespace):
+    """Check the run's settings and output dir, then make its Accelerator; fills in a random seed if none."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, broadcast_object_list
 
@@ -46,6 +48,7 @@ def make_accelerator(args: argparse.Namespace):
         except ImportError:
             raise UserError("--report_to wandb needs wandb: pip install wandb (or use tensorboard)") from None
     output_dir = Path(args.output_dir)
+    checkpoints.check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     accelerator = Accelerator(
         mixed_precision=precision,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -64,6 +67,9 @@ def make_accelerator(args: argparse.Namespace):
 
         diffusers.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
+    if accelerator.is_main_process:
+        checkpoints.clean_output_dir(output_dir, remove_checkpoints=args.overwrite_output_dir)
+    accelerator.wait_for_everyone()
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -143,6 +149,43 @@ def _tracker_config(args: argparse.Namespace) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in run_config(args).items()}
 
 
+class StopRequest:
+    """Ctrl-C / SIGTERM: finish the current step, save a checkpoint, exit (a second Ctrl-C aborts at once)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.previous = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum: int, frame) -> None:
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning("%s: finishing this step, then saving a checkpoint", signal.Signals(signum).name)
+
+    def agreed(self, accelerator) -> int:
+        """The signal any process got (processes must stop at the same step)."""
+        if accelerator.num_processes == 1:
+            return self.signum
+        flag = torch.tensor([self.signum], device=accelerator.device)
+        return int(accelerator.gather(flag).max().item())
+
+
+def all_finite(accelerator, losses: list[torch.Tensor]) -> bool:
+    finite = torch.tensor([float(all(torch.isfinite(loss).item() for loss in losses))], device=accelerator.device)
+    return bool(accelerator.gather(finite).min().item() > 0)
+
+
 def train(
     accelerator,
     args: argparse.Namespace,
@@ -184,13 +227,16 @@ def train(
     models = dict(zip(names, prepared, strict=True))
     params = [p for group in param_groups for p in group["params"]]
 
-    global_step = 0
+    global_step, nonfinite_steps = 0, 0
     resume_dir = checkpoints.resolve_resume(output_dir, args.resume_from_checkpoint)
     if resume_dir is not None:
         adapter_io.load_adapters(adapters, resume_dir)
         optimizer.load_state_dict(checkpoints.load_torch_state(resume_dir / checkpoints.OPTIMIZER_FILE))
         lr_scheduler.load_state_dict(checkpoints.load_torch_state(resume_dir / checkpoints.SCHEDULER_FILE))
-        global_step = checkpoints.read_json(resume_dir / checkpoints.STATE_FILE)["global_step"]
+        state = checkpoints.read_json(resume_dir / checkpoints.STATE_FILE)
+        global_step, nonfinite_steps = state["global_step"], state.get("nonfinite_steps", 0)
+        if state.get("steps_per_epoch") not in (None, steps_per_epoch):
+            logger.warning("the data or batch settings changed since %s: the data order will differ", resume_dir)
         logger.info("resumed from %s at step %d", resume_dir, global_step)
 
     def write_checkpoint(step: int) -> Path:
@@ -212,6 +258,7 @@ def train(
                 "steps_per_epoch": steps_per_epoch,
                 "seed": args.seed,
                 "num_processes": accelerator.num_processes,
+                "nonfinite_steps": nonfinite_steps,
             }
             path = checkpoints.save_checkpoint(output_dir, step, write_contents, state, args.checkpoints_total_limit)
             logger.info("saved checkpoint %s", path)
@@ -245,60 +292,84 @@ def train(
     progress = tqdm(
         total=max_steps, initial=global_step, unit="step", desc="train", disable=not accelerator.is_main_process
     )
-    times, last_loss, last_saved = StepTimes(), math.nan, None
+    times, last_loss, last_saved, stopped_by = StepTimes(), math.nan, None, 0
     epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
-    while global_step < max_steps and epoch < epochs_for(max_steps, steps_per_epoch):
-        sampler.set_epoch(epoch, start=step_in_epoch * accum)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        batches = iter(loader)
-        for _ in range(step_in_epoch, steps_per_epoch):
-            step_start = time.perf_counter()
-            losses = []
-            for micro in range(accum):
+    with StopRequest() as stop:
+        while global_step < max_steps and not stopped_by:
+            sampler.set_epoch(epoch, start=step_in_epoch * accum)
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)
+            batches = iter(loader)
+            for _ in range(step_in_epoch, steps_per_epoch):
+                step_start = time.perf_counter()
+                losses = []
+                for micro in range(accum):
+                    tick = time.perf_counter()
+                    batch = to_device(next(batches), accelerator.device)
+                    times.data += time.perf_counter() - tick
+                    torch.manual_seed(micro_batch_seed(args.seed, global_step, micro, accelerator.process_index))
+                    with ExitStack() as stack:
+                        if micro < accum - 1:
+                            for model in prepared:
+                                stack.enter_context(accelerator.no_sync(model))
+                        tick = time.perf_counter()
+                        loss = compute_loss(batch, models)
+                        times.forward += time.perf_counter() - tick
+                        tick = time.perf_counter()
+                        accelerator.backward(loss / accum)
+                        times.backward += time.perf_counter() - tick
+                    losses.append(loss.detach().float())
                 tick = time.perf_counter()
-                batch = to_device(next(batches), accelerator.device)
-                times.data += time.perf_counter() - tick
-                torch.manual_seed(micro_batch_seed(args.seed, global_step, micro, accelerator.process_index))
-                with ExitStack() as stack:
-                    if micro < accum - 1:
-                        for model in prepared:
-                            stack.enter_context(accelerator.no_sync(model))
-                    tick = time.perf_counter()
-                    loss = compute_loss(batch, models)
-                    times.forward += time.perf_counter() - tick
-                    tick = time.perf_counter()
-                    accelerator.backward(loss / accum)
-                    times.backward += time.perf_counter() - tick
-                losses.append(loss.detach().float())
-            tick = time.perf_counter()
-            if args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            times.optimizer += time.perf_counter() - tick
-            global_step += 1
-            times.steps += 1
-            times.per_step.append(time.perf_counter() - step_start)
+                if all_finite(accelerator, losses):
+                    if args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                else:
+                    nonfinite_steps += 1
+                    if nonfinite_steps > args.max_nonfinite_steps:
+                        found = checkpoints.list_checkpoints(output_dir)
+                        last_good = found[-1][1] if found else "none yet"
+                        raise UserError(
+                            f"the loss is {torch.stack(losses).sum().item()} at step {global_step + 1} "
+                            f"(more than --max_nonfinite_steps {args.max_nonfinite_steps} such steps); "
+                            f"last good checkpoint: {last_good}. Lower --learning_rate, or use bf16 instead of fp16"
+                        )
+                    logger.warning("non-finite loss at step %d: skipping its update", global_step + 1)
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                times.optimizer += time.perf_counter() - tick
+                global_step += 1
+                times.steps += 1
+                times.per_step.append(time.perf_counter() - step_start)
 
-            last_loss = accelerator.gather(torch.stack(losses).mean()).mean().item()
-            lr = lr_scheduler.get_last_lr()[0]
-            progress.update(1)
-            progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
-            accelerator.log({"train/loss": last_loss, "train/lr": lr}, step=global_step)
+                last_loss = accelerator.gather(torch.stack(losses).mean()).mean().item()
+                lr = lr_scheduler.get_last_lr()[0]
+                progress.update(1)
+                progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
+                accelerator.log({"train/loss": last_loss, "train/lr": lr}, step=global_step)
 
-            if global_step % args.checkpointing_steps == 0 or global_step == max_steps:
-                write_checkpoint(global_step)
-                last_saved = global_step
-            if global_step % args.validation_steps == 0 or global_step == max_steps:
-                run_validation(global_step)
-            if global_step >= max_steps:
-                break
-        epoch, step_in_epoch = epoch + 1, 0
-    progress.close()
-    final = checkpoints.checkpoint_dir(output_dir, global_step)
-    if last_saved != global_step and not checkpoints.is_complete(final):
-        final = write_checkpoint(global_step)
-    accelerator.end_training()
+                stopped_by = stop.agreed(accelerator)
+                if global_step % args.checkpointing_steps == 0 or global_step == max_steps or stopped_by:
+                    write_checkpoint(global_step)
+                    last_saved = global_step
+                if stopped_by:
+                    break
+                if global_step % args.validation_steps == 0 or global_step == max_steps:
+                    run_validation(global_step)
+                if global_step >= max_steps:
+                    break
+            epoch, step_in_epoch = epoch + 1, 0
+        progress.close()
+        final = checkpoints.checkpoint_dir(output_dir, global_step)
+        if last_saved != global_step and not checkpoints.is_complete(final):
+            final = write_checkpoint(global_step)
+        accelerator.end_training()
+    if stopped_by:
+        logger.warning(
+            "stopped by %s at step %d; checkpoint %s. Resume with --resume_from_checkpoint latest",
+            signal.Signals(stopped_by).name,
+            global_step,
+            final,
+        )
+        raise SystemExit(128 + stopped_by)
     return TrainResult(global_step, final, last_loss, times)
