@@ -140,7 +140,7 @@ def adapter_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapters(adapters: dict[str, nn.Module], directory: Path) -> None:
     """peft format (adapter_config.json + adapter_model.safetensors), one subfolder per model."""
     for name, peft_model in adapters.items():
-        peft_model.save_pretrained(directory / name)
+        peft_model.save_pretrained(directory / name, save_embedding_layers=False)
 
 
 def load_adapters(adapters: dict[str, nn.Module], directory: Path) -> None:

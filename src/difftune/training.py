@@ -35,7 +35,7 @@ logger = logging.getLogger("difftune")
 def setup_run(args: argparse.Namespace):
     """Check the run's settings and output dir, then make its Accelerator; fills in a random seed if none."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, broadcast_object_list
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, broadcast_object_list, set_seed
 
     precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if precision == "fp16" and not torch.cuda.is_available():
@@ -49,8 +49,12 @@ def setup_run(args: argparse.Namespace):
             raise UserError("--report_to wandb needs wandb: pip install wandb (or use tensorboard)") from None
     output_dir = Path(args.output_dir)
     checkpoints.check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    # SDXL conditions on the penultimate hidden states, so a text encoder's last layer gets no
+    # gradient: DDP must be told that some adapter weights may go unused.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(getattr(args, "train_text_encoder", False)))
     accelerator = Accelerator(
         mixed_precision=precision,
+        kwargs_handlers=[ddp],
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
@@ -77,6 +81,8 @@ def setup_run(args: argparse.Namespace):
         seed = [int.from_bytes(os.urandom(4), "little")]
         broadcast_object_list(seed)
         args.seed = seed[0]
+    # Seeds what runs before the loop, the adapters' random init above all: a run is reproducible.
+    set_seed(args.seed)
     return accelerator
 
 

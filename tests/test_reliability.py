@@ -1,0 +1,226 @@
+"""Reliability: exact resume, kill-safe checkpoints, signals, non-finite loss, output dir reuse, DDP."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import SCRIPTS, launch
+from helpers import sdxl_args, wuerstchen_args
+from safetensors.torch import load_file
+
+from difftune import checkpoints, training
+
+# Everything random at once: random crops, flips, accumulation, warm-up + cosine, LoKr rank and module dropout.
+SDXL_EXTRA = (
+    "--random_flip", "--gradient_accumulation_steps", "2", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2",
+    "--rank_dropout", "0.2", "--module_dropout", "0.2", "--noise_offset", "0.05", "--snr_gamma", "5.0",
+)  # fmt: skip
+
+
+def adapter_weights(step_dir) -> dict[str, torch.Tensor]:
+    weights = {}
+    for path in sorted(step_dir.glob("*/adapter_model.safetensors")):
+        weights.update({f"{path.parent.name}/{k}": v for k, v in load_file(path).items()})
+    assert weights, f"no adapter weights in {step_dir}"
+    return weights
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def resumed_copy(source_step, output_dir) -> None:
+    output_dir.mkdir(parents=True)
+    shutil.copytree(source_step, output_dir / source_step.name)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "wuerstchen"])
+def test_resume_equals_uninterrupted_run(assets, tmp_path, run_main, family):
+    if family == "sdxl":
+        script, make = "train_sdxl_lokr", sdxl_args
+        extra = (*SDXL_EXTRA, "--train_text_encoder")
+    else:
+        script, make = "train_wuerstchen_lora", wuerstchen_args
+        extra = ("--random_flip", "--gradient_accumulation_steps", "2", "--lora_dropout", "0.2", "--train_text_encoder")
+    full = tmp_path / "full"
+    assert run_main(script, make(assets, full, *extra, "--checkpointing_steps", "3", steps=8)) == 0
+    # Resume from step 3 (mid-epoch) by path, and from step 6 as "latest" in a dir holding only it.
+    by_path = tmp_path / "by_path"
+    argv = make(assets, by_path, *extra, "--resume_from_checkpoint", full / "step3", steps=8)
+    assert run_main(script, argv) == 0
+    latest = tmp_path / "latest"
+    resumed_copy(full / "step6", latest)
+    assert run_main(script, make(assets, latest, *extra, "--resume_from_checkpoint", "latest", steps=8)) == 0
+    reference = adapter_weights(full / "step8")
+    assert max_difference(adapter_weights(by_path / "step8"), reference) <= 1e-6
+    assert max_difference(adapter_weights(latest / "step8"), reference) <= 1e-6
+    assert max_difference(adapter_weights(full / "step3"), reference) > 1e-4  # the weights did move
+
+
+def test_output_dir_with_another_run_is_refused(assets, tmp_path, run_main, capsys):
+    out = tmp_path / "out"
+    assert run_main("train_sdxl_lokr", sdxl_args(assets, out, steps=2)) == 0
+    assert run_main("train_sdxl_lokr", sdxl_args(assets, out, steps=2)) == 2
+    assert "holds another run's checkpoints" in capsys.readouterr().err
+    assert (out / "step2").is_dir()  # untouched
+    assert run_main("train_sdxl_lokr", sdxl_args(assets, out, "--resume_from_checkpoint", "latest", steps=4)) == 0
+    assert checkpoints.list_checkpoints(out)[-1][0] == 4
+    assert run_main("train_sdxl_lokr", sdxl_args(assets, out, "--overwrite_output_dir", steps=2)) == 0
+    assert [step for step, _ in checkpoints.list_checkpoints(out)] == [2]
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(assets, tmp_path, run_main, capsys, monkeypatch):
+    real_train = training.train
+    calls = []
+
+    def nan_at_steps_3_and_5(accelerator, args, **kwargs):
+        compute_loss = kwargs["compute_loss"]
+
+        def poisoned(batch, models):
+            calls.append(1)
+            loss = compute_loss(batch, models)
+            return loss * float("nan") if len(calls) in (3, 5) else loss
+
+        return real_train(accelerator, args, **{**kwargs, "compute_loss": poisoned})
+
+    monkeypatch.setattr(training, "train", nan_at_steps_3_and_5)
+    out = tmp_path / "out"
+    argv = sdxl_args(assets, out, "--max_nonfinite_steps", "1", steps=8)
+    assert run_main("train_sdxl_lokr", argv) == 2
+    error = capsys.readouterr().err
+    assert "the loss is nan at step 5" in error and "last good checkpoint" in error and "step4" in error
+    assert [step for step, _ in checkpoints.list_checkpoints(out)] == [2, 4]
+    weights = adapter_weights(out / "step4")
+    assert all(torch.isfinite(v).all() for v in weights.values())  # the skipped step 3 did not poison them
+
+
+def start(argv, log):
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPTS / "train_sdxl_lokr.py"), *map(str, argv)],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def wait_for_training(process, log_path, timeout=120) -> None:
+    deadline = time.monotonic() + timeout
+    while "training:" not in log_path.read_text():
+        assert process.poll() is None, log_path.read_text()[-2000:]
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+
+
+def assert_checkpoints_sound(out) -> None:
+    """Every step<N> that exists is complete and loads; nothing partial is visible to `latest`."""
+    for path in out.glob("step*"):
+        assert checkpoints.is_complete(path), path
+        adapter_weights(path)
+        checkpoints.load_torch_state(path / checkpoints.OPTIMIZER_FILE)
+        json.loads((path / checkpoints.STATE_FILE).read_text())
+
+
+@pytest.fixture(scope="module")
+def kill_reference(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    argv = sdxl_args(assets, out, *SDXL_EXTRA, "--checkpointing_steps", "1", "--checkpoints_total_limit", "3", steps=16)
+    subprocess.run(
+        [sys.executable, str(SCRIPTS / "train_sdxl_lokr.py"), *map(str, argv)], check=True, capture_output=True
+    )
+    return argv, adapter_weights(out / "step16")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sigkill_at_random_moments_then_resume(kill_reference, tmp_path, seed):
+    reference_argv, reference = kill_reference
+    out = tmp_path / "run"
+    argv = [*reference_argv, "--resume_from_checkpoint", "latest"]
+    argv[argv.index("--output_dir") + 1] = str(out)
+    rng = random.Random(seed)
+    kills, during_save = 0, 0
+    for attempt in range(40):
+        log_path = tmp_path / f"log{attempt}.txt"
+        with log_path.open("w") as log:
+            process = start(argv, log)
+            wait_for_training(process, log_path)
+            if kills >= 4:
+                assert process.wait(timeout=300) == 0, log_path.read_text()[-2000:]
+                break
+            if rng.random() < 0.5:
+                deadline = time.monotonic() + 3  # aim at a save: kill while a partial checkpoint exists
+                while not list(out.glob(".partial-step*")) and process.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                during_save += bool(list(out.glob(".partial-step*")))
+            else:
+                time.sleep(rng.uniform(0.0, 1.0))
+            if process.poll() is not None:
+                break
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            kills += 1
+        assert_checkpoints_sound(out)
+    assert checkpoints.list_checkpoints(out)[-1][0] == 16
+    assert len(checkpoints.list_checkpoints(out)) <= 3  # --checkpoints_total_limit
+    difference = max_difference(adapter_weights(out / "step16"), reference)
+    print(
+        f"seed {seed}: {kills} kills ({during_save} during a save), {kills} resumes, "
+        f"max weight difference {difference:.3g}"
+    )
+    assert kills >= 1 and difference <= 1e-6
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_saves_and_resumes(kill_reference, assets, tmp_path):
+    _, reference = kill_reference
+    out = tmp_path / "run"
+    # The reference's training settings; checkpoints only at the stop and the end.
+    argv = sdxl_args(assets, out, *SDXL_EXTRA, "--checkpointing_steps", "100", steps=16)
+    log_path = tmp_path / "log.txt"
+    with log_path.open("w") as log:
+        process = start(argv, log)
+        wait_for_training(process, log_path)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in log_path.read_text()
+    saved = checkpoints.list_checkpoints(out)
+    assert len(saved) == 1 and 0 < saved[0][0] < 16
+    resume = [*argv, "--resume_from_checkpoint", "latest"]
+    subprocess.run([sys.executable, str(SCRIPTS / "train_sdxl_lokr.py"), *resume], check=True, capture_output=True)
+    assert max_difference(adapter_weights(out / "step16"), reference) <= 1e-6
+
+
+@pytest.mark.slow
+def test_two_process_ddp_trains_and_resumes_exactly(assets, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    args = sdxl_args(assets, full, "--random_flip", "--train_text_encoder", steps=4)
+    proc = launch("train_sdxl_lokr", args, processes=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("saved checkpoint") == 2  # steps 2 and 4, written once each (by the main process)
+    assert json.loads((full / "step4" / checkpoints.STATE_FILE).read_text())["num_processes"] == 2
+    resumed_copy(full / "step2", resumed)
+    args = sdxl_args(
+        assets, resumed, "--random_flip", "--train_text_encoder", "--resume_from_checkpoint", "latest", steps=4
+    )
+    proc = launch("train_sdxl_lokr", args, processes=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert max_difference(adapter_weights(resumed / "step4"), adapter_weights(full / "step4")) <= 1e-6
+    assert not list(resumed.glob(".partial-*"))
+
+
+def test_same_seed_same_weights_whatever_ran_before(assets, tmp_path, run_main):
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert run_main("train_sdxl_lokr", sdxl_args(assets, first, "--rank_dropout", "0.2", steps=2)) == 0
+    torch.manual_seed(12345)  # a different global RNG state, as in a new process
+    torch.randn(7)
+    assert run_main("train_sdxl_lokr", sdxl_args(assets, second, "--rank_dropout", "0.2", steps=2)) == 0
+    assert max_difference(adapter_weights(first / "step2"), adapter_weights(second / "step2")) == 0
