@@ -49,13 +49,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     cli.add_model_args(parser)
     cli.add_data_args(parser, resolution=1024)
+    cli.add_cache_args(
+        parser, "--cache_latents", "Encode the images with the VAE once (both flips with --random_flip)."
+    )
     cli.add_training_args(parser, output_dir="work_dirs/stable_diffusion_xl_lokr_pokemon_blip")
     adapters.add_lokr_args(parser)
     group = parser.add_argument_group("objective")
     group.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting; 5.0 is a good value.")
     group.add_argument("--noise_offset", type=float, default=0.0)
     group.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"])
-    return cli.parse(parser, argv)
+    group.add_argument(
+        "--aspect_ratio_buckets",
+        action="store_true",
+        help="Train each image near its own aspect ratio: buckets of ~resolution^2 pixels, sides multiples of 64.",
+    )
+    args = cli.parse(parser, argv)
+    cli.check_cache_args(args, "cache_latents")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -81,6 +91,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         data.ImageTransform(args.center_crop, args.random_flip),
         data.Tokenize({"one": sd.tokenizer_one, "two": sd.tokenizer_two}),
     )
+    if args.aspect_ratio_buckets:
+        dataset.target_sizes = data.assign_buckets(dataset, data.make_buckets(args.resolution))
+
+    # Caches: encode once; the frozen encoders then leave the accelerator (until validation).
+    sdxl.cache_encodings(accelerator, args, sd, dataset, vae_dtype)
+    idle = [sd.vae] if args.cache_latents else []
+    idle += [sd.text_encoder_one, sd.text_encoder_two] if args.cache_text_embeddings else []
+    training.offload(idle)
 
     # Adapters: LoKr on the UNet, and on both text encoders when asked.
     base = args.pretrained_model_name_or_path
@@ -97,17 +115,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def compute_loss(batch: dict, models: dict) -> torch.Tensor:
         with torch.no_grad():
-            latents = sd.vae.encode(batch["pixel_values"].to(vae_dtype)).latent_dist.sample()
-            latents = latents * sd.vae.config.scaling_factor
+            latents = sdxl.latents(batch, sd.vae, vae_dtype)
         noise = losses.sample_noise(latents, args.noise_offset)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
         noisy_latents = scheduler.add_noise(latents, noise, timesteps)
         with torch.set_grad_enabled(args.train_text_encoder):
-            prompt_embeds, pooled = sdxl.encode_prompt(
+            prompt_embeds, pooled = sdxl.text_conditioning(
+                batch,
                 models.get("text_encoder_one", sd.text_encoder_one),
                 models.get("text_encoder_two", sd.text_encoder_two),
-                batch["one_input_ids"],
-                batch["two_input_ids"],
             )
         pred = models["unet"](
             noisy_latents,
@@ -124,10 +140,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             models["text_encoder"] = peft_models["text_encoder_one"].get_base_model()
             models["text_encoder_2"] = peft_models["text_encoder_two"].get_base_model()
         pipe = sdxl.build_pipeline(sd, base, args.revision, **models)
-        validation.run_validation(
-            accelerator, args, pipe, step, dtype,
-            num_inference_steps=args.validation_inference_steps, height=args.resolution, width=args.resolution,
-        )  # fmt: skip
+        with training.on_device(idle, device):
+            validation.run_validation(
+                accelerator, args, pipe, step, dtype,
+                num_inference_steps=args.validation_inference_steps, height=args.resolution, width=args.resolution,
+            )  # fmt: skip
 
     result = training.train(
         accelerator, args, project_name=PROJECT, adapters=trained, param_groups=param_groups, dataset=dataset,

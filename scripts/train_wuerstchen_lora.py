@@ -86,9 +86,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     cli.add_model_args(parser)
     cli.add_data_args(parser, resolution=768)
+    cli.add_cache_args(parser, "--cache_image_embeddings", "Encode the images with EfficientNet once.")
     cli.add_training_args(parser, output_dir="work_dirs/wuerstchen_prior_lora_pokemon_blip")
     adapters.add_lora_args(parser)
-    return cli.parse(parser, argv)
+    args = cli.parse(parser, argv)
+    cli.check_cache_args(args, "cache_image_embeddings")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -110,6 +113,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         data.Tokenize({"prior": prior.tokenizer}, attention_mask=True),
     )
 
+    # Caches: encode once; the frozen encoders then leave the accelerator (until validation).
+    wuerstchen.cache_encodings(accelerator, args, prior, image_encoder, dataset, dtype)
+    training.offload([image_encoder] if args.cache_image_embeddings else [])
+    idle = [prior.text_encoder] if args.cache_text_embeddings else []
+    training.offload(idle)
+
     # Adapters: LoRA on the prior's attention, and on its text encoder when asked.
     trained = {"prior": adapters.attach(prior.prior, adapters.lora_config(args, args.target_modules), base)}
     if args.train_text_encoder:
@@ -124,14 +133,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def compute_loss(batch: dict, models: dict) -> torch.Tensor:
         with torch.no_grad():
-            x0 = wuerstchen.image_embeddings(image_encoder, batch["pixel_values"].to(dtype))
+            x0 = wuerstchen.batch_image_embeddings(batch, image_encoder, dtype)
         with torch.set_grad_enabled(args.train_text_encoder):
-            text_encoder = models.get("text_encoder", prior.text_encoder)
-            text = text_encoder(batch["prior_input_ids"], attention_mask=batch["prior_attention_mask"])
+            text = wuerstchen.batch_text_embeddings(batch, models.get("text_encoder", prior.text_encoder))
         noise = torch.randn_like(x0)
         timesteps = torch.rand(x0.shape[0], device=device, dtype=x0.dtype)
         noisy = scheduler.add_noise(x0, noise, timesteps)
-        pred = models["prior"](noisy, timesteps, text.last_hidden_state)
+        pred = models["prior"](noisy, timesteps, text)
         return F.mse_loss(pred.float(), noise.float())
 
     def save_diffusers_lora(directory: Path, peft_models: dict) -> None:
@@ -160,11 +168,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.train_text_encoder:
             adapted.text_encoder = peft_models["text_encoder"].get_base_model()
         pipe = wuerstchen.build_combined_pipeline(adapted, decoder_parts)
-        validation.run_validation(
-            accelerator, args, pipe, step, dtype,
-            prior_timesteps=DEFAULT_STAGE_C_TIMESTEPS, num_inference_steps=args.validation_inference_steps,
-            height=args.resolution, width=args.resolution,
-        )  # fmt: skip
+        with training.on_device(idle, device):
+            validation.run_validation(
+                accelerator, args, pipe, step, dtype,
+                prior_timesteps=DEFAULT_STAGE_C_TIMESTEPS, num_inference_steps=args.validation_inference_steps,
+                height=args.resolution, width=args.resolution,
+            )  # fmt: skip
 
     result = training.train(
         accelerator, args, project_name=PROJECT, adapters=trained, param_groups=param_groups, dataset=dataset,

@@ -45,6 +45,27 @@ def add_data_args(parser: argparse.ArgumentParser, *, resolution: int) -> None:
     group.add_argument("--dataloader_num_workers", type=int, default=0)
 
 
+def add_cache_args(parser: argparse.ArgumentParser, image_flag: str, image_help: str) -> None:
+    group = parser.add_argument_group("caching (encode once, reuse across runs)")
+    group.add_argument(image_flag, action="store_true", help=image_help + " Needs --center_crop.")
+    group.add_argument(
+        "--cache_text_embeddings", action="store_true", help="Encode the captions once (not with --train_text_encoder)."
+    )
+    group.add_argument("--cache_dir", default="work_dirs/cache", help="Where caches live; shared by runs.")
+
+
+def check_cache_args(args: argparse.Namespace, image_flag: str) -> None:
+    if getattr(args, image_flag) and not args.center_crop:
+        raise UserError(
+            f"--{image_flag} needs --center_crop: random crops differ every epoch and cannot be cached "
+            f"(add --center_crop, or drop --{image_flag})"
+        )
+    if args.cache_text_embeddings and args.train_text_encoder:
+        raise UserError(
+            "--cache_text_embeddings cannot be used with --train_text_encoder: the embeddings change as it trains"
+        )
+
+
 def add_training_args(parser: argparse.ArgumentParser, *, output_dir: str) -> None:
     group = parser.add_argument_group("optimisation")
     group.add_argument("--train_batch_size", type=int, default=1, help="Batch size per process.")

@@ -101,6 +101,11 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(f"{seed}:{epoch}:{index}")
 
 
+def draw_flip(rng: random.Random, random_flip: bool) -> bool:
+    """The flip decision; with a centre crop it is the sample's first draw (cached and live data agree)."""
+    return random_flip and rng.random() < 0.5
+
+
 @dataclass(frozen=True)
 class ImageTransform:
     """Resize to cover the target size, crop (centre or random), maybe flip, normalise.
@@ -115,8 +120,9 @@ class ImageTransform:
     std: Sequence[float] = (0.5, 0.5, 0.5)
 
     def __call__(
-        self, image: Image.Image, size: tuple[int, int], rng: random.Random
+        self, image: Image.Image, size: tuple[int, int], rng: random.Random | None, flip: bool | None = None
     ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """`flip` forces the flip decision (for caching both orientations); else it is drawn from `rng`."""
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as F
 
@@ -131,7 +137,7 @@ class ImageTransform:
         else:
             top, left = rng.randint(0, resized_h - target_h), rng.randint(0, resized_w - target_w)
         image = F.crop(image, top, left, target_h, target_w)
-        if self.random_flip and rng.random() < 0.5:
+        if draw_flip(rng, self.random_flip) if flip is None else flip:
             image = F.hflip(image)
             left = resized_w - left - target_w
         tensor = F.normalize(F.to_tensor(image), self.mean, self.std)
@@ -161,11 +167,13 @@ class Tokenize:
         return out
 
 
-def pick_caption(value, rng: random.Random) -> str:
+def pick_caption(value, rng: random.Random | None) -> str:
     """A caption column holds a string or a list of strings (then one is chosen at random)."""
     if isinstance(value, str):
         return value
     if isinstance(value, (list, tuple)) and value:
+        if rng is None:
+            raise UserError("--cache_text_embeddings needs one caption per image; this data set has lists of them")
         return rng.choice(value)
     raise UserError(f"caption column holds {type(value).__name__} values; captions must be strings or lists of them")
 
@@ -184,11 +192,14 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         seed: int,
     ) -> None:
         self.rows = hf_dataset.select_columns([image_column, caption_column])
+        self.fingerprint = hf_dataset._fingerprint  # changes with the data and the selection
         self.image_column, self.caption_column = image_column, caption_column
         self.transform, self.tokenize = transform, tokenize
         self.resolution, self.seed = resolution, seed
         self.epoch = 0
         self.target_sizes: list[tuple[int, int]] | None = None  # per sample, when bucketing
+        self.image_cache = None  # a difftune.cache.CacheReader of per-orientation image encodings
+        self.text_cache = None  # a difftune.cache.CacheReader of caption encodings
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -199,21 +210,29 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
     def target_size(self, index: int) -> tuple[int, int]:
         return self.target_sizes[index] if self.target_sizes else (self.resolution, self.resolution)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        rng = sample_rng(self.seed, self.epoch, index)
-        row = self.rows[index]
-        record = row[self.image_column]
+    def load(self, index: int, flip: bool | None = None, rng: random.Random | None = None) -> dict[str, torch.Tensor]:
+        """One transformed image with its size conditioning (`flip` forced, or drawn from `rng`)."""
+        record = self.rows[index][self.image_column]
         try:
             image = open_image(record)
         except Exception as error:  # noqa: BLE001
             raise UserError(f"cannot read image {image_name(record)}: {error}") from None
         target = self.target_size(index)
-        pixels, original, crop = self.transform(image, target, rng)
-        return {
-            "pixel_values": pixels,
-            "time_ids": torch.tensor([*original, *crop, *target], dtype=torch.float32),
-            **self.tokenize(pick_caption(row[self.caption_column], rng)),
-        }
+        pixels, original, crop = self.transform(image, target, rng, flip)
+        return {"pixel_values": pixels, "time_ids": torch.tensor([*original, *crop, *target], dtype=torch.float32)}
+
+    def caption(self, index: int, rng: random.Random | None = None) -> str:
+        return pick_caption(self.rows[index][self.caption_column], rng)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = sample_rng(self.seed, self.epoch, index)
+        if self.image_cache is not None:
+            out = self.image_cache.sample(index, flip=draw_flip(rng, self.transform.random_flip))
+        else:
+            out = self.load(index, rng=rng)
+        if self.text_cache is not None:
+            return {**out, **self.text_cache.sample(index)}
+        return {**out, **self.tokenize(self.caption(index, rng))}
 
 
 def dataset_from_args(
@@ -238,24 +257,55 @@ def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {key: torch.stack([e[key] for e in examples]) for key in examples[0]}
 
 
+def make_buckets(resolution: int, multiple: int = 64, max_ratio: float = 4.0) -> list[tuple[int, int]]:
+    """(height, width) buckets of at most resolution^2 pixels (as close as sides in steps of `multiple` allow)."""
+    area = resolution * resolution
+    buckets = set()
+    for side in range(multiple, int(resolution * max_ratio) + 1, multiple):
+        other = (area // side) // multiple * multiple
+        if other >= multiple and max(side, other) / min(side, other) <= max_ratio:
+            buckets.update({(side, other), (other, side)})
+    return sorted(buckets)
+
+
+def assign_buckets(dataset: CaptionedImageDataset, buckets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Each image's bucket: the closest aspect ratio (log scale), then the larger area."""
+    sizes = []
+    for index in range(len(dataset)):
+        record = dataset.rows[index][dataset.image_column]
+        with Image.open(io.BytesIO(record["bytes"]) if record.get("bytes") else record["path"]) as image:
+            ratio = math.log(image.height / image.width)
+        sizes.append(min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1])))
+    return sizes
+
+
 class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Shuffled batches, reshuffled each epoch from (seed, epoch), split across processes.
 
     Each global batch of batch_size * num_processes samples is cut into one batch per
     process; incomplete global batches are dropped so that every process runs the same
-    number of steps. `start` skips batches (for resuming mid-epoch).
+    number of steps. With `groups` (e.g. aspect-ratio buckets) every global batch comes from
+    one group. `start` skips batches (for resuming mid-epoch).
     """
 
     def __init__(
-        self, num_samples: int, batch_size: int, seed: int, num_processes: int = 1, process_index: int = 0
+        self,
+        num_samples: int,
+        batch_size: int,
+        seed: int,
+        num_processes: int = 1,
+        process_index: int = 0,
+        groups: list | None = None,
     ) -> None:
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.num_processes, self.process_index = num_processes, process_index
+        self.groups = groups
         self.epoch, self.start = 0, 0
         if len(self) == 0:
             raise UserError(
                 f"{num_samples} training images cannot fill one batch of {batch_size} per process "
-                f"on {num_processes} process(es): lower --train_batch_size or add images"
+                f"on {num_processes} process(es){' from one aspect-ratio bucket' if groups else ''}: "
+                "lower --train_batch_size or add images"
             )
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -265,10 +315,24 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.num_samples, generator=generator).tolist()
         size = self.batch_size * self.num_processes
-        return [order[i : i + size] for i in range(0, len(order) - size + 1, size)]
+        if self.groups is None:
+            return [order[i : i + size] for i in range(0, len(order) - size + 1, size)]
+        by_group: dict = {}
+        for index in order:
+            by_group.setdefault(self.groups[index], []).append(index)
+        batches = [
+            members[i : i + size] for members in by_group.values() for i in range(0, len(members) - size + 1, size)
+        ]
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
     def __len__(self) -> int:
-        return self.num_samples // (self.batch_size * self.num_processes)
+        size = self.batch_size * self.num_processes
+        if self.groups is None:
+            return self.num_samples // size
+        counts: dict = {}
+        for group in self.groups:
+            counts[group] = counts.get(group, 0) + 1
+        return sum(count // size for count in counts.values())
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.global_batches()[self.start :]:

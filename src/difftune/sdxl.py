@@ -65,6 +65,74 @@ def encode_prompt(
     return prompt_embeds, out_two.text_embeds
 
 
+def latents(batch: dict, vae: nn.Module, vae_dtype: torch.dtype) -> torch.Tensor:
+    """Scaled VAE latents, sampled from the posterior: live, or from cached mean and std.
+
+    The cached path draws its normal sample exactly as the VAE's posterior does, so both give
+    the same latents for the same RNG state.
+    """
+    if "latent_mean" in batch:
+        mean, std = batch["latent_mean"].to(vae_dtype), batch["latent_std"].to(vae_dtype)
+        sample = mean + std * torch.randn(mean.shape, device=mean.device, dtype=vae_dtype)
+    else:
+        sample = vae.encode(batch["pixel_values"].to(vae_dtype)).latent_dist.sample()
+    return sample * vae.config.scaling_factor
+
+
+def text_conditioning(batch: dict, text_encoder_one: nn.Module, text_encoder_two: nn.Module):
+    """(prompt_embeds, pooled): cached, or encoded now."""
+    if "prompt_embeds" in batch:
+        return batch["prompt_embeds"], batch["pooled_prompt_embeds"]
+    return encode_prompt(text_encoder_one, text_encoder_two, batch["one_input_ids"], batch["two_input_ids"])
+
+
+def cache_encodings(accelerator, args, sd: SDXLComponents, dataset, vae_dtype: torch.dtype) -> None:
+    """Build (or reuse) the latent and text caches the flags ask for and point the dataset at them."""
+    from difftune import cache
+
+    device = accelerator.device
+    base = {"model": args.pretrained_model_name_or_path, "revision": args.revision, "variant": args.variant}
+    if args.cache_latents:
+        fields = {**base, **cache.data_fields(args, dataset), "vae": args.pretrained_vae_model_name_or_path}
+        fields["dtype"] = str(vae_dtype)
+        flips = [False, True] if args.random_flip else [False]
+
+        def encode_images(indices: list[int]) -> dict[str, torch.Tensor]:
+            out = {}
+            for flip in flips:
+                prefix = "flip." if flip else ""
+                items = [(i, dataset.load(i, flip=flip)) for i in indices]
+                for group in cache.group_by_shape(items, "pixel_values"):
+                    pixels = torch.stack([item["pixel_values"] for _, item in group]).to(device, vae_dtype)
+                    posterior = sd.vae.encode(pixels).latent_dist
+                    for row, (i, item) in enumerate(group):
+                        out[f"{i}.{prefix}latent_mean"] = posterior.mean[row]
+                        out[f"{i}.{prefix}latent_std"] = posterior.std[row]
+                        out[f"{i}.{prefix}time_ids"] = item["time_ids"]
+            return out
+
+        path = cache.cache_path(args.cache_dir, "sdxl-latents", fields)
+        cache.build(accelerator, path, len(dataset), encode_images, args.train_batch_size, fields, "latents")
+        dataset.image_cache = cache.CacheReader(path, ["latent_mean", "latent_std", "time_ids"], flips=len(flips) > 1)
+    if args.cache_text_embeddings:
+        fields = {**base, "data": dataset.fingerprint, "dtype": str(sd.text_encoder_one.dtype)}
+
+        def encode_text(indices: list[int]) -> dict[str, torch.Tensor]:
+            tokens = [dataset.tokenize(dataset.caption(i)) for i in indices]
+            ids = {k: torch.stack([t[k] for t in tokens]).to(device) for k in ("one_input_ids", "two_input_ids")}
+            embeds, pooled = encode_prompt(
+                sd.text_encoder_one, sd.text_encoder_two, ids["one_input_ids"], ids["two_input_ids"]
+            )
+            out = {}
+            for row, i in enumerate(indices):
+                out[f"{i}.prompt_embeds"], out[f"{i}.pooled_prompt_embeds"] = embeds[row], pooled[row]
+            return out
+
+        path = cache.cache_path(args.cache_dir, "sdxl-text", fields)
+        cache.build(accelerator, path, len(dataset), encode_text, args.train_batch_size, fields, "text embeddings")
+        dataset.text_cache = cache.CacheReader(path, ["prompt_embeds", "pooled_prompt_embeds"])
+
+
 def build_pipeline(components: SDXLComponents, path: str, revision: str | None = None, **models: nn.Module):
     """A StableDiffusionXLPipeline over loaded components (the repo's own inference scheduler).
 

@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,6 +97,25 @@ def freeze(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Mod
     if next(model.parameters()).dtype != dtype:
         model.to(dtype=dtype)
     return model
+
+
+def offload(modules: list[nn.Module]) -> None:
+    """Move frozen encoders off the accelerator (their outputs are cached)."""
+    for module in modules:
+        module.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def on_device(modules: list[nn.Module], device: torch.device):
+    """Bring offloaded modules to `device` for a while (validation), then back to the CPU."""
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        offload(modules)
 
 
 def build_optimizer(args: argparse.Namespace, param_groups: list[dict]) -> torch.optim.Optimizer:
@@ -211,7 +230,12 @@ def train(
     output_dir = Path(args.output_dir)
     accum = args.gradient_accumulation_steps
     sampler = EpochBatchSampler(
-        len(dataset), args.train_batch_size, args.seed, accelerator.num_processes, accelerator.process_index
+        len(dataset),
+        args.train_batch_size,
+        args.seed,
+        accelerator.num_processes,
+        accelerator.process_index,
+        groups=getattr(dataset, "target_sizes", None),
     )
     loader = torch.utils.data.DataLoader(
         dataset,

@@ -46,6 +46,56 @@ def image_embeddings(encoder: nn.Module, pixel_values: torch.Tensor) -> torch.Te
     return encoder(pixel_values).add(EMBEDDING_SHIFT).div(EMBEDDING_SCALE)
 
 
+def batch_image_embeddings(batch: dict, encoder: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """x0 for a batch: cached, or encoded now."""
+    if "image_embeds" in batch:
+        return batch["image_embeds"].to(dtype)
+    return image_embeddings(encoder, batch["pixel_values"].to(dtype))
+
+
+def batch_text_embeddings(batch: dict, text_encoder: nn.Module) -> torch.Tensor:
+    """The prior's text conditioning (last hidden state): cached, or encoded now."""
+    if "prompt_embeds" in batch:
+        return batch["prompt_embeds"]
+    out = text_encoder(batch["prior_input_ids"], attention_mask=batch["prior_attention_mask"])
+    return out.last_hidden_state
+
+
+def cache_encodings(accelerator, args, prior: PriorComponents, encoder: nn.Module, dataset, dtype: torch.dtype) -> None:
+    """Build (or reuse) the image- and text-embedding caches the flags ask for; point the dataset at them."""
+    from difftune import cache
+
+    device = accelerator.device
+    base = {"prior": args.pretrained_prior_model_name_or_path, "revision": args.revision, "variant": args.variant}
+    if args.cache_image_embeddings:
+        fields = {**base, **cache.data_fields(args, dataset), "encoder": args.image_encoder_path, "dtype": str(dtype)}
+        flips = [False, True] if args.random_flip else [False]
+
+        def encode_images(indices: list[int]) -> dict[str, torch.Tensor]:
+            out = {}
+            for flip in flips:
+                pixels = torch.stack([dataset.load(i, flip=flip)["pixel_values"] for i in indices])
+                embeds = image_embeddings(encoder, pixels.to(device, dtype))
+                out.update({f"{i}.{'flip.' if flip else ''}image_embeds": embeds[row] for row, i in enumerate(indices)})
+            return out
+
+        path = cache.cache_path(args.cache_dir, "wuerstchen-image", fields)
+        cache.build(accelerator, path, len(dataset), encode_images, args.train_batch_size, fields, "image embeddings")
+        dataset.image_cache = cache.CacheReader(path, ["image_embeds"], flips=len(flips) > 1)
+    if args.cache_text_embeddings:
+        fields = {**base, "data": dataset.fingerprint, "dtype": str(prior.text_encoder.dtype)}
+
+        def encode_text(indices: list[int]) -> dict[str, torch.Tensor]:
+            tokens = [dataset.tokenize(dataset.caption(i)) for i in indices]
+            batch = {k: torch.stack([t[k] for t in tokens]).to(device) for k in tokens[0]}
+            embeds = batch_text_embeddings(batch, prior.text_encoder)
+            return {f"{i}.prompt_embeds": embeds[row] for row, i in enumerate(indices)}
+
+        path = cache.cache_path(args.cache_dir, "wuerstchen-text", fields)
+        cache.build(accelerator, path, len(dataset), encode_text, args.train_batch_size, fields, "text embeddings")
+        dataset.text_cache = cache.CacheReader(path, ["prompt_embeds"])
+
+
 def _read_encoder_state(path: str) -> dict[str, torch.Tensor]:
     local = Path(path).expanduser()
     if not local.exists():

@@ -1,0 +1,115 @@
+"""Encodings computed once (VAE latents, image and text embeddings) and reused across runs.
+
+A cache is a folder CACHE_DIR/<kind>-<hash>/ of safetensors shards; the hash covers everything
+the encodings depend on (model id and revision, data set fingerprint, resolution, transforms,
+dtype), so a change of any of them builds a new cache. complete.json is written last: a cache
+without it is rebuilt. With several processes each builds its own share of the shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SHARD_SIZE = 256
+COMPLETE = "complete.json"
+
+
+def cache_path(cache_dir: Path, kind: str, fields: dict) -> Path:
+    """The cache folder for `kind` and the settings in `fields`."""
+    digest = hashlib.sha256(json.dumps({**fields, "format": FORMAT_VERSION}, sort_keys=True).encode()).hexdigest()
+    return Path(cache_dir) / f"{kind}-{digest[:16]}"
+
+
+def data_fields(args, dataset) -> dict:
+    """What every cache of a run depends on: the data, its selection and the image transforms."""
+    return {
+        "data": dataset.fingerprint,
+        "resolution": args.resolution,
+        "center_crop": args.center_crop,
+        "random_flip": args.random_flip,
+        "buckets": getattr(args, "aspect_ratio_buckets", False),
+    }
+
+
+def group_by_shape(items: list[tuple[int, dict]], key: str) -> list[list[tuple[int, dict]]]:
+    """Split (index, sample) pairs into runs of equal `key` shape, so each can be one batch."""
+    groups: dict[tuple, list] = {}
+    for item in items:
+        groups.setdefault(tuple(item[1][key].shape), []).append(item)
+    return list(groups.values())
+
+
+def shard_file(path: Path, shard: int) -> Path:
+    return path / f"shard-{shard:05d}.safetensors"
+
+
+def build(
+    accelerator,
+    path: Path,
+    num_samples: int,
+    encode: Callable[[list[int]], dict[str, torch.Tensor]],
+    batch_size: int,
+    fields: dict,
+    desc: str,
+) -> None:
+    """Fill the cache at `path` (unless complete): `encode(indices)` returns tensors keyed "<index>.<name>"."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    if (path / COMPLETE).is_file():
+        logger.info("using cached %s from %s", desc, path)
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    shards = range(accelerator.process_index, math.ceil(num_samples / SHARD_SIZE), accelerator.num_processes)
+    todo = [s for s in shards if not shard_file(path, s).is_file()]
+    total = sum(min(SHARD_SIZE, num_samples - s * SHARD_SIZE) for s in todo)
+    with tqdm(total=total, desc=f"caching {desc}", unit="image", disable=not accelerator.is_main_process) as bar:
+        for shard in todo:
+            indices = list(range(shard * SHARD_SIZE, min(num_samples, (shard + 1) * SHARD_SIZE)))
+            tensors = {}
+            with torch.no_grad():
+                for start in range(0, len(indices), batch_size):
+                    chunk = indices[start : start + batch_size]
+                    tensors.update({k: v.float().cpu().contiguous() for k, v in encode(chunk).items()})
+                    bar.update(len(chunk))
+            partial = shard_file(path, shard).with_suffix(f".partial-{os.getpid()}")
+            save_file(tensors, str(partial))
+            partial.replace(shard_file(path, shard))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (path / COMPLETE).write_text(json.dumps({**fields, "num_samples": num_samples}, indent=2, default=str))
+    accelerator.wait_for_everyone()
+
+
+class CacheReader:
+    """Per-sample tensors from a complete cache (shards opened lazily, memory-mapped)."""
+
+    def __init__(self, path: Path, names: list[str], flips: bool = False) -> None:
+        self.path, self.names, self.flips = Path(path), names, flips
+        self._open: dict[int, object] = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": {}}  # file handles stay in the process that opened them
+
+    def tensor(self, key: str, index: int) -> torch.Tensor:
+        from safetensors import safe_open
+
+        shard = index // SHARD_SIZE
+        if shard not in self._open:
+            self._open[shard] = safe_open(str(shard_file(self.path, shard)), framework="pt")
+        return self._open[shard].get_tensor(f"{index}.{key}")
+
+    def sample(self, index: int, flip: bool = False) -> dict[str, torch.Tensor]:
+        prefix = "flip." if self.flips and flip else ""
+        return {name: self.tensor(prefix + name, index) for name in self.names}
