@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             x0 = wuerstchen.batch_image_embeddings(batch, image_encoder, dtype)
         with torch.set_grad_enabled(args.train_text_encoder):
             text = wuerstchen.batch_text_embeddings(batch, models.get("text_encoder", prior.text_encoder))
-        noise = torch.randn_like(x0)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype)
         timesteps = torch.rand(x0.shape[0], device=device, dtype=x0.dtype)
         noisy = scheduler.add_noise(x0, noise, timesteps)
         pred = models["prior"](noisy, timesteps, text)

@@ -257,13 +257,15 @@ def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {key: torch.stack([e[key] for e in examples]) for key in examples[0]}
 
 
-def make_buckets(resolution: int, multiple: int = 64, max_ratio: float = 4.0) -> list[tuple[int, int]]:
-    """(height, width) buckets of at most resolution^2 pixels (as close as sides in steps of `multiple` allow)."""
+def make_buckets(
+    resolution: int, multiple: int = 64, max_ratio: float = 4.0, min_area: float = 0.75
+) -> list[tuple[int, int]]:
+    """(height, width) buckets with sides in steps of `multiple`, between min_area and 1 times resolution^2 pixels."""
     area = resolution * resolution
     buckets = set()
     for side in range(multiple, int(resolution * max_ratio) + 1, multiple):
         other = (area // side) // multiple * multiple
-        if other >= multiple and max(side, other) / min(side, other) <= max_ratio:
+        if other >= multiple and max(side, other) / min(side, other) <= max_ratio and side * other >= min_area * area:
             buckets.update({(side, other), (other, side)})
     return sorted(buckets)
 

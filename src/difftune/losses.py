@@ -7,8 +7,12 @@ import torch.nn.functional as F
 
 
 def sample_noise(latents: torch.Tensor, noise_offset: float = 0.0) -> torch.Tensor:
-    """Gaussian noise, plus a per-channel offset (helps very dark / bright images) when asked."""
-    noise = torch.randn_like(latents)
+    """Gaussian noise, plus a per-channel offset (helps very dark / bright images) when asked.
+
+    Drawn by shape, not with randn_like: that follows the input's memory layout, and the VAE's
+    latents and cached ones are laid out differently; the same RNG state must give the same noise.
+    """
+    noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
     if noise_offset:
         noise = noise + noise_offset * torch.randn(
             latents.shape[0], latents.shape[1], 1, 1, device=latents.device, dtype=latents.dtype
