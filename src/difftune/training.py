@@ -9,6 +9,7 @@ timesteps and dropout depend only on the position in the run, which makes resumi
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import logging
 import math
@@ -132,7 +133,11 @@ def build_optimizer(args: argparse.Namespace, param_groups: list[dict]) -> torch
         except ImportError:
             raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
         return bnb.optim.AdamW8bit(param_groups, **kwargs)
-    return torch.optim.AdamW(param_groups, **kwargs)
+    try:
+        # One kernel over all adapter tensors: LoKr/LoRA have hundreds of small ones (5x faster on CPU).
+        return torch.optim.AdamW(param_groups, fused=True, **kwargs)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(param_groups, foreach=True, **kwargs)
 
 
 def micro_batch_seed(seed: int, step: int, micro_batch: int, process_index: int) -> int:
@@ -144,16 +149,18 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+PHASES = ("data", "forward", "backward", "optimizer")
+
+
 @dataclass
 class StepTimes:
-    """Seconds spent per phase, summed over the run (read by the benchmark)."""
+    """Seconds per optimizer step and phase (data wait, forward incl. encoders, backward, optimizer)."""
 
-    data: float = 0.0
-    forward: float = 0.0
-    backward: float = 0.0
-    optimizer: float = 0.0
-    steps: int = 0
-    per_step: list[float] = field(default_factory=list)
+    steps: list[dict[str, float]] = field(default_factory=list)
+
+    def start_step(self) -> dict[str, float]:
+        self.steps.append(dict.fromkeys((*PHASES, "total"), 0.0))
+        return self.steps[-1]
 
 
 @dataclass
@@ -206,9 +213,10 @@ class StopRequest:
         return int(accelerator.gather(flag).max().item())
 
 
-def all_finite(accelerator, losses: list[torch.Tensor]) -> bool:
-    finite = torch.tensor([float(all(torch.isfinite(loss).item() for loss in losses))], device=accelerator.device)
-    return bool(accelerator.gather(finite).min().item() > 0)
+def gathered_losses(accelerator, losses: list[torch.Tensor]) -> tuple[float, bool]:
+    """(mean loss over micro-batches and processes, whether every process's losses were finite)."""
+    gathered = accelerator.gather(torch.stack(losses)).cpu()
+    return gathered.mean().item(), bool(torch.isfinite(gathered).all())
 
 
 def train(
@@ -323,6 +331,9 @@ def train(
         total=max_steps, initial=global_step, unit="step", desc="train", disable=not accelerator.is_main_process
     )
     times, last_loss, last_saved, stopped_by = StepTimes(), math.nan, None, 0
+    # The models and data are set up: keep the garbage collector from re-scanning them every step.
+    gc.collect()
+    gc.freeze()
     epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
     with StopRequest() as stop:
         while global_step < max_steps and not stopped_by:
@@ -332,11 +343,12 @@ def train(
             batches = iter(loader)
             for _ in range(step_in_epoch, steps_per_epoch):
                 step_start = time.perf_counter()
+                phase = times.start_step()
                 losses = []
                 for micro in range(accum):
                     tick = time.perf_counter()
                     batch = to_device(next(batches), accelerator.device)
-                    times.data += time.perf_counter() - tick
+                    phase["data"] += time.perf_counter() - tick
                     torch.manual_seed(micro_batch_seed(args.seed, global_step, micro, accelerator.process_index))
                     with ExitStack() as stack:
                         if micro < accum - 1:
@@ -344,15 +356,17 @@ def train(
                                 stack.enter_context(accelerator.no_sync(model))
                         tick = time.perf_counter()
                         loss = compute_loss(batch, models)
-                        times.forward += time.perf_counter() - tick
+                        phase["forward"] += time.perf_counter() - tick
                         tick = time.perf_counter()
                         accelerator.backward(loss / accum)
-                        times.backward += time.perf_counter() - tick
+                        phase["backward"] += time.perf_counter() - tick
                     losses.append(loss.detach().float())
                 tick = time.perf_counter()
-                if all_finite(accelerator, losses):
+                last_loss, finite = gathered_losses(accelerator, losses)
+                if finite:
                     if args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                        accelerator.unscale_gradients()  # no-op unless fp16
+                        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm, foreach=True)
                     optimizer.step()
                 else:
                     nonfinite_steps += 1
@@ -360,25 +374,23 @@ def train(
                         found = checkpoints.list_checkpoints(output_dir)
                         last_good = found[-1][1] if found else "none yet"
                         raise UserError(
-                            f"the loss is {torch.stack(losses).sum().item()} at step {global_step + 1} "
+                            f"the loss is {last_loss} at step {global_step + 1} "
                             f"(more than --max_nonfinite_steps {args.max_nonfinite_steps} such steps); "
                             f"last good checkpoint: {last_good}. Lower --learning_rate, or use bf16 instead of fp16"
                         )
                     logger.warning("non-finite loss at step %d: skipping its update", global_step + 1)
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                times.optimizer += time.perf_counter() - tick
+                phase["optimizer"] += time.perf_counter() - tick
                 global_step += 1
-                times.steps += 1
-                times.per_step.append(time.perf_counter() - step_start)
 
-                last_loss = accelerator.gather(torch.stack(losses).mean()).mean().item()
                 lr = lr_scheduler.get_last_lr()[0]
-                progress.update(1)
-                progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
+                progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                progress.update(1)  # redraws at most every 0.1 s
                 accelerator.log({"train/loss": last_loss, "train/lr": lr}, step=global_step)
 
                 stopped_by = stop.agreed(accelerator)
+                phase["total"] = time.perf_counter() - step_start  # checkpoints and validation not included
                 if global_step % args.checkpointing_steps == 0 or global_step == max_steps or stopped_by:
                     write_checkpoint(global_step)
                     last_saved = global_step
