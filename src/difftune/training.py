@@ -61,6 +61,11 @@ def setup_run(args: argparse.Namespace):
             project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
         ),
     )
+    if accelerator.distributed_type.value in {"DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA"}:
+        raise UserError(
+            f"accelerate is set up for {accelerator.distributed_type.value}, which difftune does not support: "
+            "adapters are small, so plain DDP (configs/accelerate/multi_gpu.yaml) is what to use"
+        )
     args.mixed_precision = accelerator.mixed_precision  # recorded as used, whichever way it was chosen
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
