@@ -63,9 +63,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Train each image near its own aspect ratio: buckets of ~resolution^2 pixels, sides multiples of 64.",
     )
-    args = cli.parse(parser, argv)
-    cli.check_cache_args(args, "cache_latents")
-    return args
+    return cli.parse(parser, argv, image_cache_flag="cache_latents")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -89,9 +89,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     cli.add_cache_args(parser, "--cache_image_embeddings", "Encode the images with EfficientNet once.")
     cli.add_training_args(parser, output_dir="work_dirs/wuerstchen_prior_lora_pokemon_blip")
     adapters.add_lora_args(parser)
-    args = cli.parse(parser, argv)
-    cli.check_cache_args(args, "cache_image_embeddings")
-    return args
+    return cli.parse(parser, argv, image_cache_flag="cache_image_embeddings")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -6,6 +6,10 @@ from pathlib import Path
 
 import torch
 
+from difftune import training
+
+REAL_TRAIN = training.train  # before any test wraps it
+
 
 def sdxl_args(assets: Path, output_dir: Path, *extra: object, steps: int = 4) -> list[str]:
     return [
@@ -28,6 +32,33 @@ def sdxl_pipeline_image(pipe, prompt: str = "a red circle on a blue background",
     generator = torch.Generator().manual_seed(seed)
     out = pipe(prompt, num_inference_steps=3, height=64, width=64, generator=generator, output_type="np")
     return out.images[0]
+
+
+def spy_on_training(install, *, adapter: str | None = None, wrap_loss=None) -> dict:
+    """Wrap difftune.training.train (install(new) puts the wrapper in place, e.g. a monkeypatch).
+
+    Records the named adapter's weights before and after (`before`, `after`, `model`), and lets
+    `wrap_loss(compute_loss)` replace the step's loss function. Returns the record.
+    """
+    from difftune import training
+
+    real_train = REAL_TRAIN
+    record: dict = {}
+
+    def spy(accelerator, args, **kwargs):
+        if wrap_loss is not None:
+            kwargs["compute_loss"] = wrap_loss(kwargs["compute_loss"])
+        model = kwargs["adapters"][adapter] if adapter else None
+        if model is not None:
+            record["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        result = real_train(accelerator, args, **kwargs)
+        if model is not None:
+            record["after"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+            record["model"] = model.eval()
+        return result
+
+    install(training, "train", spy)
+    return record
 
 
 def assert_only_adapter_changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], marker: str) -> None:

@@ -7,33 +7,28 @@ import random
 import pytest
 import torch
 from conftest import launch
-from helpers import sdxl_args, wuerstchen_args
+from helpers import sdxl_args, spy_on_training, wuerstchen_args
 from PIL import Image
 
-from difftune import training
 from difftune.data import EpochBatchSampler, ImageTransform, make_buckets
 
-REAL_TRAIN = training.train
 SDXL_CACHES = ("--cache_latents", "--cache_text_embeddings")
 WUERSTCHEN_CACHES = ("--cache_image_embeddings", "--cache_text_embeddings")
 
 
 def losses_of(run_main, monkeypatch, script, argv) -> list[float]:
     """Run a script in-process, recording the loss of every micro-batch."""
-    real_train = REAL_TRAIN
     losses = []
 
-    def spy(accelerator, args, **kwargs):
-        compute_loss = kwargs["compute_loss"]
-
+    def record(compute_loss):
         def recorded(batch, models):
             loss = compute_loss(batch, models)
             losses.append(loss.item())
             return loss
 
-        return real_train(accelerator, args, **{**kwargs, "compute_loss": recorded})
+        return recorded
 
-    monkeypatch.setattr(training, "train", spy)
+    spy_on_training(monkeypatch.setattr, wrap_loss=record)
     assert run_main(script, argv) == 0
     return losses
 
@@ -114,19 +109,16 @@ def test_time_ids_in_a_landscape_bucket():
 
 def test_bucketed_run_with_cache_uses_non_square_latents(assets, tmp_path, run_main, monkeypatch):
     shapes = set()
-    real_train = REAL_TRAIN
 
-    def spy(accelerator, args, **kwargs):
-        compute_loss = kwargs["compute_loss"]
-
+    def record(compute_loss):
         def recorded(batch, models):
             shapes.add(tuple(batch["latent_mean"].shape[-2:]))
             assert len({tuple(t.tolist()[-2:]) for t in batch["time_ids"]}) == 1  # one bucket per batch
             return compute_loss(batch, models)
 
-        return real_train(accelerator, args, **{**kwargs, "compute_loss": recorded})
+        return recorded
 
-    monkeypatch.setattr(training, "train", spy)
+    spy_on_training(monkeypatch.setattr, wrap_loss=record)
     argv = sdxl_args(
         assets, tmp_path / "o", "--aspect_ratio_buckets", "--center_crop", "--cache_latents",
         "--cache_dir", tmp_path / "cache", "--train_batch_size", "1", steps=12,

@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 from conftest import SCRIPTS, launch
-from helpers import sdxl_args, wuerstchen_args
+from helpers import sdxl_args, spy_on_training, wuerstchen_args
 from safetensors.torch import load_file
 
-from difftune import checkpoints, training
+from difftune import checkpoints
 
 # Everything random at once: random crops, flips, accumulation, warm-up + cosine, LoKr rank and module dropout.
 SDXL_EXTRA = (
@@ -78,20 +78,17 @@ def test_output_dir_with_another_run_is_refused(assets, tmp_path, run_main, caps
 
 
 def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(assets, tmp_path, run_main, capsys, monkeypatch):
-    real_train = training.train
     calls = []
 
-    def nan_at_steps_3_and_5(accelerator, args, **kwargs):
-        compute_loss = kwargs["compute_loss"]
-
+    def nan_at_steps_3_and_5(compute_loss):
         def poisoned(batch, models):
             calls.append(1)
             loss = compute_loss(batch, models)
             return loss * float("nan") if len(calls) in (3, 5) else loss
 
-        return real_train(accelerator, args, **{**kwargs, "compute_loss": poisoned})
+        return poisoned
 
-    monkeypatch.setattr(training, "train", nan_at_steps_3_and_5)
+    spy_on_training(monkeypatch.setattr, wrap_loss=nan_at_steps_3_and_5)
     out = tmp_path / "out"
     argv = sdxl_args(assets, out, "--max_nonfinite_steps", "1", steps=8)
     assert run_main("train_sdxl_lokr", argv) == 2

@@ -6,9 +6,7 @@ import shutil
 import pytest
 import torch
 from conftest import launch
-from helpers import assert_only_adapter_changed, sdxl_args, sdxl_pipeline_image
-
-from difftune import training
+from helpers import assert_only_adapter_changed, sdxl_args, sdxl_pipeline_image, spy_on_training
 
 
 def two_image_folder(assets, tmp_path):
@@ -77,17 +75,7 @@ def denoising_loss(pipe, folder, captions) -> float:
 
 def test_overfits_two_images_and_only_adapter_weights_change(assets, tmp_path, run_main, monkeypatch):
     folder, captions = two_image_folder(assets, tmp_path)
-    snapshots = {}
-    real_train = training.train
-
-    def spy(accelerator, args, **kwargs):
-        unet = kwargs["adapters"]["unet"]
-        snapshots["before"] = {n: p.detach().clone() for n, p in unet.named_parameters()}
-        result = real_train(accelerator, args, **kwargs)
-        snapshots["after"] = {n: p.detach().clone() for n, p in unet.named_parameters()}
-        return result
-
-    monkeypatch.setattr(training, "train", spy)
+    snapshots = spy_on_training(monkeypatch.setattr, adapter="unet")
     out = tmp_path / "run"
     # A random tiny UNet's output hardly depends on its attention; LoKr on the convolutions and
     # feed-forwards too gives the adapter enough reach to overfit two images.

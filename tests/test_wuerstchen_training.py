@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import launch
-from helpers import assert_only_adapter_changed, prior_inputs, wuerstchen_args
+from helpers import assert_only_adapter_changed, prior_inputs, spy_on_training, wuerstchen_args
 from PIL import Image
 
-from difftune import training, validation, wuerstchen
+from difftune import validation, wuerstchen
 
 
 @pytest.fixture(scope="module")
@@ -18,16 +18,8 @@ def trained(assets, tmp_path_factory):
     from conftest import load_script, reset_accelerate
 
     out = tmp_path_factory.mktemp("wuerstchen") / "run"
-    captured = {}
-    real_train = training.train
-
-    def spy(accelerator, args, **kwargs):
-        prior = kwargs["adapters"]["prior"]
-        captured["before"] = {n: p.detach().clone() for n, p in prior.named_parameters()}
-        result = real_train(accelerator, args, **kwargs)
-        captured["after"] = {n: p.detach().clone() for n, p in prior.named_parameters()}
-        captured["prior"] = prior.eval()
-        return result
+    patch = pytest.MonkeyPatch()
+    captured = spy_on_training(patch.setattr, adapter="prior")
 
     # A random tiny prior's output hardly depends on its attention: LoRA on the feed-forwards and the
     # output layer too gives it the reach to overfit the toy images.
@@ -39,12 +31,12 @@ def trained(assets, tmp_path_factory):
     )  # fmt: skip
     argv[argv.index("--learning_rate") + 1] = "3e-3"
     reset_accelerate()
-    training.train, original = spy, training.train
     try:
         load_script("train_wuerstchen_lora").main([str(a) for a in argv])
     finally:
-        training.train = original
+        patch.undo()
         reset_accelerate()
+    captured["prior"] = captured["model"]
     return out, captured
 
 

@@ -144,7 +144,9 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise UserError("--checkpoints_total_limit must be positive")
 
 
-def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, image_cache_flag: str) -> argparse.Namespace:
+    """Parse a training script's flags and refuse impossible combinations."""
     args = parser.parse_args(argv)
     check_common_args(args)
+    check_cache_args(args, image_cache_flag)
     return args
