@@ -141,7 +141,10 @@ def main() -> None:
 
         def paired(batch, models):
             if "inputs" in captured:
-                captured["floors"].append(time_forward_backward(model, captured["inputs"], captured["kwargs"], 1, 0))
+                start = time.perf_counter()
+                floor = time_forward_backward(model, captured["inputs"], captured["kwargs"], 1, 0)
+                # (floor, all the time the measurement took, gradient clearing included)
+                captured["floors"].append((floor, time.perf_counter() - start))
             return compute_loss(batch, models)
 
         hook = model.register_forward_pre_hook(keep_inputs, with_kwargs=True)
@@ -154,10 +157,10 @@ def main() -> None:
     run_cli(module.main, script_argv(args, assets, work, extra))
     # Step k (k >= 1) holds the floor measured at its start: take it out of that step's forward and total.
     steps = captured["result"].times.steps[1:]
-    floors = captured["floors"]
-    for step, floor_seconds in zip(steps, floors, strict=True):
-        step["forward"] -= floor_seconds
-        step["total"] -= floor_seconds
+    floors = [floor for floor, _ in captured["floors"]]
+    for step, (_, spent) in zip(steps, captured["floors"], strict=True):
+        step["forward"] -= spent
+        step["total"] -= spent
     steps, floors = steps[args.warmup :], floors[args.warmup :]
     mean = {k: statistics.mean(s[k] for s in steps) for k in (*training.PHASES, "total")}
     median_step = statistics.median(s["total"] for s in steps)
