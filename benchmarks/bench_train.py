@@ -77,7 +77,7 @@ def time_forward_backward(model, inputs: tuple, kwargs: dict, repeats: int, warm
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
-        model.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=False)  # in place: the trained adapter's gradients are views (see training.py)
         return elapsed
 
     for _ in range(warmup):

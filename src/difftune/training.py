@@ -124,6 +124,33 @@ def on_device(modules: list[nn.Module], device: torch.device):
         offload(modules)
 
 
+def flatten_param_groups(param_groups: list[dict]) -> list[dict]:
+    """One flat fp32 parameter per group, the adapter weights (and their gradients) becoming views into it.
+
+    An adapter has hundreds of small tensors (LoKr on SDXL: two per attention projection); the
+    optimizer and gradient clipping then run over one tensor per group instead of each of them.
+    The adapters' own parameters keep their identity, so saving, loading and validation see no
+    change; autograd accumulates into the gradient views, which must be zeroed in place, not freed.
+    """
+    flat_groups = []
+    for group in param_groups:
+        params = group["params"]
+        total = sum(p.numel() for p in params)
+        flat = torch.empty(total, dtype=torch.float32, device=params[0].device)
+        grad = torch.zeros_like(flat)
+        offset = 0
+        for param in params:
+            size = param.numel()
+            flat[offset : offset + size].copy_(param.data.reshape(-1))
+            param.data = flat[offset : offset + size].view_as(param)
+            param.grad = grad[offset : offset + size].view_as(param)
+            offset += size
+        flat_param = nn.Parameter(flat)
+        flat_param.grad = grad
+        flat_groups.append({**group, "params": [flat_param]})
+    return flat_groups
+
+
 def build_optimizer(args: argparse.Namespace, param_groups: list[dict]) -> torch.optim.Optimizer:
     """AdamW (or bitsandbytes AdamW8bit) over the adapter parameters."""
     kwargs = {
@@ -261,6 +288,7 @@ def train(
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     args.max_train_steps = max_steps
 
+    param_groups = flatten_param_groups(param_groups)
     optimizer = build_optimizer(args, param_groups)
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_steps
@@ -385,7 +413,7 @@ def train(
                         )
                     logger.warning("non-finite loss at step %d: skipping its update", global_step + 1)
                 lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=False)  # the adapters' gradients are views: keep them
                 phase["optimizer"] += time.perf_counter() - tick
                 global_step += 1
 
