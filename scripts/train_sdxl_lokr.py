@@ -100,14 +100,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # Adapters: LoKr on the UNet, and on both text encoders when asked.
     base = args.pretrained_model_name_or_path
-    trained = {"unet": adapters.attach(sd.unet, adapters.lokr_config(args, args.target_modules), base)}
-    if args.train_text_encoder:
-        for name, model in (("text_encoder_one", sd.text_encoder_one), ("text_encoder_two", sd.text_encoder_two)):
-            trained[name] = adapters.attach(model, adapters.lokr_config(args, args.text_encoder_target_modules), base)
-    text_encoders = [trained[n] for n in ("text_encoder_one", "text_encoder_two") if n in trained]
-    if args.gradient_checkpointing:
-        adapters.enable_gradient_checkpointing(sd.unet, text_encoders)
-    param_groups = adapters.param_groups(args, trained["unet"], text_encoders)
+    trained, param_groups = adapters.attach_all(
+        args, adapters.lokr_config, base, ("unet", sd.unet),
+        {"text_encoder_one": sd.text_encoder_one, "text_encoder_two": sd.text_encoder_two},
+    )  # fmt: skip
 
     scheduler = sd.noise_scheduler
 

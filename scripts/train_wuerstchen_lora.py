@@ -118,14 +118,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     training.offload(idle)
 
     # Adapters: LoRA on the prior's attention, and on its text encoder when asked.
-    trained = {"prior": adapters.attach(prior.prior, adapters.lora_config(args, args.target_modules), base)}
-    if args.train_text_encoder:
-        te_config = adapters.lora_config(args, args.text_encoder_target_modules)
-        trained["text_encoder"] = adapters.attach(prior.text_encoder, te_config, base)
-    text_encoders = [trained["text_encoder"]] if args.train_text_encoder else []
-    if args.gradient_checkpointing:
-        adapters.enable_gradient_checkpointing(prior.prior, text_encoders)
-    param_groups = adapters.param_groups(args, trained["prior"], text_encoders)
+    trained, param_groups = adapters.attach_all(
+        args, adapters.lora_config, base, ("prior", prior.prior), {"text_encoder": prior.text_encoder}
+    )
 
     scheduler = prior.scheduler
 

@@ -11,19 +11,26 @@ from difftune import training
 REAL_TRAIN = training.train  # before any test wraps it
 
 
-def sdxl_args(assets: Path, output_dir: Path, *extra: object, steps: int = 4) -> list[str]:
+def common_args(assets: Path, output_dir: Path, resolution: int, steps: int) -> list:
+    """Data, output and optimisation flags every test run shares (batch 2, checkpoint every 2 steps)."""
     return [
-        "--pretrained_model_name_or_path", assets / "sdxl",
-        "--pretrained_vae_model_name_or_path", assets / "sdxl-vae-fp16-fix",
         "--train_data_dir", assets / "data",
         "--output_dir", output_dir,
-        "--resolution", "64",
+        "--resolution", str(resolution),
         "--train_batch_size", "2",
         "--max_train_steps", str(steps),
         "--checkpointing_steps", "2",
         "--learning_rate", "1e-3",
         "--report_to", "none",
         "--seed", "0",
+    ]  # fmt: skip
+
+
+def sdxl_args(assets: Path, output_dir: Path, *extra: object, steps: int = 4) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", assets / "sdxl",
+        "--pretrained_vae_model_name_or_path", assets / "sdxl-vae-fp16-fix",
+        *common_args(assets, output_dir, 64, steps),
         *map(str, extra),
     ]  # fmt: skip
 
@@ -77,15 +84,7 @@ def wuerstchen_args(assets: Path, output_dir: Path, *extra: object, steps: int =
         "--pretrained_prior_model_name_or_path", assets / "wuerstchen-prior",
         "--pretrained_decoder_model_name_or_path", assets / "wuerstchen",
         "--image_encoder_path", assets / "effnet" / "effnet.safetensors",
-        "--train_data_dir", assets / "data",
-        "--output_dir", output_dir,
-        "--resolution", "128",
-        "--train_batch_size", "2",
-        "--max_train_steps", str(steps),
-        "--checkpointing_steps", "2",
-        "--learning_rate", "1e-3",
-        "--report_to", "none",
-        "--seed", "0",
+        *common_args(assets, output_dir, 128, steps),
         *map(str, extra),
     ]  # fmt: skip
 

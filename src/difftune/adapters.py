@@ -122,6 +122,26 @@ def param_groups(args: argparse.Namespace, denoiser: nn.Module, text_encoders: l
     return groups
 
 
+def attach_all(
+    args: argparse.Namespace,
+    make_config,
+    base: str,
+    denoiser: tuple[str, nn.Module],
+    text_encoders: dict[str, nn.Module],
+) -> tuple[dict[str, nn.Module], list[dict]]:
+    """Adapters on the denoiser, and on the text encoders with --train_text_encoder; returns them by
+    checkpoint subfolder, and their optimizer groups. Turns on gradient checkpointing when asked."""
+    name, model = denoiser
+    trained = {name: attach(model, make_config(args, args.target_modules), base)}
+    if args.train_text_encoder:
+        for te_name, te_model in text_encoders.items():
+            trained[te_name] = attach(te_model, make_config(args, args.text_encoder_target_modules), base)
+    adapted_text_encoders = [trained[n] for n in text_encoders if n in trained]
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model, adapted_text_encoders)
+    return trained, param_groups(args, trained[name], adapted_text_encoders)
+
+
 def enable_gradient_checkpointing(denoiser: nn.Module, text_encoders: list[nn.Module]) -> None:
     """Recompute activations in backward: the denoiser (diffusers) and adapted text encoders (transformers)."""
     denoiser.enable_gradient_checkpointing()
