@@ -84,7 +84,7 @@ def block_peak(model: nn.Module, blocks: list[nn.Module], run) -> tuple[int, int
     return max(per_block.values()), sum(block_inputs.values())
 
 
-def add_adapter(model: nn.Module, kind: str, rank: int) -> int:
+def add_adapter(model: nn.Module, kind: str, rank: int) -> tuple[int, nn.Module]:
     from peft import LoKrConfig, LoraConfig, get_peft_model
 
     targets = ["to_q", "to_k", "to_v", "to_out.0"]

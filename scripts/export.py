@@ -13,15 +13,11 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from difftune import export
-from difftune.args import ErrorOnlyParser
+from difftune.args import DTYPES, ErrorOnlyParser
 from difftune.checkpoints import ARGS_FILE, read_json
 from difftune.errors import UserError, run_cli
 from difftune.inference import checkpoint_family
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

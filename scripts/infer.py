@@ -18,11 +18,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from difftune import inference
-from difftune.args import ErrorOnlyParser
+from difftune.args import DTYPES, ErrorOnlyParser
 from difftune.checkpoints import ARGS_FILE, read_json
 from difftune.errors import UserError, run_cli
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

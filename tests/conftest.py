@@ -43,23 +43,23 @@ def reset_accelerate() -> None:
     PartialState._reset_state()
 
 
+def run_script(name: str, argv: list) -> int:
+    """Run a script's main(argv) in this process, as `python scripts/NAME.py ARGS` would (exit code and all)."""
+    from difftune.errors import run_cli
+
+    reset_accelerate()
+    try:
+        run_cli(load_script(name).main, [str(a) for a in argv])
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    finally:
+        reset_accelerate()
+    return 0
+
+
 @pytest.fixture
 def run_main():
-    """Run a script's main(argv) in this process, as `python scripts/NAME.py ARGS` would (exit code and all)."""
-
-    def run(name: str, argv: list[str]) -> int:
-        from difftune.errors import run_cli
-
-        reset_accelerate()
-        try:
-            run_cli(load_script(name).main, [str(a) for a in argv])
-        except SystemExit as exit_:
-            return int(exit_.code or 0)
-        finally:
-            reset_accelerate()
-        return 0
-
-    return run
+    return run_script
 
 
 def launch(script: str, args: list[str], *, processes: int = 1, mixed_precision: str = "no", timeout: int = 600):

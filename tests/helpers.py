@@ -11,26 +11,29 @@ from difftune import training
 REAL_TRAIN = training.train  # before any test wraps it
 
 
-def common_args(assets: Path, output_dir: Path, resolution: int, steps: int) -> list:
-    """Data, output and optimisation flags every test run shares (batch 2, checkpoint every 2 steps)."""
+def common_args(assets: Path, output_dir: Path, steps: int, resolution: int, lr: str, checkpointing_steps: int) -> list:
+    """Data, output and optimisation flags every test run shares (batch 2)."""
     return [
         "--train_data_dir", assets / "data",
         "--output_dir", output_dir,
         "--resolution", str(resolution),
         "--train_batch_size", "2",
         "--max_train_steps", str(steps),
-        "--checkpointing_steps", "2",
-        "--learning_rate", "1e-3",
+        "--checkpointing_steps", str(checkpointing_steps),
+        "--learning_rate", lr,
         "--report_to", "none",
         "--seed", "0",
     ]  # fmt: skip
 
 
-def sdxl_args(assets: Path, output_dir: Path, *extra: object, steps: int = 4) -> list[str]:
+def sdxl_args(
+    assets: Path, output_dir: Path, *extra: object, steps: int = 4, resolution: int = 64, lr: str = "1e-3",
+    checkpointing_steps: int = 2,
+) -> list[str]:  # fmt: skip
     return [
         "--pretrained_model_name_or_path", assets / "sdxl",
         "--pretrained_vae_model_name_or_path", assets / "sdxl-vae-fp16-fix",
-        *common_args(assets, output_dir, 64, steps),
+        *common_args(assets, output_dir, steps, resolution, lr, checkpointing_steps),
         *map(str, extra),
     ]  # fmt: skip
 
@@ -47,8 +50,6 @@ def spy_on_training(install, *, adapter: str | None = None, wrap_loss=None) -> d
     Records the named adapter's weights before and after (`before`, `after`, `model`), and lets
     `wrap_loss(compute_loss)` replace the step's loss function. Returns the record.
     """
-    from difftune import training
-
     real_train = REAL_TRAIN
     record: dict = {}
 
@@ -79,12 +80,15 @@ def assert_only_adapter_changed(before: dict[str, torch.Tensor], after: dict[str
     assert changed_adapter, "no adapter weight changed"
 
 
-def wuerstchen_args(assets: Path, output_dir: Path, *extra: object, steps: int = 4) -> list[str]:
+def wuerstchen_args(
+    assets: Path, output_dir: Path, *extra: object, steps: int = 4, resolution: int = 128, lr: str = "1e-3",
+    checkpointing_steps: int = 2,
+) -> list[str]:  # fmt: skip
     return [
         "--pretrained_prior_model_name_or_path", assets / "wuerstchen-prior",
         "--pretrained_decoder_model_name_or_path", assets / "wuerstchen",
         "--image_encoder_path", assets / "effnet" / "effnet.safetensors",
-        *common_args(assets, output_dir, 128, steps),
+        *common_args(assets, output_dir, steps, resolution, lr, checkpointing_steps),
         *map(str, extra),
     ]  # fmt: skip
 

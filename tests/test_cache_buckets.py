@@ -57,9 +57,7 @@ def test_cache_is_reused_and_rebuilt_when_settings_change(assets, tmp_path, run_
         assert run_main("train_sdxl_lokr", sdxl_args(assets, tmp_path / "b", *common, steps=1)) == 0
     assert any("using cached latents" in r.message for r in caplog.records)
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("shard-*.safetensors")} == first
-    argv = sdxl_args(assets, tmp_path / "c", *common, steps=1)
-    argv[argv.index("--resolution") + 1] = "128"
-    assert run_main("train_sdxl_lokr", argv) == 0
+    assert run_main("train_sdxl_lokr", sdxl_args(assets, tmp_path / "c", *common, steps=1, resolution=128)) == 0
     assert (
         run_main("train_sdxl_lokr", sdxl_args(assets, tmp_path / "d", *common, "--max_train_samples", "8", steps=1))
         == 0
@@ -121,9 +119,8 @@ def test_bucketed_run_with_cache_uses_non_square_latents(assets, tmp_path, run_m
     spy_on_training(monkeypatch.setattr, wrap_loss=record)
     argv = sdxl_args(
         assets, tmp_path / "o", "--aspect_ratio_buckets", "--center_crop", "--cache_latents",
-        "--cache_dir", tmp_path / "cache", "--train_batch_size", "1", steps=12,
+        "--cache_dir", tmp_path / "cache", "--train_batch_size", "1", steps=12, resolution=128,
     )  # fmt: skip
-    argv[argv.index("--resolution") + 1] = "128"
     assert run_main("train_sdxl_lokr", argv) == 0
     assert (16, 16) in shapes and any(h != w for h, w in shapes)
 
@@ -132,9 +129,8 @@ def test_bucketed_run_with_cache_uses_non_square_latents(assets, tmp_path, run_m
 def test_two_processes_with_buckets_and_caches(assets, tmp_path):
     args = sdxl_args(
         assets, tmp_path / "o", "--aspect_ratio_buckets", "--center_crop", "--random_flip", *SDXL_CACHES,
-        "--cache_dir", tmp_path / "cache", "--train_batch_size", "1", steps=4,
+        "--cache_dir", tmp_path / "cache", "--train_batch_size", "1", steps=4, resolution=128,
     )  # fmt: skip
-    args[args.index("--resolution") + 1] = "128"
     proc = launch("train_sdxl_lokr", args, processes=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     latents = next((tmp_path / "cache").glob("sdxl-latents-*"))

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 from helpers import sdxl_args, wuerstchen_args
 from PIL import Image
 from safetensors.torch import load_file
@@ -19,34 +20,20 @@ CONV_AND_LINEAR = "to_q,to_k,to_v,to_out.0,conv1,conv2,conv_shortcut,proj_in,ff.
 @pytest.fixture(scope="module")
 def sdxl_checkpoint(assets, tmp_path_factory):
     """A trained SDXL run: split factors (rank 2, decompose_both), alpha != rank, convs, both text encoders."""
-    from conftest import load_script, reset_accelerate
-
     out = tmp_path_factory.mktemp("sdxl") / "run"
     argv = sdxl_args(
         assets, out, "--train_text_encoder", "--rank", "2", "--alpha", "6", "--decompose_both",
-        "--target_modules", CONV_AND_LINEAR, steps=4,
+        "--target_modules", CONV_AND_LINEAR, steps=4, lr="1e-2",
     )  # fmt: skip
-    argv[argv.index("--learning_rate") + 1] = "1e-2"
-    reset_accelerate()
-    try:
-        load_script("train_sdxl_lokr").main([str(a) for a in argv])
-    finally:
-        reset_accelerate()
+    assert run_script("train_sdxl_lokr", argv) == 0
     return out / "step4"
 
 
 @pytest.fixture(scope="module")
 def wuerstchen_checkpoint(assets, tmp_path_factory):
-    from conftest import load_script, reset_accelerate
-
     out = tmp_path_factory.mktemp("wuerstchen") / "run"
-    argv = wuerstchen_args(assets, out, "--target_modules", "to_q,to_k,to_v,to_out.0,out.1", steps=4)
-    argv[argv.index("--learning_rate") + 1] = "1e-2"
-    reset_accelerate()
-    try:
-        load_script("train_wuerstchen_lora").main([str(a) for a in argv])
-    finally:
-        reset_accelerate()
+    argv = wuerstchen_args(assets, out, "--target_modules", "to_q,to_k,to_v,to_out.0,out.1", steps=4, lr="1e-2")
+    assert run_script("train_wuerstchen_lora", argv) == 0
     return out / "step4"
 
 

@@ -125,23 +125,33 @@ def assert_checkpoints_sound(out) -> None:
         json.loads((path / checkpoints.STATE_FILE).read_text())
 
 
-@pytest.fixture(scope="module")
-def kill_reference(assets, tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference") / "run"
-    argv = sdxl_args(assets, out, *SDXL_EXTRA, "--checkpointing_steps", "1", "--checkpoints_total_limit", "3", steps=16)
+def kill_test_args(assets, out, *extra, checkpointing_steps: int = 1) -> list[str]:
+    """16 steps with everything random, a checkpoint every step, the 3 newest kept."""
+    return sdxl_args(
+        assets, out, *SDXL_EXTRA, "--checkpoints_total_limit", "3", *extra,
+        steps=16, checkpointing_steps=checkpointing_steps,
+    )  # fmt: skip
+
+
+def run_to_end(argv) -> None:
     subprocess.run(
         [sys.executable, str(SCRIPTS / "train_sdxl_lokr.py"), *map(str, argv)], check=True, capture_output=True
     )
-    return argv, adapter_weights(out / "step16")
+
+
+@pytest.fixture(scope="module")
+def kill_reference(assets, tmp_path_factory):
+    """The adapter weights of an uninterrupted run."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    run_to_end(kill_test_args(assets, out))
+    return adapter_weights(out / "step16")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_sigkill_at_random_moments_then_resume(kill_reference, tmp_path, seed):
-    reference_argv, reference = kill_reference
+def test_sigkill_at_random_moments_then_resume(kill_reference, assets, tmp_path, seed):
     out = tmp_path / "run"
-    argv = [*reference_argv, "--resume_from_checkpoint", "latest"]
-    argv[argv.index("--output_dir") + 1] = str(out)
+    argv = kill_test_args(assets, out, "--resume_from_checkpoint", "latest")
     rng = random.Random(seed)
     kills, during_save = 0, 0
     for attempt in range(40):
@@ -167,7 +177,7 @@ def test_sigkill_at_random_moments_then_resume(kill_reference, tmp_path, seed):
         assert_checkpoints_sound(out)
     assert checkpoints.list_checkpoints(out)[-1][0] == 16
     assert len(checkpoints.list_checkpoints(out)) <= 3  # --checkpoints_total_limit
-    difference = max_difference(adapter_weights(out / "step16"), reference)
+    difference = max_difference(adapter_weights(out / "step16"), kill_reference)
     print(
         f"seed {seed}: {kills} kills ({during_save} during a save), {kills} resumes, "
         f"max weight difference {difference:.3g}"
@@ -177,10 +187,8 @@ def test_sigkill_at_random_moments_then_resume(kill_reference, tmp_path, seed):
 
 @pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_resumes(kill_reference, assets, tmp_path):
-    _, reference = kill_reference
     out = tmp_path / "run"
-    # The reference's training settings; checkpoints only at the stop and the end.
-    argv = sdxl_args(assets, out, *SDXL_EXTRA, "--checkpointing_steps", "100", steps=16)
+    argv = kill_test_args(assets, out, checkpointing_steps=100)  # checkpoints only at the stop and the end
     log_path = tmp_path / "log.txt"
     with log_path.open("w") as log:
         process = start(argv, log)
@@ -191,9 +199,8 @@ def test_sigterm_finishes_the_step_saves_and_resumes(kill_reference, assets, tmp
     assert "stopped by SIGTERM" in log_path.read_text()
     saved = checkpoints.list_checkpoints(out)
     assert len(saved) == 1 and 0 < saved[0][0] < 16
-    resume = [*argv, "--resume_from_checkpoint", "latest"]
-    subprocess.run([sys.executable, str(SCRIPTS / "train_sdxl_lokr.py"), *resume], check=True, capture_output=True)
-    assert max_difference(adapter_weights(out / "step16"), reference) <= 1e-6
+    run_to_end([*argv, "--resume_from_checkpoint", "latest"])
+    assert max_difference(adapter_weights(out / "step16"), kill_reference) <= 1e-6
 
 
 @pytest.mark.slow

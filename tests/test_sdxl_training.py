@@ -80,9 +80,10 @@ def test_overfits_two_images_and_only_adapter_weights_change(assets, tmp_path, r
     # A random tiny UNet's output hardly depends on its attention; LoKr on the convolutions and
     # feed-forwards too gives the adapter enough reach to overfit two images.
     targets = "to_q,to_k,to_v,to_out.0,conv1,conv2,conv_out,proj_in,proj_out,ff.net.0.proj,ff.net.2"
-    argv = sdxl_args(assets, out, "--train_data_dir", folder, "--center_crop", "--target_modules", targets, steps=80)
-    argv[argv.index("--learning_rate") + 1] = "3e-3"
-    argv[argv.index("--checkpointing_steps") + 1] = "100"
+    argv = sdxl_args(
+        assets, out, "--train_data_dir", folder, "--center_crop", "--target_modules", targets,
+        steps=80, lr="3e-3", checkpointing_steps=100,
+    )  # fmt: skip
     assert run_main("train_sdxl_lokr", argv) == 0
     assert_only_adapter_changed(snapshots["before"], snapshots["after"], "lokr_")
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import launch
+from conftest import launch, run_script
 from helpers import assert_only_adapter_changed, prior_inputs, spy_on_training, wuerstchen_args
 from PIL import Image
 
@@ -15,8 +15,6 @@ from difftune import validation, wuerstchen
 @pytest.fixture(scope="module")
 def trained(assets, tmp_path_factory):
     """One in-process run, keeping the live trained prior for comparisons."""
-    from conftest import load_script, reset_accelerate
-
     out = tmp_path_factory.mktemp("wuerstchen") / "run"
     patch = pytest.MonkeyPatch()
     captured = spy_on_training(patch.setattr, adapter="prior")
@@ -27,15 +25,12 @@ def trained(assets, tmp_path_factory):
     argv = wuerstchen_args(
         assets, out, "--validation_prompt", "a red circle", "--num_validation_images", "1",
         "--validation_steps", "100", "--validation_inference_steps", "2", "--center_crop",
-        "--target_modules", targets, "--max_train_samples", "4", steps=40,
+        "--target_modules", targets, "--max_train_samples", "4", steps=40, lr="3e-3",
     )  # fmt: skip
-    argv[argv.index("--learning_rate") + 1] = "3e-3"
-    reset_accelerate()
     try:
-        load_script("train_wuerstchen_lora").main([str(a) for a in argv])
+        assert run_script("train_wuerstchen_lora", argv) == 0
     finally:
         patch.undo()
-        reset_accelerate()
     captured["prior"] = captured["model"]
     return out, captured
 

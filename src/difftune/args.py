@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+import torch
+
 from difftune.errors import UserError
+
+# --dtype / --mixed_precision values and the torch dtypes they mean ("no" precision: fp32).
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class ErrorOnlyParser(argparse.ArgumentParser):

@@ -31,25 +31,6 @@ def cache_path(cache_dir: Path, kind: str, fields: dict) -> Path:
     return Path(cache_dir) / f"{kind}-{digest[:16]}"
 
 
-def data_fields(args, dataset) -> dict:
-    """What every cache of a run depends on: the data, its selection and the image transforms."""
-    return {
-        "data": dataset.fingerprint,
-        "resolution": args.resolution,
-        "center_crop": args.center_crop,
-        "random_flip": args.random_flip,
-        "buckets": getattr(args, "aspect_ratio_buckets", False),
-    }
-
-
-def group_by_shape(items: list[tuple[int, dict]], key: str) -> list[list[tuple[int, dict]]]:
-    """Split (index, sample) pairs into runs of equal `key` shape, so each can be one batch."""
-    groups: dict[tuple, list] = {}
-    for item in items:
-        groups.setdefault(tuple(item[1][key].shape), []).append(item)
-    return list(groups.values())
-
-
 def shard_file(path: Path, shard: int) -> Path:
     return path / f"shard-{shard:05d}.safetensors"
 
@@ -90,6 +71,79 @@ def build(
     if accelerator.is_main_process:
         (path / COMPLETE).write_text(json.dumps({**fields, "num_samples": num_samples}, indent=2, default=str))
     accelerator.wait_for_everyone()
+
+
+def data_fields(args, dataset) -> dict:
+    """What every image cache of a run depends on: the data, its selection and the image transforms."""
+    return {
+        "data": dataset.fingerprint,
+        "resolution": args.resolution,
+        "center_crop": args.center_crop,
+        "random_flip": args.random_flip,
+        "buckets": getattr(args, "aspect_ratio_buckets", False),
+    }
+
+
+def cache_images(
+    accelerator,
+    args,
+    dataset,
+    kind: str,
+    fields: dict,
+    encode: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    names: list[str],
+    desc: str,
+) -> None:
+    """Encode every image once (both orientations with --random_flip) and point the dataset at the cache.
+
+    `encode(pixels)` maps a batch of equally sized images to batched tensors named as in `names`;
+    each sample's SDXL size conditioning (time_ids) is kept beside them.
+    """
+    flips = [False, True] if args.random_flip else [False]
+
+    def encode_indices(indices: list[int]) -> dict[str, torch.Tensor]:
+        out = {}
+        for flip in flips:
+            prefix = "flip." if flip else ""
+            items = [(i, dataset.load(i, flip=flip)) for i in indices]
+            groups: dict[tuple, list] = {}  # bucketed images differ in size: encode each size apart
+            for item in items:
+                groups.setdefault(tuple(item[1]["pixel_values"].shape), []).append(item)
+            for group in groups.values():
+                encoded = encode(torch.stack([sample["pixel_values"] for _, sample in group]))
+                for row, (i, sample) in enumerate(group):
+                    out.update({f"{i}.{prefix}{name}": encoded[name][row] for name in names})
+                    out[f"{i}.{prefix}time_ids"] = sample["time_ids"]
+        return out
+
+    fields = {**fields, **data_fields(args, dataset)}
+    path = cache_path(args.cache_dir, kind, fields)
+    build(accelerator, path, len(dataset), encode_indices, args.train_batch_size, fields, desc)
+    dataset.image_cache = CacheReader(path, [*names, "time_ids"], flips=len(flips) > 1)
+
+
+def cache_texts(
+    accelerator,
+    args,
+    dataset,
+    kind: str,
+    fields: dict,
+    encode: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    names: list[str],
+) -> None:
+    """Encode every caption once and point the dataset at the cache; `encode` maps a batch of the
+    dataset's token tensors to batched embeddings named as in `names`."""
+
+    def encode_indices(indices: list[int]) -> dict[str, torch.Tensor]:
+        tokens = [dataset.tokenize(dataset.caption(i)) for i in indices]
+        batch = {key: torch.stack([t[key] for t in tokens]).to(accelerator.device) for key in tokens[0]}
+        encoded = encode(batch)
+        return {f"{i}.{name}": encoded[name][row] for name in names for row, i in enumerate(indices)}
+
+    fields = {**fields, "data": dataset.fingerprint}
+    path = cache_path(args.cache_dir, kind, fields)
+    build(accelerator, path, len(dataset), encode_indices, args.train_batch_size, fields, "text embeddings")
+    dataset.text_cache = CacheReader(path, names)
 
 
 class CacheReader:

@@ -108,16 +108,21 @@ def write_json(path: Path, data: dict) -> None:
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def _fsync_tree(directory: Path) -> None:
-    for root, _, files in os.walk(directory):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as handle:
-                os.fsync(handle.fileno())
+def _fsync_dir(directory: Path | str) -> None:
     descriptor = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Files and folder entries on disk before the checkpoint is renamed into place."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(root)
 
 
 def save_checkpoint(
@@ -144,7 +149,7 @@ def save_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
     else:
         partial.rename(final)
-    _fsync_tree(final)
+    _fsync_dir(output_dir)  # the rename itself; the files were synced above
     if total_limit is not None:
         prune(output_dir, total_limit)
     return final

@@ -74,10 +74,14 @@ def image_name(record: dict) -> str:
     return record.get("path") or "<image bytes>"
 
 
+def image_source(record: dict):
+    """What PIL opens for an undecoded datasets image record ({"bytes", "path"})."""
+    return io.BytesIO(record["bytes"]) if record.get("bytes") else record["path"]
+
+
 def open_image(record: dict) -> Image.Image:
-    """Decode an undecoded datasets image record ({"bytes", "path"}) to RGB."""
-    source = io.BytesIO(record["bytes"]) if record.get("bytes") else record["path"]
-    image = Image.open(source)
+    """Decode an undecoded datasets image record to RGB."""
+    image = Image.open(image_source(record))
     image.load()
     return image.convert("RGB")
 
@@ -88,7 +92,8 @@ def drop_unreadable_images(dataset, image_column: str):
     for index, row in enumerate(dataset.select_columns([image_column])):
         record = row[image_column]
         try:
-            open_image(record)
+            with Image.open(image_source(record)) as image:
+                image.load()  # a full decode: a header check misses truncated files
         except Exception as error:  # noqa: BLE001 - any decode failure means unreadable
             logger.warning("skipping unreadable image %s (%s)", image_name(record), error)
             continue
@@ -275,7 +280,7 @@ def assign_buckets(dataset: CaptionedImageDataset, buckets: list[tuple[int, int]
     sizes = []
     for index in range(len(dataset)):
         record = dataset.rows[index][dataset.image_column]
-        with Image.open(io.BytesIO(record["bytes"]) if record.get("bytes") else record["path"]) as image:
+        with Image.open(image_source(record)) as image:  # reads the header only
             ratio = math.log(image.height / image.width)
         sizes.append(min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1])))
     return sizes

@@ -90,47 +90,27 @@ def cache_encodings(accelerator, args, sd: SDXLComponents, dataset, vae_dtype: t
     """Build (or reuse) the latent and text caches the flags ask for and point the dataset at them."""
     from difftune import cache
 
-    device = accelerator.device
     base = {"model": args.pretrained_model_name_or_path, "revision": args.revision, "variant": args.variant}
     if args.cache_latents:
-        fields = {**base, **cache.data_fields(args, dataset), "vae": args.pretrained_vae_model_name_or_path}
-        fields["dtype"] = str(vae_dtype)
-        flips = [False, True] if args.random_flip else [False]
 
-        def encode_images(indices: list[int]) -> dict[str, torch.Tensor]:
-            out = {}
-            for flip in flips:
-                prefix = "flip." if flip else ""
-                items = [(i, dataset.load(i, flip=flip)) for i in indices]
-                for group in cache.group_by_shape(items, "pixel_values"):
-                    pixels = torch.stack([item["pixel_values"] for _, item in group]).to(device, vae_dtype)
-                    posterior = sd.vae.encode(pixels).latent_dist
-                    for row, (i, item) in enumerate(group):
-                        out[f"{i}.{prefix}latent_mean"] = posterior.mean[row]
-                        out[f"{i}.{prefix}latent_std"] = posterior.std[row]
-                        out[f"{i}.{prefix}time_ids"] = item["time_ids"]
-            return out
+        def encode_images(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+            posterior = sd.vae.encode(pixels.to(accelerator.device, vae_dtype)).latent_dist
+            return {"latent_mean": posterior.mean, "latent_std": posterior.std}
 
-        path = cache.cache_path(args.cache_dir, "sdxl-latents", fields)
-        cache.build(accelerator, path, len(dataset), encode_images, args.train_batch_size, fields, "latents")
-        dataset.image_cache = cache.CacheReader(path, ["latent_mean", "latent_std", "time_ids"], flips=len(flips) > 1)
+        fields = {**base, "vae": args.pretrained_vae_model_name_or_path, "dtype": str(vae_dtype)}
+        names = ["latent_mean", "latent_std"]
+        cache.cache_images(accelerator, args, dataset, "sdxl-latents", fields, encode_images, names, "latents")
     if args.cache_text_embeddings:
-        fields = {**base, "data": dataset.fingerprint, "dtype": str(sd.text_encoder_one.dtype)}
 
-        def encode_text(indices: list[int]) -> dict[str, torch.Tensor]:
-            tokens = [dataset.tokenize(dataset.caption(i)) for i in indices]
-            ids = {k: torch.stack([t[k] for t in tokens]).to(device) for k in ("one_input_ids", "two_input_ids")}
+        def encode_text(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             embeds, pooled = encode_prompt(
-                sd.text_encoder_one, sd.text_encoder_two, ids["one_input_ids"], ids["two_input_ids"]
+                sd.text_encoder_one, sd.text_encoder_two, tokens["one_input_ids"], tokens["two_input_ids"]
             )
-            out = {}
-            for row, i in enumerate(indices):
-                out[f"{i}.prompt_embeds"], out[f"{i}.pooled_prompt_embeds"] = embeds[row], pooled[row]
-            return out
+            return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
-        path = cache.cache_path(args.cache_dir, "sdxl-text", fields)
-        cache.build(accelerator, path, len(dataset), encode_text, args.train_batch_size, fields, "text embeddings")
-        dataset.text_cache = cache.CacheReader(path, ["prompt_embeds", "pooled_prompt_embeds"])
+        fields = {**base, "dtype": str(sd.text_encoder_one.dtype)}
+        names = ["prompt_embeds", "pooled_prompt_embeds"]
+        cache.cache_texts(accelerator, args, dataset, "sdxl-text", fields, encode_text, names)
 
 
 def build_pipeline(components: SDXLComponents, path: str, revision: str | None = None, **models: nn.Module):

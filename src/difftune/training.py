@@ -27,6 +27,7 @@ from torch import nn
 
 from difftune import adapters as adapter_io
 from difftune import checkpoints
+from difftune.args import DTYPES
 from difftune.data import EpochBatchSampler, collate, num_update_steps_per_epoch
 from difftune.errors import UserError
 
@@ -94,7 +95,7 @@ def setup_run(args: argparse.Namespace):
 
 def weight_dtype(accelerator) -> torch.dtype:
     """The dtype for frozen weights: the mixed-precision dtype, else fp32."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    return DTYPES.get(accelerator.mixed_precision, torch.float32)
 
 
 def freeze(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:

@@ -65,35 +65,23 @@ def cache_encodings(accelerator, args, prior: PriorComponents, encoder: nn.Modul
     """Build (or reuse) the image- and text-embedding caches the flags ask for; point the dataset at them."""
     from difftune import cache
 
-    device = accelerator.device
     base = {"prior": args.pretrained_prior_model_name_or_path, "revision": args.revision, "variant": args.variant}
     if args.cache_image_embeddings:
-        fields = {**base, **cache.data_fields(args, dataset), "encoder": args.image_encoder_path, "dtype": str(dtype)}
-        flips = [False, True] if args.random_flip else [False]
 
-        def encode_images(indices: list[int]) -> dict[str, torch.Tensor]:
-            out = {}
-            for flip in flips:
-                pixels = torch.stack([dataset.load(i, flip=flip)["pixel_values"] for i in indices])
-                embeds = image_embeddings(encoder, pixels.to(device, dtype))
-                out.update({f"{i}.{'flip.' if flip else ''}image_embeds": embeds[row] for row, i in enumerate(indices)})
-            return out
+        def encode_images(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"image_embeds": image_embeddings(encoder, pixels.to(accelerator.device, dtype))}
 
-        path = cache.cache_path(args.cache_dir, "wuerstchen-image", fields)
-        cache.build(accelerator, path, len(dataset), encode_images, args.train_batch_size, fields, "image embeddings")
-        dataset.image_cache = cache.CacheReader(path, ["image_embeds"], flips=len(flips) > 1)
+        fields = {**base, "encoder": args.image_encoder_path, "dtype": str(dtype)}
+        cache.cache_images(
+            accelerator, args, dataset, "wuerstchen-image", fields, encode_images, ["image_embeds"], "image embeddings"
+        )
     if args.cache_text_embeddings:
-        fields = {**base, "data": dataset.fingerprint, "dtype": str(prior.text_encoder.dtype)}
 
-        def encode_text(indices: list[int]) -> dict[str, torch.Tensor]:
-            tokens = [dataset.tokenize(dataset.caption(i)) for i in indices]
-            batch = {k: torch.stack([t[k] for t in tokens]).to(device) for k in tokens[0]}
-            embeds = batch_text_embeddings(batch, prior.text_encoder)
-            return {f"{i}.prompt_embeds": embeds[row] for row, i in enumerate(indices)}
+        def encode_text(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {"prompt_embeds": batch_text_embeddings(tokens, prior.text_encoder)}
 
-        path = cache.cache_path(args.cache_dir, "wuerstchen-text", fields)
-        cache.build(accelerator, path, len(dataset), encode_text, args.train_batch_size, fields, "text embeddings")
-        dataset.text_cache = cache.CacheReader(path, ["prompt_embeds"])
+        fields = {**base, "dtype": str(prior.text_encoder.dtype)}
+        cache.cache_texts(accelerator, args, dataset, "wuerstchen-text", fields, encode_text, ["prompt_embeds"])
 
 
 def _read_encoder_state(path: str) -> dict[str, torch.Tensor]:
