@@ -62,11 +62,21 @@ def run_main():
     return run_script
 
 
-def launch(script: str, args: list[str], *, processes: int = 1, mixed_precision: str = "no", timeout: int = 600):
+def launch(
+    script: str,
+    args: list,
+    *,
+    processes: int = 1,
+    mixed_precision: str = "no",
+    config_file: Path | None = None,
+    timeout: int = 600,
+):
     """`accelerate launch` a script in a subprocess (quiet: our one-line errors are the only output)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--quiet"]
     env = dict(os.environ)
-    if processes > 1:
+    if config_file is not None:
+        command += ["--config_file", str(config_file), "--num_processes", str(processes)]
+    elif processes > 1:
         # On the CPU, --cpu with several processes silently starts one; this starts them all (gloo DDP).
         env["ACCELERATE_USE_CPU"] = "1"
         command += ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1"]

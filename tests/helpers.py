@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from difftune import training
 
@@ -100,3 +102,27 @@ def prior_inputs(prior, batch: int = 2, seed: int = 0):
     r = torch.rand(batch, generator=generator)
     c = torch.randn(batch, 77, prior.config.c_cond, generator=generator)
     return x, r, c
+
+
+def adapter_weights(step_dir) -> dict[str, torch.Tensor]:
+    weights = {}
+    for path in sorted(step_dir.glob("*/adapter_model.safetensors")):
+        weights.update({f"{path.parent.name}/{k}": v for k, v in load_file(path).items()})
+    assert weights, f"no adapter weights in {step_dir}"
+    return weights
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def resumed_copy(source_step, output_dir) -> None:
+    output_dir.mkdir(parents=True)
+    shutil.copytree(source_step, output_dir / source_step.name)
+
+
+def one_line_error(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1, err
+    return err[0]

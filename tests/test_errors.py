@@ -7,19 +7,13 @@ import sys
 
 import pytest
 from conftest import SCRIPTS, launch
-from helpers import sdxl_args
+from helpers import one_line_error, sdxl_args
 
 
 def replace(argv, flag, value):
     argv = list(argv)
     argv[argv.index(flag) + 1] = str(value)
     return argv
-
-
-def one_line_error(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
-    assert len(err) == 1, err
-    return err[0]
 
 
 @pytest.fixture

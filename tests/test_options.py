@@ -1,8 +1,7 @@
 """Options that must not change the result (gradient checkpointing) or must survive a resume (8-bit Adam)."""
 
 import pytest
-from helpers import sdxl_args, wuerstchen_args
-from test_reliability import adapter_weights, max_difference
+from helpers import adapter_weights, max_difference, sdxl_args, wuerstchen_args
 
 
 @pytest.mark.parametrize(

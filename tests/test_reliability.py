@@ -3,7 +3,6 @@
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,8 +11,7 @@ import time
 import pytest
 import torch
 from conftest import SCRIPTS, launch
-from helpers import sdxl_args, spy_on_training, wuerstchen_args
-from safetensors.torch import load_file
+from helpers import adapter_weights, max_difference, resumed_copy, sdxl_args, spy_on_training, wuerstchen_args
 
 from difftune import checkpoints
 
@@ -22,24 +20,6 @@ SDXL_EXTRA = (
     "--random_flip", "--gradient_accumulation_steps", "2", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2",
     "--rank_dropout", "0.2", "--module_dropout", "0.2", "--noise_offset", "0.05", "--snr_gamma", "5.0",
 )  # fmt: skip
-
-
-def adapter_weights(step_dir) -> dict[str, torch.Tensor]:
-    weights = {}
-    for path in sorted(step_dir.glob("*/adapter_model.safetensors")):
-        weights.update({f"{path.parent.name}/{k}": v for k, v in load_file(path).items()})
-    assert weights, f"no adapter weights in {step_dir}"
-    return weights
-
-
-def max_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-def resumed_copy(source_step, output_dir) -> None:
-    output_dir.mkdir(parents=True)
-    shutil.copytree(source_step, output_dir / source_step.name)
 
 
 @pytest.mark.parametrize("family", ["sdxl", "wuerstchen"])
@@ -211,6 +191,8 @@ def test_two_process_ddp_trains_and_resumes_exactly(assets, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("saved checkpoint") == 2  # steps 2 and 4, written once each (by the main process)
     assert json.loads((full / "step4" / checkpoints.STATE_FILE).read_text())["num_processes"] == 2
+    # Training moves the weights (DDP once gave the parameters gradients of its own, so none moved).
+    assert max_difference(adapter_weights(full / "step2"), adapter_weights(full / "step4")) > 1e-3
     resumed_copy(full / "step2", resumed)
     args = sdxl_args(
         assets, resumed, "--random_flip", "--train_text_encoder", "--resume_from_checkpoint", "latest", steps=4

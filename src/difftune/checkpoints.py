@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -125,25 +124,25 @@ def _fsync_tree(directory: Path) -> None:
         _fsync_dir(root)
 
 
-def save_checkpoint(
-    output_dir: Path,
-    step: int,
-    write_contents: Callable[[Path], None],
-    state: dict,
-    total_limit: int | None = None,
-) -> Path:
-    """Write a complete checkpoint for `step` atomically, then prune to `total_limit`."""
-    output_dir = Path(output_dir)
-    final = checkpoint_dir(output_dir, step)
-    partial = output_dir / f".partial-step{step}-{os.getpid()}"
+def partial_dir(output_dir: Path, step: int) -> Path:
+    """Where the checkpoint for `step` is written before it is renamed into place (one name for all processes)."""
+    return Path(output_dir) / f".partial-step{step}"
+
+
+def begin_checkpoint(partial: Path) -> None:
+    """An empty temporary dir for a checkpoint (left over from a killed save: removed first)."""
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    write_contents(partial)
+
+
+def finish_checkpoint(partial: Path, final: Path, state: dict, total_limit: int | None = None) -> Path:
+    """Mark `partial` complete, sync it to disk, rename it to `final` atomically, then prune to `total_limit`."""
+    output_dir = final.parent
     write_json(partial / STATE_FILE, state)
     _fsync_tree(partial)
     if final.exists():
         # A resumed run reaching the same step again: swap the old one out before the rename.
-        stale = output_dir / f".stale-step{step}-{os.getpid()}"
+        stale = output_dir / f".stale-{final.name}-{os.getpid()}"
         final.rename(stale)
         partial.rename(final)
         shutil.rmtree(stale, ignore_errors=True)

@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,10 +26,11 @@ import torch
 from torch import nn
 
 from difftune import adapters as adapter_io
-from difftune import checkpoints
+from difftune import checkpoints, deepspeed_zero
 from difftune.args import DTYPES
 from difftune.data import EpochBatchSampler, collate, num_update_steps_per_epoch
 from difftune.errors import UserError
+from difftune.updates import make_update
 
 logger = logging.getLogger("difftune")
 
@@ -53,19 +54,21 @@ def setup_run(args: argparse.Namespace):
     checkpoints.check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     # SDXL conditions on the penultimate hidden states, so a text encoder's last layer gets no
     # gradient: DDP must be told that some adapter weights may go unused.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(getattr(args, "train_text_encoder", False)))
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=bool(getattr(args, "train_text_encoder", False)))]
+    if deepspeed_zero.requested():
+        handlers += deepspeed_zero.process_group_kwargs()
     accelerator = Accelerator(
         mixed_precision=precision,
-        kwargs_handlers=[ddp],
+        kwargs_handlers=handlers,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
         ),
     )
-    if accelerator.distributed_type.value in {"DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA"}:
+    if accelerator.distributed_type.value in {"FSDP", "MEGATRON_LM", "XLA"}:
         raise UserError(
             f"accelerate is set up for {accelerator.distributed_type.value}, which difftune does not support: "
-            "adapters are small, so plain DDP (configs/accelerate/multi_gpu.yaml) is what to use"
+            "use DDP (configs/accelerate/multi_gpu.yaml) or DeepSpeed ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml)"
         )
     args.mixed_precision = accelerator.mixed_precision  # recorded as used, whichever way it was chosen
     logging.basicConfig(
@@ -123,54 +126,6 @@ def on_device(modules: list[nn.Module], device: torch.device):
         yield
     finally:
         offload(modules)
-
-
-def flatten_param_groups(param_groups: list[dict]) -> list[dict]:
-    """One flat fp32 parameter per group, the adapter weights (and their gradients) becoming views into it.
-
-    An adapter has hundreds of small tensors (LoKr on SDXL: two per attention projection); the
-    optimizer and gradient clipping then run over one tensor per group instead of each of them.
-    The adapters' own parameters keep their identity, so saving, loading and validation see no
-    change; autograd accumulates into the gradient views, which must be zeroed in place, not freed.
-    """
-    flat_groups = []
-    for group in param_groups:
-        params = group["params"]
-        total = sum(p.numel() for p in params)
-        flat = torch.empty(total, dtype=torch.float32, device=params[0].device)
-        grad = torch.zeros_like(flat)
-        offset = 0
-        for param in params:
-            size = param.numel()
-            flat[offset : offset + size].copy_(param.data.reshape(-1))
-            param.data = flat[offset : offset + size].view_as(param)
-            param.grad = grad[offset : offset + size].view_as(param)
-            offset += size
-        flat_param = nn.Parameter(flat)
-        flat_param.grad = grad
-        flat_groups.append({**group, "params": [flat_param]})
-    return flat_groups
-
-
-def build_optimizer(args: argparse.Namespace, param_groups: list[dict]) -> torch.optim.Optimizer:
-    """AdamW (or bitsandbytes AdamW8bit) over the adapter parameters."""
-    kwargs = {
-        "lr": args.learning_rate,
-        "betas": (args.adam_beta1, args.adam_beta2),
-        "weight_decay": args.adam_weight_decay,
-        "eps": args.adam_epsilon,
-    }
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
-        return bnb.optim.AdamW8bit(param_groups, **kwargs)
-    try:
-        # One kernel over all adapter tensors: LoKr/LoRA have hundreds of small ones (5x faster on CPU).
-        return torch.optim.AdamW(param_groups, fused=True, **kwargs)
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(param_groups, foreach=True, **kwargs)
 
 
 def micro_batch_seed(seed: int, step: int, micro_batch: int, process_index: int) -> int:
@@ -246,6 +201,21 @@ class StopRequest:
         return int(accelerator.gather(flag).max().item())
 
 
+def check_resumable(state: dict, kind: str, num_processes: int, resume_dir: Path) -> None:
+    """DeepSpeed shards the optimizer state by process: a checkpoint resumes only under the same set-up."""
+    saved_kind = state.get("distributed", "ddp")
+    if saved_kind != kind:
+        raise UserError(
+            f"{resume_dir} was written under {saved_kind}, this run uses {kind}: "
+            "resume with the accelerate config that wrote it"
+        )
+    if kind == "deepspeed" and state["num_processes"] != num_processes:
+        raise UserError(
+            f"{resume_dir} holds DeepSpeed optimizer shards for {state['num_processes']} processes, "
+            f"this run has {num_processes}: resume with --num_processes {state['num_processes']}"
+        )
+
+
 def gathered_losses(accelerator, losses: list[torch.Tensor]) -> tuple[float, bool]:
     """(mean loss over micro-batches and processes, whether every process's losses were finite)."""
     gathered = accelerator.gather(torch.stack(losses)).cpu()
@@ -289,50 +259,53 @@ def train(
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     args.max_train_steps = max_steps
 
-    param_groups = flatten_param_groups(param_groups)
-    optimizer = build_optimizer(args, param_groups)
+    update = make_update(accelerator, args, adapters, param_groups)
+    models = update.models
     lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_steps
+        args.lr_scheduler, update.optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_steps
     )
-    names = list(adapters)
-    *prepared, optimizer = accelerator.prepare(*adapters.values(), optimizer)
-    models = dict(zip(names, prepared, strict=True))
-    params = [p for group in param_groups for p in group["params"]]
 
     global_step, nonfinite_steps = 0, 0
     resume_dir = checkpoints.resolve_resume(output_dir, args.resume_from_checkpoint)
     if resume_dir is not None:
-        adapter_io.load_adapters(adapters, resume_dir)
-        optimizer.load_state_dict(checkpoints.load_torch_state(resume_dir / checkpoints.OPTIMIZER_FILE))
-        lr_scheduler.load_state_dict(checkpoints.load_torch_state(resume_dir / checkpoints.SCHEDULER_FILE))
         state = checkpoints.read_json(resume_dir / checkpoints.STATE_FILE)
+        check_resumable(state, update.kind, accelerator.num_processes, resume_dir)
+        adapter_io.load_adapters(adapters, resume_dir)
+        update.load(resume_dir)
+        lr_scheduler.load_state_dict(checkpoints.load_torch_state(resume_dir / checkpoints.SCHEDULER_FILE))
         global_step, nonfinite_steps = state["global_step"], state.get("nonfinite_steps", 0)
         if state.get("steps_per_epoch") not in (None, steps_per_epoch):
             logger.warning("the data or batch settings changed since %s: the data order will differ", resume_dir)
         logger.info("resumed from %s at step %d", resume_dir, global_step)
 
     def write_checkpoint(step: int) -> Path:
+        """All processes: each may hold a share of the optimizer state; the main process writes the rest."""
+        accelerator.wait_for_everyone()
+        partial = checkpoints.partial_dir(output_dir, step)
+        if accelerator.is_main_process:
+            checkpoints.begin_checkpoint(partial)
+        accelerator.wait_for_everyone()
+        update.save(partial)
+        with update.full_precision_weights():
+            if accelerator.is_main_process:
+                adapter_io.save_adapters(adapters, partial)
+                if save_extra is not None:
+                    save_extra(partial, adapters)
         accelerator.wait_for_everyone()
         path = checkpoints.checkpoint_dir(output_dir, step)
         if accelerator.is_main_process:
-
-            def write_contents(directory: Path) -> None:
-                adapter_io.save_adapters(adapters, directory)
-                if save_extra is not None:
-                    save_extra(directory, adapters)
-                checkpoints.save_torch_state(optimizer.state_dict(), directory / checkpoints.OPTIMIZER_FILE)
-                checkpoints.save_torch_state(lr_scheduler.state_dict(), directory / checkpoints.SCHEDULER_FILE)
-                checkpoints.write_json(directory / checkpoints.ARGS_FILE, run_config(args))
-
+            checkpoints.save_torch_state(lr_scheduler.state_dict(), partial / checkpoints.SCHEDULER_FILE)
+            checkpoints.write_json(partial / checkpoints.ARGS_FILE, run_config(args))
             state = {
                 "global_step": step,
                 "epoch": step // steps_per_epoch,
                 "steps_per_epoch": steps_per_epoch,
                 "seed": args.seed,
                 "num_processes": accelerator.num_processes,
+                "distributed": update.kind,
                 "nonfinite_steps": nonfinite_steps,
             }
-            path = checkpoints.save_checkpoint(output_dir, step, write_contents, state, args.checkpoints_total_limit)
+            checkpoints.finish_checkpoint(partial, path, state, args.checkpoints_total_limit)
             logger.info("saved checkpoint %s", path)
         accelerator.wait_for_everyone()
         return path
@@ -384,25 +357,17 @@ def train(
                     batch = to_device(next(batches), accelerator.device)
                     phase["data"] += time.perf_counter() - tick
                     torch.manual_seed(micro_batch_seed(args.seed, global_step, micro, accelerator.process_index))
-                    with ExitStack() as stack:
-                        if micro < accum - 1:
-                            for model in prepared:
-                                stack.enter_context(accelerator.no_sync(model))
+                    with update.micro_batch(last=micro == accum - 1):
                         tick = time.perf_counter()
                         loss = compute_loss(batch, models)
                         phase["forward"] += time.perf_counter() - tick
                         tick = time.perf_counter()
-                        accelerator.backward(loss / accum)
+                        update.backward(loss)
                         phase["backward"] += time.perf_counter() - tick
                     losses.append(loss.detach().float())
                 tick = time.perf_counter()
                 last_loss, finite = gathered_losses(accelerator, losses)
-                if finite:
-                    if args.max_grad_norm > 0:
-                        accelerator.unscale_gradients()  # no-op unless fp16
-                        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm, foreach=True)
-                    optimizer.step()
-                else:
+                if not finite:
                     nonfinite_steps += 1
                     if nonfinite_steps > args.max_nonfinite_steps:
                         found = checkpoints.list_checkpoints(output_dir)
@@ -413,8 +378,8 @@ def train(
                             f"last good checkpoint: {last_good}. Lower --learning_rate, or use bf16 instead of fp16"
                         )
                     logger.warning("non-finite loss at step %d: skipping its update", global_step + 1)
+                update.step(finite)
                 lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=False)  # the adapters' gradients are views: keep them
                 phase["optimizer"] += time.perf_counter() - tick
                 global_step += 1
 

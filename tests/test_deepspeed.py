@@ -1,0 +1,122 @@
+"""DeepSpeed ZeRO-2 with the shipped accelerate config, on two CPU processes: trains as DDP does, shards the
+optimizer state, resumes exactly, saves fp32 adapters from bf16 runs; wrong set-ups fail in one line."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import ROOT, launch
+from helpers import adapter_weights, max_difference, one_line_error, resumed_copy, sdxl_args
+from safetensors.torch import load_file
+
+from difftune import deepspeed_zero, training
+from difftune.errors import UserError
+
+pytest.importorskip("deepspeed")
+
+ZERO2 = ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml"
+EXTRA = ("--random_flip", "--train_text_encoder", "--gradient_accumulation_steps", "2", "--rank_dropout", "0.2")
+
+
+def zero2_run(assets, out, *more, mixed_precision: str = "no") -> None:
+    proc = launch(
+        "train_sdxl_lokr", sdxl_args(assets, out, *EXTRA, *more), processes=2, config_file=ZERO2,
+        mixed_precision=mixed_precision,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def resumed_zero2_run(assets, full, resumed, mixed_precision: str = "no") -> None:
+    """Resume from full/step2 as "latest" in a dir holding only it."""
+    resumed_copy(full / "step2", resumed)
+    zero2_run(assets, resumed, "--resume_from_checkpoint", "latest", mixed_precision=mixed_precision)
+    assert not list(resumed.glob(".partial-*"))
+
+
+@pytest.mark.slow
+def test_zero2_trains_like_ddp_shards_its_state_and_resumes_exactly(assets, tmp_path, run_main, capsys):
+    zero2, ddp, resumed = tmp_path / "zero2", tmp_path / "ddp", tmp_path / "resumed"
+    zero2_run(assets, zero2)
+    step_dir = zero2 / "step4"
+
+    # One optimizer shard per process; the model file holds the adapters only, not the frozen base model.
+    shards = sorted(path.name for path in (step_dir / "deepspeed").glob("*optim_states.pt"))
+    assert shards == [f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)]
+    with torch.serialization.safe_globals(deepspeed_zero._safe_globals()):
+        module = torch.load(step_dir / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    assert module and all(".lokr_w" in name for name in module), sorted(module)[:3]
+
+    # The same run under DDP ends with the same weights, up to the order gradients are summed in (Adam
+    # turns tiny differences into up to lr-sized ones); two steps at lr 1e-3 move them 20 times as far.
+    proc = launch("train_sdxl_lokr", sdxl_args(assets, ddp, *EXTRA), processes=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert max_difference(adapter_weights(step_dir), adapter_weights(ddp / "step4")) <= 1e-4
+    assert max_difference(adapter_weights(zero2 / "step2"), adapter_weights(step_dir)) > 1.9e-3
+
+    resumed_zero2_run(assets, zero2, resumed)
+    assert max_difference(adapter_weights(resumed / "step4"), adapter_weights(step_dir)) <= 1e-6
+
+    # Its optimizer state is sharded: it resumes under DeepSpeed only, which a one-line error says.
+    argv = sdxl_args(assets, tmp_path / "elsewhere", *EXTRA, "--resume_from_checkpoint", zero2 / "step2")
+    assert run_main("train_sdxl_lokr", argv) == 2
+    assert "was written under deepspeed, this run uses ddp" in one_line_error(capsys)
+
+
+@pytest.mark.slow
+def test_zero2_bf16_saves_fp32_adapters_that_load_with_peft_and_resumes_exactly(assets, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from peft import PeftModel
+
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    zero2_run(assets, full, mixed_precision="bf16")
+    saved = load_file(full / "step4" / "unet" / "adapter_model.safetensors")
+    assert {weight.dtype for weight in saved.values()} == {torch.float32}
+    # DeepSpeed runs the models in bf16; what is saved is its fp32 master copy, not a widened bf16 one.
+    assert any((weight - weight.bfloat16().float()).abs().max() > 0 for weight in saved.values())
+
+    unet = UNet2DConditionModel.from_pretrained(assets / "sdxl", subfolder="unet")
+    unet = PeftModel.from_pretrained(unet, full / "step4" / "unet", adapter_name="default")
+    loaded = {name: param for name, param in unet.named_parameters() if ".lokr_w" in name}
+    assert len(loaded) == len(saved)
+    for name, weight in saved.items():
+        assert torch.equal(loaded[f"{name}.default"], weight)  # peft names the parameter after the adapter
+
+    resumed_zero2_run(assets, full, resumed, mixed_precision="bf16")
+    assert max_difference(adapter_weights(resumed / "step4"), adapter_weights(full / "step4")) <= 1e-6
+
+
+def fake_accelerator(config: dict) -> SimpleNamespace:
+    return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
+
+
+def run_flags() -> SimpleNamespace:
+    return SimpleNamespace(train_batch_size=3, gradient_accumulation_steps=2, max_grad_norm=0.5)
+
+
+def test_the_script_flags_fill_the_deepspeed_config():
+    config = {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 1, "gradient_clipping": "auto"}
+    accelerator = fake_accelerator(config)
+    deepspeed_zero.configure(accelerator, run_flags())
+    assert config["train_micro_batch_size_per_gpu"] == 3
+    assert config["gradient_accumulation_steps"] == accelerator.gradient_accumulation_steps == 2
+    assert config["gradient_clipping"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"zero_optimization": {"stage": 3}}, "ZeRO-3 shards the frozen base model too"),
+        ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}, "sets an optimizer or scheduler"),
+    ],
+)
+def test_unsupported_deepspeed_configs_are_refused(config, message):
+    with pytest.raises(UserError, match=message):
+        deepspeed_zero.configure(fake_accelerator(config), run_flags())
+
+
+def test_deepspeed_checkpoints_resume_with_the_same_number_of_processes(tmp_path):
+    state = {"distributed": "deepspeed", "num_processes": 2}
+    training.check_resumable(state, "deepspeed", 2, tmp_path)
+    with pytest.raises(UserError, match="optimizer shards for 2 processes, this run has 4"):
+        training.check_resumable(state, "deepspeed", 4, tmp_path)
+    training.check_resumable({"num_processes": 1}, "ddp", 4, tmp_path)  # written before the field existed
