@@ -4,6 +4,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -57,7 +58,28 @@ def test_output_dir_with_another_run_is_refused(assets, tmp_path, run_main, caps
     assert [step for step, _ in checkpoints.list_checkpoints(out)] == [2]
 
 
-def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(assets, tmp_path, run_main, capsys, monkeypatch):
+@pytest.fixture
+def one_process_deepspeed(monkeypatch):
+    """This process as a one-process DeepSpeed ZeRO-2 launch (the environment `accelerate launch` would set)."""
+    pytest.importorskip("deepspeed")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launch_env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "LOCAL_RANK": "0"}
+    launch_env |= {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for name, value in {**launch_env, "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("distributed", ["none", "deepspeed"])
+def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(
+    assets, tmp_path, run_main, capsys, monkeypatch, request, distributed
+):
+    if distributed == "deepspeed":
+        request.getfixturevalue("one_process_deepspeed")  # DeepSpeed skips the update itself
     calls = []
 
     def nan_at_steps_3_and_5(compute_loss):

@@ -170,6 +170,10 @@ class DeepSpeedUpdate:
         self.engine.save_checkpoint(
             str(directory), tag=DEEPSPEED_DIR, client_state={}, save_latest=False, exclude_frozen_parameters=True
         )
+        if self.engine.global_rank == 0:
+            # Its scripts that rebuild fp32 weights from the shards: the adapter files are fp32 already.
+            for script in ("zero_to_fp32.py", "zero_to_torch.py"):
+                (directory / script).unlink(missing_ok=True)
 
     def load(self, directory: Path) -> None:
         path, _ = self.engine.load_checkpoint(
