@@ -135,12 +135,15 @@ class DeepSpeedUpdate:
         deepspeed_zero.use_safe_loading(self.engine)
         self.models = dict(adapters)
         # DeepSpeed casts the models to the mixed-precision dtype but does not autocast: inputs may be fp32.
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
-        self.autocast = dtype and (lambda: torch.autocast(accelerator.device.type, dtype=dtype))
+        self.device_type = accelerator.device.type
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
 
     def micro_batch(self, last: bool):
+        """Around a micro-batch's forward and backward: DeepSpeed reduces the gradients on the last."""
         self.engine.set_gradient_accumulation_boundary(last)
-        return self.autocast() if self.autocast else nullcontext()
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # scales by 1 / gradient_accumulation_steps itself
