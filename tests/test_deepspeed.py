@@ -26,17 +26,24 @@ def zero2_run(assets, out, *more, mixed_precision: str = "no") -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def resumed_zero2_run(assets, full, resumed, mixed_precision: str = "no") -> None:
+def resumed_zero2_run(assets, full, resumed, *more, mixed_precision: str = "no") -> None:
     """Resume from full/step2 as "latest" in a dir holding only it."""
     resumed_copy(full / "step2", resumed)
-    zero2_run(assets, resumed, "--resume_from_checkpoint", "latest", mixed_precision=mixed_precision)
+    zero2_run(assets, resumed, *more, "--resume_from_checkpoint", "latest", mixed_precision=mixed_precision)
     assert not list(resumed.glob(".partial-*"))
+
+
+# Updates proportional to the gradients (no clipping, Adam's epsilon above their size), so that a wrong
+# gradient scale (accumulation, averaging over processes) changes the weights; no weight decay, which
+# DDP skips for weights that get no gradient (the first SDXL text encoder's last layer) and DeepSpeed not.
+GRADIENT_SENSITIVE = ("--max_grad_norm", "0", "--adam_epsilon", "1e-2", "--learning_rate", "1e-2")
+GRADIENT_SENSITIVE += ("--adam_weight_decay", "0")
 
 
 @pytest.mark.slow
 def test_zero2_trains_like_ddp_shards_its_state_and_resumes_exactly(assets, tmp_path, run_main, capsys):
     zero2, ddp, resumed = tmp_path / "zero2", tmp_path / "ddp", tmp_path / "resumed"
-    zero2_run(assets, zero2)
+    zero2_run(assets, zero2, *GRADIENT_SENSITIVE)
     step_dir = zero2 / "step4"
 
     # One optimizer shard per process; the model file holds the adapters only, not the frozen base model.
@@ -46,14 +53,14 @@ def test_zero2_trains_like_ddp_shards_its_state_and_resumes_exactly(assets, tmp_
         module = torch.load(step_dir / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
     assert module and all(".lokr_w" in name for name in module), sorted(module)[:3]
 
-    # The same run under DDP ends with the same weights, up to the order gradients are summed in (Adam
-    # turns tiny differences into up to lr-sized ones); two steps at lr 1e-3 move them 20 times as far.
-    proc = launch("train_sdxl_lokr", sdxl_args(assets, ddp, *EXTRA), processes=2)
+    # The same run under DDP ends with the same weights, up to the order gradients are summed in;
+    # two steps move them a thousand times as far.
+    proc = launch("train_sdxl_lokr", sdxl_args(assets, ddp, *EXTRA, *GRADIENT_SENSITIVE), processes=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert max_difference(adapter_weights(step_dir), adapter_weights(ddp / "step4")) <= 1e-4
-    assert max_difference(adapter_weights(zero2 / "step2"), adapter_weights(step_dir)) > 1.9e-3
+    assert max_difference(adapter_weights(step_dir), adapter_weights(ddp / "step4")) <= 1e-6
+    assert max_difference(adapter_weights(zero2 / "step2"), adapter_weights(step_dir)) > 1e-3
 
-    resumed_zero2_run(assets, zero2, resumed)
+    resumed_zero2_run(assets, zero2, resumed, *GRADIENT_SENSITIVE)
     assert max_difference(adapter_weights(resumed / "step4"), adapter_weights(step_dir)) <= 1e-6
 
     # Its optimizer state is sharded: it resumes under DeepSpeed only, which a one-line error says.
@@ -96,22 +103,32 @@ def run_flags() -> SimpleNamespace:
 def test_the_script_flags_fill_the_deepspeed_config():
     config = {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 1, "gradient_clipping": "auto"}
     accelerator = fake_accelerator(config)
-    deepspeed_zero.configure(accelerator, run_flags())
+    deepspeed_zero.configure(accelerator, run_flags(), trainable=12345)
     assert config["train_micro_batch_size_per_gpu"] == 3
     assert config["gradient_accumulation_steps"] == accelerator.gradient_accumulation_steps == 2
     assert config["gradient_clipping"] == 0.5
+    # Communication buffers the size of the adapter, not DeepSpeed's default of 5e8 elements.
+    assert config["zero_optimization"]["reduce_bucket_size"] == 12345
+    assert config["zero_optimization"]["allgather_bucket_size"] == 12345
 
 
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"zero_optimization": {"stage": 3}}, "ZeRO-3 shards the frozen base model too"),
+        ({"zero_optimization": {"stage": 3}}, "ZeRO stage 3; difftune supports ZeRO-2 only"),
+        ({"zero_optimization": {"stage": 1}}, "ZeRO stage 1; difftune supports ZeRO-2 only"),
         ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}, "sets an optimizer or scheduler"),
+        (
+            {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+            "offloads to cpu \\(offload_optimizer\\)",
+        ),
+        ({"zero_optimization": {"stage": 2}, "bf16": {"check_grad_overflow": False}}, "overflow check"),
+        ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}}, "overflow check"),
     ],
 )
 def test_unsupported_deepspeed_configs_are_refused(config, message):
     with pytest.raises(UserError, match=message):
-        deepspeed_zero.configure(fake_accelerator(config), run_flags())
+        deepspeed_zero.configure(fake_accelerator(config), run_flags(), trainable=100)
 
 
 def test_deepspeed_checkpoints_resume_with_the_same_number_of_processes(tmp_path):
@@ -120,3 +137,19 @@ def test_deepspeed_checkpoints_resume_with_the_same_number_of_processes(tmp_path
     with pytest.raises(UserError, match="optimizer shards for 2 processes, this run has 4"):
         training.check_resumable(state, "deepspeed", 4, tmp_path)
     training.check_resumable({"num_processes": 1}, "ddp", 4, tmp_path)  # written before the field existed
+
+
+def test_an_output_dir_some_process_cannot_see_is_refused(tmp_path, monkeypatch):
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects: objects)
+    second_machine = SimpleNamespace(
+        num_processes=2,
+        is_main_process=False,  # so nobody writes the probe file: the main process's writes are elsewhere
+        device=torch.device("cpu"),
+        wait_for_everyone=lambda: None,
+        gather=lambda seen: torch.cat([torch.tensor([1]), seen]),
+    )
+    with pytest.raises(UserError, match=r"processes \[1\] cannot see --output_dir .*storage that every machine"):
+        training.check_shared_output_dir(second_machine, tmp_path)
+    training.check_shared_output_dir(SimpleNamespace(num_processes=1), tmp_path)  # nothing to check

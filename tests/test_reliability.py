@@ -72,6 +72,9 @@ def one_process_deepspeed(monkeypatch):
     yield
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    import deepspeed.comm.comm
+
+    deepspeed.comm.comm.cdb = None  # else a later DeepSpeed engine in this process reuses the destroyed group
 
 
 @pytest.mark.parametrize("distributed", ["none", "deepspeed"])

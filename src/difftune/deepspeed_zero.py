@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-1/2 under accelerate: the launch check, the config from the script's flags, safe loading.
+"""DeepSpeed ZeRO-2 under accelerate: the launch check, the config from the script's flags, safe loading.
 
 The run's flags are the single source of truth: batch size, gradient accumulation and clipping
 are written into the DeepSpeed config, whatever the accelerate config file said.
@@ -16,38 +16,61 @@ from difftune.errors import UserError
 
 logger = logging.getLogger("difftune")
 
+DEFAULT_BUCKET_SIZE = 500_000_000  # DeepSpeed's, in elements: buffers that big for a few million adapter weights
+
 
 def requested() -> bool:
     """Whether `accelerate launch` was configured for DeepSpeed."""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def process_group_kwargs() -> list:
-    """accelerate's handlers for a DeepSpeed launch: gloo where no GPU is (DeepSpeed's CPU default is oneCCL)."""
-    from accelerate.utils import InitProcessGroupKwargs
-
+def check_installed() -> None:
     try:
         import deepspeed  # noqa: F401
     except ImportError:
         raise UserError(
             "the accelerate config asks for DeepSpeed, which is not installed: pip install deepspeed"
         ) from None
+
+
+def process_group_kwargs() -> list:
+    """accelerate's handlers for a DeepSpeed launch: gloo where no GPU is (DeepSpeed's CPU default is oneCCL)."""
+    from accelerate.utils import InitProcessGroupKwargs
+
     return [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
 
 
-def configure(accelerator, args: argparse.Namespace) -> None:
-    """Check the ZeRO stage and write the run's batch, accumulation and clipping into the DeepSpeed config."""
-    config = accelerator.state.deepspeed_plugin.deepspeed_config
-    stage = int(config.get("zero_optimization", {}).get("stage", 0))
-    if stage > 2:
+def _refuse_unsupported(config: dict) -> None:
+    zero = config.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    if stage != 2:
         raise UserError(
-            f"DeepSpeed ZeRO-{stage} shards the frozen base model too, which difftune does not support: "
-            "use zero_stage 2 (configs/accelerate/deepspeed_zero2.yaml)"
+            f"the DeepSpeed config asks for ZeRO stage {stage}; difftune supports ZeRO-2 only: "
+            "set zero_stage: 2 (configs/accelerate/deepspeed_zero2.yaml)"
         )
     if "optimizer" in config or "scheduler" in config:
         raise UserError(
             "the DeepSpeed config sets an optimizer or scheduler: remove them, the script's flags choose both"
         )
+    for offload in ("offload_optimizer", "offload_param"):
+        device = (zero.get(offload) or {}).get("device", "none")
+        if device not in ("none", None):
+            raise UserError(
+                f"the DeepSpeed config offloads to {device} ({offload}), which difftune does not support (it "
+                "would replace the script's optimizer): set offload_optimizer_device and offload_param_device to none"
+            )
+    if config.get("bf16", {}).get("check_grad_overflow") is False or zero.get("compute_grad_norm") is False:
+        raise UserError(
+            "the DeepSpeed config turns off the gradient overflow check or norm, which skip the updates of "
+            "non-finite losses: remove bf16.check_grad_overflow and zero_optimization.compute_grad_norm"
+        )
+
+
+def configure(accelerator, args: argparse.Namespace, trainable: int) -> None:
+    """Refuse what difftune does not support; write the run's batch, accumulation and clipping into the
+    DeepSpeed config, and size its communication buckets for `trainable` weights."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    _refuse_unsupported(config)
     wanted = {
         "train_micro_batch_size_per_gpu": args.train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
@@ -58,6 +81,10 @@ def configure(accelerator, args: argparse.Namespace) -> None:
             logger.info("DeepSpeed %s: %s from the script's flags (the config said %s)", key, value, config[key])
         config[key] = value
     config.pop("train_batch_size", None)  # derived from the above by accelerate
+    zero = config["zero_optimization"]
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        if zero.get(key, "auto") == "auto":
+            zero[key] = min(trainable, DEFAULT_BUCKET_SIZE)
     accelerator.gradient_accumulation_steps = args.gradient_accumulation_steps
 
 

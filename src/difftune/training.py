@@ -56,6 +56,7 @@ def setup_run(args: argparse.Namespace):
     # gradient: DDP must be told that some adapter weights may go unused.
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=bool(getattr(args, "train_text_encoder", False)))]
     if deepspeed_zero.requested():
+        deepspeed_zero.check_installed()
         handlers += deepspeed_zero.process_group_kwargs()
     accelerator = Accelerator(
         mixed_precision=precision,
@@ -84,6 +85,7 @@ def setup_run(args: argparse.Namespace):
     if accelerator.is_main_process:
         checkpoints.clean_output_dir(output_dir, remove_checkpoints=args.overwrite_output_dir)
     accelerator.wait_for_everyone()
+    check_shared_output_dir(accelerator, output_dir)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -94,6 +96,52 @@ def setup_run(args: argparse.Namespace):
     # Seeds what runs before the loop, the adapters' random init above all: a run is reproducible.
     set_seed(args.seed)
     return accelerator
+
+
+def check_shared_output_dir(accelerator, output_dir: Path) -> None:
+    """Every process must see what the main process writes there: checkpoints are written by several
+    processes and read back by all of them on resume."""
+    from accelerate.utils import broadcast_object_list
+
+    if accelerator.num_processes == 1:
+        return
+    token = [os.urandom(8).hex()]
+    broadcast_object_list(token)
+    probe = output_dir / f".shared-{token[0]}"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token[0])
+    accelerator.wait_for_everyone()
+    sees = torch.tensor([int(probe.is_file())], device=accelerator.device)
+    blind = (accelerator.gather(sees) == 0).nonzero().flatten().tolist()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        probe.unlink()
+    if blind:
+        raise UserError(
+            f"processes {blind} cannot see --output_dir {output_dir} as the main process writes it: "
+            "put it on storage that every machine shares"
+        )
+
+
+def main_decides(accelerator, decide: Callable[[], object]) -> object:
+    """`decide()` run on the main process only, its result (or its UserError) given to every process:
+    the processes read the output dir at different moments, and must take the same path."""
+    from accelerate.utils import broadcast_object_list
+
+    if accelerator.num_processes == 1:
+        return decide()
+    outcome = [None]
+    if accelerator.is_main_process:
+        try:
+            outcome = [(decide(), None)]
+        except UserError as error:
+            outcome = [(None, str(error))]
+    broadcast_object_list(outcome)
+    result, error = outcome[0]
+    if error is not None:
+        raise UserError(error)
+    return result
 
 
 def weight_dtype(accelerator) -> torch.dtype:
@@ -266,7 +314,7 @@ def train(
     )
 
     global_step, nonfinite_steps = 0, 0
-    resume_dir = checkpoints.resolve_resume(output_dir, args.resume_from_checkpoint)
+    resume_dir = main_decides(accelerator, lambda: checkpoints.resolve_resume(output_dir, args.resume_from_checkpoint))
     if resume_dir is not None:
         state = checkpoints.read_json(resume_dir / checkpoints.STATE_FILE)
         check_resumable(state, update.kind, accelerator.num_processes, resume_dir)
@@ -402,7 +450,7 @@ def train(
             epoch, step_in_epoch = epoch + 1, 0
         progress.close()
         final = checkpoints.checkpoint_dir(output_dir, global_step)
-        if last_saved != global_step and not checkpoints.is_complete(final):
+        if last_saved != global_step and not main_decides(accelerator, lambda: checkpoints.is_complete(final)):
             final = write_checkpoint(global_step)
         accelerator.end_training()
     if stopped_by:

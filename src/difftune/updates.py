@@ -2,7 +2,7 @@
 
 `DataParallelUpdate` (one process or DDP) accumulates gradients itself (with one process, into one
 flat buffer per parameter group), clips and steps a plain optimizer, and keeps its state in one file.
-`DeepSpeedUpdate` (accelerate's DeepSpeed ZeRO-1/2) leaves accumulation, clipping and the step
+`DeepSpeedUpdate` (accelerate's DeepSpeed ZeRO-2) leaves accumulation, clipping and the step
 to the DeepSpeed engine, which shards the optimizer state: every process saves and loads its share.
 The training loop drives both the same way: `micro_batch` around each forward and backward,
 `step` once the micro-batches are done, `save` / `load` with checkpoints.
@@ -11,6 +11,7 @@ The training loop drives both the same way: `micro_batch` around each forward an
 from __future__ import annotations
 
 import argparse
+import functools
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
@@ -120,37 +121,44 @@ class DataParallelUpdate:
 
 
 class DeepSpeedUpdate:
-    """DeepSpeed ZeRO-1/2: the engine accumulates, reduces, clips and steps; the optimizer state is sharded."""
+    """DeepSpeed ZeRO-2: the engine accumulates, reduces, clips and steps; the optimizer state is sharded."""
 
     kind = "deepspeed"
 
     def __init__(self, accelerator, args: argparse.Namespace, adapters: dict[str, nn.Module], param_groups: list[dict]):
         from difftune import deepspeed_zero
 
-        deepspeed_zero.configure(accelerator, args)
+        trainable = sum(p.numel() for group in param_groups for p in group["params"])
+        deepspeed_zero.configure(accelerator, args, trainable)
+        self.max_grad_norm = args.max_grad_norm
         # The engine takes one model: the adapted models together. Their forward is called directly,
-        # which ZeRO-1/2 allow (gradients are reduced by hooks on the parameters, not in forward).
+        # which ZeRO-2 allows (gradients are reduced by hooks on the parameters, not in forward).
         self.optimizer = build_optimizer(args, param_groups)  # ZeRO steps it over its shard of the weights
         self.engine, _ = accelerator.prepare(nn.ModuleDict(adapters), self.optimizer)
         deepspeed_zero.use_safe_loading(self.engine)
         self.models = dict(adapters)
-        # DeepSpeed casts the models to the mixed-precision dtype but does not autocast: inputs may be fp32.
-        self.device_type = accelerator.device.type
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+        if dtype is not None:
+            # DeepSpeed casts the models to `dtype` but, unlike accelerate's other set-ups, does not autocast
+            # them; so as there, each adapted model's forward autocasts and returns fp32 (other models,
+            # such as an fp32 VAE, keep their precision).
+            for model in self.models.values():
+                model.forward = autocast_forward(model.forward, accelerator.device.type, dtype)
 
-    def micro_batch(self, last: bool):
+    def micro_batch(self, last: bool) -> nullcontext:
         """Around a micro-batch's forward and backward: DeepSpeed reduces the gradients on the last."""
         self.engine.set_gradient_accumulation_boundary(last)
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+        return nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # scales by 1 / gradient_accumulation_steps itself
 
     def step(self, finite: bool) -> None:
-        # A non-finite loss makes a non-finite gradient norm, and DeepSpeed then skips the update itself.
+        # A non-finite loss makes a non-finite gradient norm, and DeepSpeed then skips the update itself
+        # (its config cannot turn that check off here: deepspeed_zero.configure refuses it).
         self.engine.step()
+        if not finite and self.engine.was_step_applied():
+            raise RuntimeError("DeepSpeed applied an update from a non-finite loss; its overflow check is off")
 
     @contextmanager
     def full_precision_weights(self):
@@ -177,6 +185,14 @@ class DeepSpeedUpdate:
             # Its scripts that rebuild fp32 weights from the shards: the adapter files are fp32 already.
             for script in ("zero_to_fp32.py", "zero_to_torch.py"):
                 (directory / script).unlink(missing_ok=True)
+            # Each process wrote its shard where it sees `directory`: all of them are here only if
+            # every machine writes to the same storage.
+            shards = list((directory / DEEPSPEED_DIR).glob("*optim_states.pt"))
+            if len(shards) != self.engine.dp_world_size:
+                raise UserError(
+                    f"{directory} received {len(shards)} of {self.engine.dp_world_size} DeepSpeed optimizer shards: "
+                    "put --output_dir on storage that every machine shares"
+                )
 
     def load(self, directory: Path) -> None:
         path, _ = self.engine.load_checkpoint(
@@ -184,6 +200,19 @@ class DeepSpeedUpdate:
         )
         if path is None:
             raise UserError(f"{directory} holds no DeepSpeed state to resume from: pick another checkpoint")
+        self.engine.optimizer.clip_grad = self.max_grad_norm  # this run's flag, not the one saved with the state
+
+
+def autocast_forward(forward, device_type: str, dtype: torch.dtype):
+    """`forward` run under autocast to `dtype`, its floating-point outputs converted to fp32."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    @functools.wraps(forward)
+    def forward_in_autocast(*args, **kwargs):
+        with torch.autocast(device_type, dtype=dtype):
+            return forward(*args, **kwargs)
+
+    return convert_outputs_to_fp32(forward_in_autocast)
 
 
 def make_update(accelerator, args: argparse.Namespace, adapters: dict[str, nn.Module], param_groups: list[dict]):
