@@ -62,16 +62,10 @@ def run_main():
     return run_script
 
 
-def launch(
-    script: str,
-    args: list,
-    *,
-    processes: int = 1,
-    mixed_precision: str = "no",
-    config_file: Path | None = None,
-    timeout: int = 600,
-):
-    """`accelerate launch` a script in a subprocess (quiet: our one-line errors are the only output)."""
+def launch_command(
+    script: str, args: list, *, processes: int = 1, mixed_precision: str = "no", config_file: Path | None = None
+) -> tuple[list[str], dict]:
+    """The `accelerate launch` command line (quiet: our one-line errors are the only output) and its environment."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--quiet"]
     env = dict(os.environ)
     if config_file is not None:
@@ -83,6 +77,10 @@ def launch(
     else:
         command += ["--num_processes", "1", "--num_machines", "1"]
     command += ["--mixed_precision", mixed_precision, "--dynamo_backend", "no", str(SCRIPTS / f"{script}.py")]
-    return subprocess.run(
-        command + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
-    )
+    return command + [str(a) for a in args], env
+
+
+def launch(script: str, args: list, *, timeout: int = 600, **how):
+    """`accelerate launch` a script in a subprocess and wait for it (`how`: as for launch_command)."""
+    command, env = launch_command(script, args, **how)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)

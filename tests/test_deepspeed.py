@@ -1,15 +1,20 @@
 """DeepSpeed ZeRO-2 with the shipped accelerate config, on two CPU processes: trains as DDP does, shards the
-optimizer state, resumes exactly, saves fp32 adapters from bf16 runs; wrong set-ups fail in one line."""
+optimizer state, resumes exactly (after a SIGKILL during a save too), saves fp32 adapters from bf16 runs;
+wrong set-ups fail in one line."""
 
+import signal
+import subprocess
+import time
 from types import SimpleNamespace
 
+import psutil
 import pytest
 import torch
-from conftest import ROOT, launch
+from conftest import ROOT, launch, launch_command
 from helpers import adapter_weights, max_difference, one_line_error, resumed_copy, sdxl_args
 from safetensors.torch import load_file
 
-from difftune import deepspeed_zero, training
+from difftune import checkpoints, deepspeed_zero, training
 from difftune.errors import UserError
 
 pytest.importorskip("deepspeed")
@@ -40,6 +45,24 @@ GRADIENT_SENSITIVE = ("--max_grad_norm", "0", "--adam_epsilon", "1e-2", "--learn
 GRADIENT_SENSITIVE += ("--adam_weight_decay", "0")
 
 
+def kill_during_a_zero2_save(assets, out, *more) -> str:
+    """Run with a checkpoint every step and SIGKILL every process while a DeepSpeed shard of a checkpoint
+    after the first is being written; the checkpoint being written is returned."""
+    argv = sdxl_args(assets, out, *EXTRA, *more, checkpointing_steps=1)
+    command, env = launch_command("train_sdxl_lokr", argv, processes=2, config_file=ZERO2)
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (list(out.glob("step*")) and (saving := list(out.glob(".partial-step*/deepspeed")))):
+        assert process.poll() is None, "the run ended before it could be killed during a save"
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    # The launcher and both training processes (which run in sessions of their own), all at once.
+    for each in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+        each.send_signal(signal.SIGKILL)
+    process.wait()
+    return saving[0].parent.name
+
+
 @pytest.mark.slow
 def test_zero2_trains_like_ddp_shards_its_state_and_resumes_exactly(assets, tmp_path, run_main, capsys):
     zero2, ddp, resumed = tmp_path / "zero2", tmp_path / "ddp", tmp_path / "resumed"
@@ -60,7 +83,13 @@ def test_zero2_trains_like_ddp_shards_its_state_and_resumes_exactly(assets, tmp_
     assert max_difference(adapter_weights(step_dir), adapter_weights(ddp / "step4")) <= 1e-6
     assert max_difference(adapter_weights(zero2 / "step2"), adapter_weights(step_dir)) > 1e-3
 
-    resumed_zero2_run(assets, zero2, resumed, *GRADIENT_SENSITIVE)
+    # Killed while writing its optimizer shards: the checkpoint is not picked, the run resumes from the one
+    # before and ends where the uninterrupted one did.
+    interrupted = kill_during_a_zero2_save(assets, resumed, *GRADIENT_SENSITIVE)
+    latest = checkpoints.list_checkpoints(resumed)[-1][1]
+    assert latest.name != interrupted.removeprefix(".partial-")
+    zero2_run(assets, resumed, *GRADIENT_SENSITIVE, "--resume_from_checkpoint", "latest")
+    assert not list(resumed.glob(".partial-*"))
     assert max_difference(adapter_weights(resumed / "step4"), adapter_weights(step_dir)) <= 1e-6
 
     # Its optimizer state is sharded: it resumes under DeepSpeed only, which a one-line error says.
