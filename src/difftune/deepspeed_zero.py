@@ -25,6 +25,7 @@ def requested() -> bool:
 
 
 def check_installed() -> None:
+    """A one-line error, not an ImportError deep in accelerate, when DeepSpeed is asked for but missing."""
     try:
         import deepspeed  # noqa: F401
     except ImportError:
