@@ -38,7 +38,7 @@ logger = logging.getLogger("difftune")
 def setup_run(args: argparse.Namespace):
     """Check the run's settings and output dir, then make its Accelerator; fills in a random seed if none."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, broadcast_object_list, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
     precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if precision == "fp16" and not torch.cuda.is_available():
@@ -90,9 +90,7 @@ def setup_run(args: argparse.Namespace):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if args.seed is None:
-        seed = [int.from_bytes(os.urandom(4), "little")]
-        broadcast_object_list(seed)
-        args.seed = seed[0]
+        args.seed = main_decides(accelerator, lambda: int.from_bytes(os.urandom(4), "little"))
     # Seeds what runs before the loop, the adapters' random init above all: a run is reproducible.
     set_seed(args.seed)
     return accelerator
@@ -101,20 +99,15 @@ def setup_run(args: argparse.Namespace):
 def check_shared_output_dir(accelerator, output_dir: Path) -> None:
     """Every process must see what the main process writes there: checkpoints are written by several
     processes and read back by all of them on resume."""
-    from accelerate.utils import broadcast_object_list
-
     if accelerator.num_processes == 1:
         return
-    token = [os.urandom(8).hex()]
-    broadcast_object_list(token)
-    probe = output_dir / f".shared-{token[0]}"
+    probe = output_dir / f".shared-{main_decides(accelerator, lambda: os.urandom(8).hex())}"
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_text(token[0])
+        probe.touch()
     accelerator.wait_for_everyone()
     sees = torch.tensor([int(probe.is_file())], device=accelerator.device)
-    blind = (accelerator.gather(sees) == 0).nonzero().flatten().tolist()
-    accelerator.wait_for_everyone()
+    blind = (accelerator.gather(sees) == 0).nonzero().flatten().tolist()  # a collective: all have looked
     if accelerator.is_main_process:
         probe.unlink()
     if blind:

@@ -130,7 +130,6 @@ class DeepSpeedUpdate:
 
         trainable = sum(p.numel() for group in param_groups for p in group["params"])
         deepspeed_zero.configure(accelerator, args, trainable)
-        self.max_grad_norm = args.max_grad_norm
         # The engine takes one model: the adapted models together. Their forward is called directly,
         # which ZeRO-2 allows (gradients are reduced by hooks on the parameters, not in forward).
         self.optimizer = build_optimizer(args, param_groups)  # ZeRO steps it over its shard of the weights
@@ -185,14 +184,6 @@ class DeepSpeedUpdate:
             # Its scripts that rebuild fp32 weights from the shards: the adapter files are fp32 already.
             for script in ("zero_to_fp32.py", "zero_to_torch.py"):
                 (directory / script).unlink(missing_ok=True)
-            # Each process wrote its shard where it sees `directory`: all of them are here only if
-            # every machine writes to the same storage.
-            shards = list((directory / DEEPSPEED_DIR).glob("*optim_states.pt"))
-            if len(shards) != self.engine.dp_world_size:
-                raise UserError(
-                    f"{directory} received {len(shards)} of {self.engine.dp_world_size} DeepSpeed optimizer shards: "
-                    "put --output_dir on storage that every machine shares"
-                )
 
     def load(self, directory: Path) -> None:
         path, _ = self.engine.load_checkpoint(
@@ -200,7 +191,8 @@ class DeepSpeedUpdate:
         )
         if path is None:
             raise UserError(f"{directory} holds no DeepSpeed state to resume from: pick another checkpoint")
-        self.engine.optimizer.clip_grad = self.max_grad_norm  # this run's flag, not the one saved with the state
+        # The loaded state brings the clipping it was saved with; this run's flag (in the config) decides.
+        self.engine.optimizer.clip_grad = self.engine.gradient_clipping()
 
 
 def autocast_forward(forward, device_type: str, dtype: torch.dtype):
