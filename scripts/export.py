@@ -44,10 +44,15 @@ def export_sdxl_kohya(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
 
 
 def export_wuerstchen_diffusers(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    state = load_file(str(args.checkpoint / "pytorch_lora_weights.safetensors"))
-    return {k: v.to(DTYPES[args.dtype]) for k, v in state.items()}, {"format": "pt"}
+    path = str(args.checkpoint / "pytorch_lora_weights.safetensors")
+    # Keep the file's metadata: diffusers reads lora_alpha from it (without it, it loads at scale 1).
+    with safe_open(path, framework="pt") as source:
+        metadata = source.metadata() or {}
+    state = {k: v.to(DTYPES[args.dtype]) for k, v in load_file(path).items()}
+    return state, {**metadata, "format": "pt"}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

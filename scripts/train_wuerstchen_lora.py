@@ -138,12 +138,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     def save_diffusers_lora(directory: Path, peft_models: dict) -> None:
         from diffusers import WuerstchenPriorPipeline
 
+        # The adapter metadata carries lora_alpha: without it diffusers loads the LoRA at scale 1, not alpha / r.
+        layers = {name: adapters.adapter_state_dict(model) for name, model in peft_models.items()}
+        metadata = {name: model.peft_config["default"].to_dict() for name, model in peft_models.items()}
         WuerstchenPriorPipeline.save_lora_weights(
             directory,
-            unet_lora_layers=adapters.adapter_state_dict(peft_models["prior"]),
-            text_encoder_lora_layers=(
-                adapters.adapter_state_dict(peft_models["text_encoder"]) if "text_encoder" in peft_models else None
-            ),
+            unet_lora_layers=layers["prior"],
+            text_encoder_lora_layers=layers.get("text_encoder"),
+            unet_lora_adapter_metadata=metadata["prior"],
+            text_encoder_lora_adapter_metadata=metadata.get("text_encoder"),
         )
 
     decoder_parts = {}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_script
-from helpers import sdxl_args, wuerstchen_args
+from helpers import prior_inputs, sdxl_args, wuerstchen_args
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -31,8 +31,12 @@ def sdxl_checkpoint(assets, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def wuerstchen_checkpoint(assets, tmp_path_factory):
+    """lora_alpha != rank, text encoder too: the diffusers file must carry peft's lora_alpha / r."""
     out = tmp_path_factory.mktemp("wuerstchen") / "run"
-    argv = wuerstchen_args(assets, out, "--target_modules", "to_q,to_k,to_v,to_out.0,out.1", steps=4, lr="1e-2")
+    argv = wuerstchen_args(
+        assets, out, "--target_modules", "to_q,to_k,to_v,to_out.0,out.1", "--rank", "4", "--lora_alpha", "16",
+        "--train_text_encoder", steps=4, lr="1e-2",
+    )  # fmt: skip
     assert run_script("train_wuerstchen_lora", argv) == 0
     return out / "step4"
 
@@ -200,6 +204,41 @@ def test_wuerstchen_diffusers_export_and_kohya_refusal(wuerstchen_checkpoint, tm
     assert exported.keys() == original.keys() and all(torch.equal(exported[k], original[k]) for k in original)
     assert run_main("export", ["--checkpoint", wuerstchen_checkpoint, "--out", tmp_path / "k.safetensors"]) == 2
     assert "--format diffusers" in capsys.readouterr().err
+
+
+def test_wuerstchen_diffusers_lora_loads_like_peft(wuerstchen_checkpoint, assets, tmp_path, run_main):
+    """load_lora_weights (checkpoint dir and exported file) gives the peft adapter's outputs at rank 4, alpha 16."""
+    from diffusers import WuerstchenPriorPipeline
+    from peft import PeftModel
+
+    from difftune import wuerstchen
+
+    config = json.loads((wuerstchen_checkpoint / "prior" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (4, 16)
+    exported = tmp_path / "w.safetensors"
+    run_export(run_main, wuerstchen_checkpoint, exported, "--format", "diffusers")
+
+    def outputs(parts) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = parts.tokenizer("a red circle", return_tensors="pt").input_ids
+        return parts.prior(*prior_inputs(parts.prior)), parts.text_encoder(ids).last_hidden_state
+
+    with torch.no_grad():
+        parts = wuerstchen.load_prior(str(assets / "wuerstchen-prior"))
+        base_prior, base_text = outputs(parts)
+        parts.prior = PeftModel.from_pretrained(parts.prior, wuerstchen_checkpoint / "prior")
+        parts.text_encoder = PeftModel.from_pretrained(parts.text_encoder, wuerstchen_checkpoint / "text_encoder")
+        peft_prior, peft_text = outputs(parts)
+        assert (peft_prior - base_prior).abs().max() > 1e-3 and (peft_text - base_text).abs().max() > 1e-3
+        for source in (wuerstchen_checkpoint, exported):
+            fresh = wuerstchen.load_prior(str(assets / "wuerstchen-prior"))
+            pipe = WuerstchenPriorPipeline(
+                tokenizer=fresh.tokenizer, text_encoder=fresh.text_encoder, prior=fresh.prior,
+                scheduler=fresh.scheduler,
+            )  # fmt: skip
+            pipe.load_lora_weights(str(source))
+            got_prior, got_text = outputs(fresh)
+            torch.testing.assert_close(got_prior, peft_prior, atol=1e-5, rtol=1e-5, msg=f"prior from {source.name}")
+            torch.testing.assert_close(got_text, peft_text, atol=1e-5, rtol=1e-5, msg=f"text from {source.name}")
 
 
 def png(path) -> np.ndarray:
