@@ -27,6 +27,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="The .safetensors file to write.")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--pretrained_model_name_or_path", default=None, help="Default: the run's base model.")
+    parser.add_argument(
+        "--allow_large_factor",
+        action="store_true",
+        help="Export a --decompose_factor above sqrt(dim): ComfyUI and A1111 load it, LyCORIS's loader cannot.",
+    )
     return parser.parse_args(argv)
 
 
@@ -39,7 +44,7 @@ def export_sdxl_kohya(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
         if config.get("peft_type") != "LOKR":
             raise UserError(f"{args.checkpoint / model} is a {config.get('peft_type')} adapter, not LoKr")
     unet_config, shapes = export.module_shapes(base, run.get("revision"), models)
-    state = export.lokr_to_kohya(adapters, unet_config, shapes, DTYPES[args.dtype])
+    state = export.lokr_to_kohya(adapters, unet_config, shapes, DTYPES[args.dtype], args.allow_large_factor)
     return state, export.kohya_metadata(adapters["unet"][0], base)
 
 

@@ -117,26 +117,54 @@ def test_trained_checkpoint_exports_exact_deltas(sdxl_checkpoint, assets, tmp_pa
 @pytest.mark.parametrize("decompose_both", [False, True])
 def test_export_matches_peft_for_every_factor_layout(assets, tmp_path, run_main, rank, alpha, decompose_both):
     """Random adapter weights (no training), every combination of split / full factors and alpha."""
-    from diffusers import UNet2DConditionModel
-
     parser = argparse.ArgumentParser()
     adapters.add_lokr_args(parser)
     args = parser.parse_args(["--rank", str(rank), "--alpha", str(rank if alpha == "rank" else alpha)])
     args.decompose_both = decompose_both
+    checkpoint, peft_unet = random_unet_checkpoint(
+        assets, tmp_path, adapters.lokr_config(args, CONV_AND_LINEAR.split(","))
+    )
+    exported = run_export(run_main, checkpoint, tmp_path / "out.safetensors")
+    unet_config = json.loads((assets / "sdxl" / "unet" / "config.json").read_text())
+    assert assert_kohya_equals_peft(exported, {"unet": peft_unet}, unet_config) > 0
+    stored_alpha = {v.item() for k, v in exported.items() if k.endswith(".alpha")}
+    assert stored_alpha == {float(rank)}
+
+
+def random_unet_checkpoint(assets, tmp_path, config):
+    """A step dir holding a UNet adapter with random (nonzero) weights, and the live peft model."""
+    from diffusers import UNet2DConditionModel
+
     unet = UNet2DConditionModel.from_pretrained(assets / "sdxl", subfolder="unet")
-    peft_unet = adapters.attach(unet, adapters.lokr_config(args, CONV_AND_LINEAR.split(",")), str(assets / "sdxl"))
-    generator = torch.Generator().manual_seed(rank)
+    peft_unet = adapters.attach(unet, config, str(assets / "sdxl"))
+    generator = torch.Generator().manual_seed(config.r)
     with torch.no_grad():
         for parameter in adapters.trainable_parameters(peft_unet):
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
     checkpoint = tmp_path / "step1"
     peft_unet.save_pretrained(checkpoint / "unet")
     (checkpoint / "args.json").write_text(json.dumps({"pretrained_model_name_or_path": str(assets / "sdxl")}))
-    exported = run_export(run_main, checkpoint, tmp_path / "out.safetensors")
+    return checkpoint, peft_unet
+
+
+def test_large_decompose_factor_exports_for_comfyui_on_request(assets, tmp_path, run_main, capsys):
+    """A factor above sqrt(dim) makes w1 the larger factor: refused by default (LyCORIS's loader cannot read it),
+    exported with --allow_large_factor, and then ComfyUI's / A1111's kron-and-reshape gives peft's delta."""
+    from peft import LoKrConfig
+
+    config = LoKrConfig(r=4, alpha=6, target_modules=["to_q", "to_k"], decompose_factor=16)
+    checkpoint, peft_unet = random_unet_checkpoint(assets, tmp_path, config)
+    out = tmp_path / "large.safetensors"
+    assert run_main("export", ["--checkpoint", checkpoint, "--out", out]) == 2
+    message = capsys.readouterr().err
+    assert "ComfyUI and AUTOMATIC1111 load it exactly, LyCORIS's own loader" in message
+    assert "--allow_large_factor" in message and not out.exists()
+
+    exported = run_export(run_main, checkpoint, out, "--allow_large_factor")
+    w1 = [v for k, v in exported.items() if k.endswith(".lokr_w1")]
+    assert w1 and all(v.shape[0] == 16 for v in w1)  # the larger factor first: the layout LyCORIS cannot read
     unet_config = json.loads((assets / "sdxl" / "unet" / "config.json").read_text())
-    assert assert_kohya_equals_peft(exported, {"unet": peft_unet}, unet_config) > 0
-    stored_alpha = {v.item() for k, v in exported.items() if k.endswith(".alpha")}
-    assert stored_alpha == {float(rank)}
+    assert assert_kohya_equals_peft(exported, {"unet": peft_unet}, unet_config) == len(w1)
 
 
 def diffusers_module(key: str) -> str:

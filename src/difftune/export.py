@@ -90,21 +90,27 @@ def split_peft_key(key: str) -> tuple[str, str]:
     return module, suffix
 
 
-def check_exportable(config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Refuse LoKr settings that ComfyUI / LyCORIS's loader cannot read."""
+def check_exportable(config: dict, shapes: dict[str, tuple[int, ...]], allow_large_factor: bool = False) -> None:
+    """Refuse LoKr settings that ComfyUI / A1111 cannot read, and (unless allowed) ones LyCORIS's loader cannot.
+
+    A decompose_factor above sqrt(dim) makes peft's first Kronecker factor the larger one. ComfyUI and A1111's
+    built-in loader reshape kron(w1, w2) to the weight and read it exactly; LyCORIS's loader rebuilds the
+    module with the smaller factor first, so the stored w1 / w2 no longer fit its shapes.
+    """
     if config.get("use_effective_conv2d"):
         raise UserError(
             "this checkpoint uses Tucker conv factors (use_effective_conv2d), which ComfyUI and A1111 cannot load: "
             "retrain without it to export"
         )
     factor = config.get("decompose_factor", -1)
-    if factor > 0:
+    if factor > 0 and not allow_large_factor:
         for module, shape in shapes.items():
             for dim in shape[:2]:
                 if dim % factor == 0 and factor > math.isqrt(dim):
                     raise UserError(
-                        f"decompose_factor {factor} is above sqrt({dim}) for {module}; ComfyUI and LyCORIS "
-                        "cannot load such factors: retrain with --decompose_factor -1 (or <= sqrt(dim))"
+                        f"decompose_factor {factor} is above sqrt({dim}) for {module}: ComfyUI and AUTOMATIC1111 "
+                        "load it exactly, LyCORIS's own loader (kohya sd-scripts, lycoris.kohya) cannot: pass "
+                        "--allow_large_factor to export for ComfyUI / A1111, or retrain with --decompose_factor -1"
                     )
 
 
@@ -113,11 +119,12 @@ def lokr_to_kohya(
     unet_config: dict,
     weight_shapes: dict[str, dict[str, tuple[int, ...]]],
     dtype: torch.dtype = torch.float32,
+    allow_large_factor: bool = False,
 ) -> dict[str, torch.Tensor]:
     """kohya state dict from {model: (adapter_config, peft state dict)} for unet / text_encoder_one / _two."""
     out: dict[str, torch.Tensor] = {}
     for model, (config, state) in adapters.items():
-        check_exportable(config, weight_shapes.get(model, {}))
+        check_exportable(config, weight_shapes.get(model, {}), allow_large_factor)
         rank, alpha = config["r"], config["alpha"]
         scale = alpha / rank
         grouped: dict[str, dict[str, torch.Tensor]] = {}
