@@ -81,13 +81,49 @@ def peft_models_from(checkpoint, assets):
     }
 
 
+# ComfyUI's text-encoder key map (comfy/lora.py, model_lora_keys_clip), written from its convention for SDXL:
+# kohya key -> the weight it patches, clip_l for lora_te1_, clip_g for lora_te2_ (ComfyUI keeps `text_model.`).
+COMFYUI_CLIP_PARTS = {
+    "mlp.fc1": "mlp_fc1",
+    "mlp.fc2": "mlp_fc2",
+    "self_attn.k_proj": "self_attn_k_proj",
+    "self_attn.q_proj": "self_attn_q_proj",
+    "self_attn.v_proj": "self_attn_v_proj",
+    "self_attn.out_proj": "self_attn_out_proj",
+}
+
+
+def comfyui_clip_key_map(layers: int) -> dict[str, str]:
+    key_map = {}
+    for prefix, clip in (("lora_te1_", "clip_l"), ("lora_te2_", "clip_g")):
+        for b in range(layers):
+            for part, name in COMFYUI_CLIP_PARTS.items():
+                key_map[f"{prefix}text_model_encoder_layers_{b}_{name}"] = (
+                    f"{clip}.transformer.text_model.encoder.layers.{b}.{part}.weight"
+                )
+    return key_map
+
+
+def comfyui_name(model_name: str, module_name: str) -> str:
+    """The key ComfyUI reads a text-encoder module from, whatever transformers' layout (`text_model.` or not)."""
+    clip = {"text_encoder_one": "clip_l", "text_encoder_two": "clip_g"}[model_name]
+    weight = f"{clip}.transformer.text_model.{module_name.removeprefix('text_model.')}.weight"
+    names = [key for key, target in comfyui_clip_key_map(32).items() if target == weight]
+    assert len(names) == 1, f"ComfyUI has no key for {model_name} {module_name}"
+    return names[0]
+
+
 def assert_kohya_equals_peft(exported: dict, models: dict, unet_config: dict) -> int:
     checked = 0
     for model_name, peft_model in models.items():
         for module_name, module in peft_model.base_model.model.named_modules():
             if not hasattr(module, "lokr_w1") or "default" not in module.scaling:
                 continue
-            name = export.kohya_name(model_name, module_name, unet_config)
+            if model_name == "unet":  # SGM names: checked against diffusers' own converter below
+                name = export.kohya_name(model_name, module_name, unet_config)
+            else:
+                name = comfyui_name(model_name, module_name)
+            assert f"{name}.alpha" in exported, f"{name} missing: the consumer would not load {module_name}"
             expected = module.get_delta_weight("default")
             got = comfyui_delta(exported, name, module.get_base_layer().weight.shape)
             assert (got - expected).abs().max() <= 1e-6, name
@@ -108,7 +144,22 @@ def test_trained_checkpoint_exports_exact_deltas(sdxl_checkpoint, assets, tmp_pa
     checked = assert_kohya_equals_peft(exported, models, unet_config)
     assert checked == len({k.rsplit(".", 1)[0] for k in exported})
     assert any(k.endswith(".lokr_w1_a") for k in exported) and any(k.endswith(".lokr_w2_b") for k in exported)
-    assert any(k.startswith("lora_te1_") for k in exported) and any(k.startswith("lora_te2_") for k in exported)
+    # kohya's text-encoder names for both encoders: 2 layers, q/k/v/out; at rank 2 with decompose_both, te1
+    # (width 32 = 4 x 8) keeps w1 full and splits w2, te2 (width 48 = 6 x 8) splits both.
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lokr_w1" in exported
+    assert "lora_te2_text_model_encoder_layers_1_self_attn_out_proj.lokr_w1_a" in exported
+    suffixes = {
+        1: ("lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha"),
+        2: ("lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "alpha"),
+    }
+    text_keys = {k for k in exported if k.startswith(("lora_te1_", "lora_te2_"))}
+    assert text_keys == {
+        f"lora_te{encoder}_text_model_encoder_layers_{layer}_self_attn_{projection}_proj.{suffix}"
+        for encoder in (1, 2)
+        for layer in (0, 1)
+        for projection in ("q", "k", "v", "out")
+        for suffix in suffixes[encoder]
+    }
     assert any("_in_layers_2." in k for k in exported)  # a resnet conv, by its SGM name
 
 

@@ -36,6 +36,9 @@ TOP_LEVEL = {
     "conv_out": "out.2",
 }
 PREFIXES = {"unet": "lora_unet_", "text_encoder_one": "lora_te1_", "text_encoder_two": "lora_te2_"}
+# The children of CLIP's text transformer. kohya names them under `text_model.`, which transformers 5's
+# CLIPTextModel no longer has (CLIPTextModelWithProjection still does).
+CLIP_TEXT_TRANSFORMER_PARTS = ("embeddings", "encoder", "final_layer_norm")
 
 
 def _inner(kind: str, rest: str) -> str:
@@ -74,10 +77,12 @@ def sgm_unet_name(name: str, layers_per_block: int, up_blocks_with_attention: se
 
 
 def kohya_name(model: str, module: str, unet_config: dict) -> str:
-    """lora_unet_<sgm path> / lora_te1_<path> / lora_te2_<path>, dots as underscores."""
+    """lora_unet_<sgm path> / lora_te1_text_model_<path> / lora_te2_text_model_<path>, dots as underscores."""
     if model == "unet":
         with_attention = {i for i, t in enumerate(unet_config["up_block_types"]) if "CrossAttn" in t}
         module = sgm_unet_name(module, unet_config["layers_per_block"], with_attention)
+    elif module.split(".")[0] in CLIP_TEXT_TRANSFORMER_PARTS:
+        module = "text_model." + module
     return PREFIXES[model] + module.replace(".", "_")
 
 
