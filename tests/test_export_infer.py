@@ -366,6 +366,41 @@ def test_infer_wuerstchen_equals_lora_loading_route(wuerstchen_checkpoint, asset
     assert np.abs(np.asarray(image, dtype=np.int16) - png(tmp_path / "w" / "00_a-red-circle_00.png")).max() <= 1
 
 
+def test_v_prediction_run_samples_with_v_prediction(assets, tmp_path, run_main, monkeypatch):
+    """Validation, infer.py and the model card's snippet sample with the parameterisation the run trained."""
+    from difftune import inference, validation
+
+    seen = {}
+    real_validation, real_pipeline = validation.run_validation, inference.sdxl_pipeline
+
+    def spy_validation(accelerator, args, pipe, *rest, **kwargs):
+        seen["validation"] = pipe.scheduler.config.prediction_type
+        return real_validation(accelerator, args, pipe, *rest, **kwargs)
+
+    def spy_pipeline(*args, **kwargs):
+        pipe = real_pipeline(*args, **kwargs)
+        seen["infer"] = pipe.scheduler.config.prediction_type
+        return pipe
+
+    monkeypatch.setattr(validation, "run_validation", spy_validation)
+    monkeypatch.setattr(inference, "sdxl_pipeline", spy_pipeline)
+    out = tmp_path / "run"
+    argv = sdxl_args(
+        assets, out, "--prediction_type", "v_prediction", "--validation_prompt", "a red circle",
+        "--num_validation_images", "1", "--validation_steps", "1", "--validation_inference_steps", "1", steps=1,
+    )  # fmt: skip
+    assert run_main("train_sdxl_lokr", argv) == 0
+    argv = ["--checkpoint", out / "step1", "--prompt", "x", "--num_inference_steps", "1", "--output_dir", tmp_path]
+    assert run_main("infer", argv) == 0
+    assert seen == {"validation": "v_prediction", "infer": "v_prediction"}
+    # The base model's own sampler is epsilon: the run had to change it.
+    assert json.loads((assets / "sdxl" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == (
+        "epsilon"
+    )
+    card = (out / "README.md").read_text()
+    assert 'pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")' in card
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
