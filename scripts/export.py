@@ -10,10 +10,11 @@ diffusers single file (`load_lora_weights`).
 from __future__ import annotations
 
 import argparse
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from difftune import export
+from difftune import export, wuerstchen
 from difftune.args import DTYPES, ErrorOnlyParser
 from difftune.checkpoints import ARGS_FILE, read_json
 from difftune.errors import UserError, run_cli
@@ -49,15 +50,26 @@ def export_sdxl_kohya(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
 
 
 def export_wuerstchen_diffusers(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
+    from peft import LoraConfig
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    path = str(args.checkpoint / "pytorch_lora_weights.safetensors")
-    # Keep the file's metadata: diffusers reads lora_alpha from it (without it, it loads at scale 1).
-    with safe_open(path, framework="pt") as source:
-        metadata = source.metadata() or {}
-    state = {k: v.to(DTYPES[args.dtype]) for k, v in load_file(path).items()}
-    return state, {**metadata, "format": "pt"}
+    # Rebuilt from the peft adapters (also right for checkpoints written before the diffusers file carried
+    # lora_alpha in its metadata), by diffusers' own writer.
+    parts = {}
+    for name in ("prior", "text_encoder"):
+        if (args.checkpoint / name).is_dir():
+            weights = load_file(str(args.checkpoint / name / "adapter_model.safetensors"))
+            parts[name] = (
+                LoraConfig.from_pretrained(str(args.checkpoint / name)).to_dict(),
+                {k.removeprefix("base_model.model."): v.to(DTYPES[args.dtype]) for k, v in weights.items()},
+            )
+    with tempfile.TemporaryDirectory() as tmp:
+        wuerstchen.save_diffusers_lora(Path(tmp), parts)
+        path = str(Path(tmp) / "pytorch_lora_weights.safetensors")
+        with safe_open(path, framework="pt") as written:
+            metadata = written.metadata()
+        return load_file(path), metadata
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -136,17 +136,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         return F.mse_loss(pred.float(), noise.float())
 
     def save_diffusers_lora(directory: Path, peft_models: dict) -> None:
-        from diffusers import WuerstchenPriorPipeline
-
-        # The adapter metadata carries lora_alpha: without it diffusers loads the LoRA at scale 1, not alpha / r.
-        layers = {name: adapters.adapter_state_dict(model) for name, model in peft_models.items()}
-        metadata = {name: model.peft_config["default"].to_dict() for name, model in peft_models.items()}
-        WuerstchenPriorPipeline.save_lora_weights(
+        wuerstchen.save_diffusers_lora(
             directory,
-            unet_lora_layers=layers["prior"],
-            text_encoder_lora_layers=layers.get("text_encoder"),
-            unet_lora_adapter_metadata=metadata["prior"],
-            text_encoder_lora_adapter_metadata=metadata.get("text_encoder"),
+            {
+                name: (model.peft_config["default"].to_dict(), adapters.adapter_state_dict(model))
+                for name, model in peft_models.items()
+            },
         )
 
     decoder_parts = {}

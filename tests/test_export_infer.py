@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -286,9 +287,11 @@ def test_wuerstchen_diffusers_export_and_kohya_refusal(wuerstchen_checkpoint, tm
 
 
 def test_wuerstchen_diffusers_lora_loads_like_peft(wuerstchen_checkpoint, assets, tmp_path, run_main):
-    """load_lora_weights (checkpoint dir and exported file) gives the peft adapter's outputs at rank 4, alpha 16."""
+    """load_lora_weights (checkpoint dir and exported file) gives the peft adapter's outputs at rank 4, alpha 16;
+    also the export of a checkpoint whose diffusers file has no adapter metadata (as written before the fix)."""
     from diffusers import WuerstchenPriorPipeline
     from peft import PeftModel
+    from safetensors.torch import save_file
 
     from difftune import wuerstchen
 
@@ -296,6 +299,11 @@ def test_wuerstchen_diffusers_lora_loads_like_peft(wuerstchen_checkpoint, assets
     assert (config["r"], config["lora_alpha"]) == (4, 16)
     exported = tmp_path / "w.safetensors"
     run_export(run_main, wuerstchen_checkpoint, exported, "--format", "diffusers")
+    old = tmp_path / "old" / "step4"
+    shutil.copytree(wuerstchen_checkpoint, old)
+    save_file(load_file(old / "pytorch_lora_weights.safetensors"), old / "pytorch_lora_weights.safetensors")
+    exported_old = tmp_path / "old.safetensors"
+    run_export(run_main, old, exported_old, "--format", "diffusers")
 
     def outputs(parts) -> tuple[torch.Tensor, torch.Tensor]:
         ids = parts.tokenizer("a red circle", return_tensors="pt").input_ids
@@ -308,7 +316,7 @@ def test_wuerstchen_diffusers_lora_loads_like_peft(wuerstchen_checkpoint, assets
         parts.text_encoder = PeftModel.from_pretrained(parts.text_encoder, wuerstchen_checkpoint / "text_encoder")
         peft_prior, peft_text = outputs(parts)
         assert (peft_prior - base_prior).abs().max() > 1e-3 and (peft_text - base_text).abs().max() > 1e-3
-        for source in (wuerstchen_checkpoint, exported):
+        for source in (wuerstchen_checkpoint, exported, exported_old):
             fresh = wuerstchen.load_prior(str(assets / "wuerstchen-prior"))
             pipe = WuerstchenPriorPipeline(
                 tokenizer=fresh.tokenizer, text_encoder=fresh.text_encoder, prior=fresh.prior,
