@@ -10,10 +10,11 @@ diffusers single file (`load_lora_weights`).
 from __future__ import annotations
 
 import argparse
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from difftune import export
+from difftune import export, wuerstchen
 from difftune.args import DTYPES, ErrorOnlyParser
 from difftune.checkpoints import ARGS_FILE, read_json
 from difftune.errors import UserError, run_cli
@@ -27,6 +28,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="The .safetensors file to write.")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--pretrained_model_name_or_path", default=None, help="Default: the run's base model.")
+    parser.add_argument(
+        "--allow_large_factor",
+        action="store_true",
+        help="Export a --decompose_factor above sqrt(dim): ComfyUI and A1111 load it, LyCORIS's loader cannot.",
+    )
     return parser.parse_args(argv)
 
 
@@ -39,15 +45,31 @@ def export_sdxl_kohya(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
         if config.get("peft_type") != "LOKR":
             raise UserError(f"{args.checkpoint / model} is a {config.get('peft_type')} adapter, not LoKr")
     unet_config, shapes = export.module_shapes(base, run.get("revision"), models)
-    state = export.lokr_to_kohya(adapters, unet_config, shapes, DTYPES[args.dtype])
+    state = export.lokr_to_kohya(adapters, unet_config, shapes, DTYPES[args.dtype], args.allow_large_factor)
     return state, export.kohya_metadata(adapters["unet"][0], base)
 
 
 def export_wuerstchen_diffusers(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
+    from peft import LoraConfig
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    state = load_file(str(args.checkpoint / "pytorch_lora_weights.safetensors"))
-    return {k: v.to(DTYPES[args.dtype]) for k, v in state.items()}, {"format": "pt"}
+    # Rebuilt from the peft adapters (also right for checkpoints written before the diffusers file carried
+    # lora_alpha in its metadata), by diffusers' own writer.
+    parts = {}
+    for name in ("prior", "text_encoder"):
+        if (args.checkpoint / name).is_dir():
+            weights = load_file(str(args.checkpoint / name / "adapter_model.safetensors"))
+            parts[name] = (
+                LoraConfig.from_pretrained(str(args.checkpoint / name)).to_dict(),
+                {k.removeprefix("base_model.model."): v.to(DTYPES[args.dtype]) for k, v in weights.items()},
+            )
+    with tempfile.TemporaryDirectory() as tmp:
+        wuerstchen.save_diffusers_lora(Path(tmp), parts)
+        path = str(Path(tmp) / "pytorch_lora_weights.safetensors")
+        with safe_open(path, framework="pt") as written:
+            metadata = written.metadata()
+        return load_file(path), metadata
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -72,8 +72,9 @@ def build_pipeline(args: argparse.Namespace, family: str, run: dict, dtype: torc
         vae = setting("pretrained_vae_model_name_or_path")
         vae = None if vae is None or vae.lower() == "none" else vae
         return inference.sdxl_pipeline(
-            setting("pretrained_model_name_or_path"), vae, setting("revision"), setting("variant"), dtype
-        )
+            setting("pretrained_model_name_or_path"), vae, setting("revision"), setting("variant"), dtype,
+            run.get("prediction_type"),  # sample what the run trained
+        )  # fmt: skip
     return inference.wuerstchen_pipeline(
         setting("pretrained_prior_model_name_or_path"),
         setting("pretrained_decoder_model_name_or_path"),

@@ -28,7 +28,7 @@ from peft import PeftModel
 checkpoint = "{checkpoint}"
 vae = AutoencoderKL.from_pretrained("{vae}", torch_dtype=torch.float16)
 pipe = DiffusionPipeline.from_pretrained("{base}", vae=vae, torch_dtype=torch.float16).to("cuda")
-pipe.unet = PeftModel.from_pretrained(pipe.unet, f"{{checkpoint}}/unet", adapter_name="default")
+{scheduler}pipe.unet = PeftModel.from_pretrained(pipe.unet, f"{{checkpoint}}/unet", adapter_name="default")
 {text_encoders}image = pipe("{prompt}", num_inference_steps=50).images[0]
 ```
 """
@@ -36,6 +36,9 @@ TEXT_ENCODERS = """pipe.text_encoder = PeftModel.from_pretrained(
     pipe.text_encoder, f"{checkpoint}/text_encoder_one", adapter_name="default")
 pipe.text_encoder_2 = PeftModel.from_pretrained(
     pipe.text_encoder_2, f"{checkpoint}/text_encoder_two", adapter_name="default")
+"""
+# Trained with --prediction_type: sample with it too (as diffusers' SDXL training script does).
+SCHEDULER = """pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, prediction_type="{prediction_type}")
 """
 
 
@@ -133,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.train_text_encoder:
             models["text_encoder"] = peft_models["text_encoder_one"].get_base_model()
             models["text_encoder_2"] = peft_models["text_encoder_two"].get_base_model()
-        pipe = sdxl.build_pipeline(sd, base, args.revision, **models)
+        pipe = sdxl.build_pipeline(sd, base, args.revision, args.prediction_type, **models)
         with training.on_device(idle, device):
             validation.run_validation(
                 accelerator, args, pipe, step, dtype,
@@ -150,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             checkpoint=result.final_checkpoint,
             vae=vae_path or base,
             base=base,
+            scheduler=SCHEDULER.format(prediction_type=args.prediction_type) if args.prediction_type else "",
             text_encoders=TEXT_ENCODERS if args.train_text_encoder else "",
             prompt=(args.validation_prompt or ["a photo"])[0],
         )

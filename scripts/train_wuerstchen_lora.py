@@ -136,14 +136,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         return F.mse_loss(pred.float(), noise.float())
 
     def save_diffusers_lora(directory: Path, peft_models: dict) -> None:
-        from diffusers import WuerstchenPriorPipeline
-
-        WuerstchenPriorPipeline.save_lora_weights(
+        wuerstchen.save_diffusers_lora(
             directory,
-            unet_lora_layers=adapters.adapter_state_dict(peft_models["prior"]),
-            text_encoder_lora_layers=(
-                adapters.adapter_state_dict(peft_models["text_encoder"]) if "text_encoder" in peft_models else None
-            ),
+            {
+                name: (model.peft_config["default"].to_dict(), adapters.adapter_state_dict(model))
+                for name, model in peft_models.items()
+            },
         )
 
     decoder_parts = {}

@@ -2,13 +2,14 @@
 
 import argparse
 import json
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from conftest import run_script
-from helpers import sdxl_args, wuerstchen_args
+from helpers import prior_inputs, sdxl_args, wuerstchen_args
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -31,8 +32,12 @@ def sdxl_checkpoint(assets, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def wuerstchen_checkpoint(assets, tmp_path_factory):
+    """lora_alpha != rank, text encoder too: the diffusers file must carry peft's lora_alpha / r."""
     out = tmp_path_factory.mktemp("wuerstchen") / "run"
-    argv = wuerstchen_args(assets, out, "--target_modules", "to_q,to_k,to_v,to_out.0,out.1", steps=4, lr="1e-2")
+    argv = wuerstchen_args(
+        assets, out, "--target_modules", "to_q,to_k,to_v,to_out.0,out.1", "--rank", "4", "--lora_alpha", "16",
+        "--train_text_encoder", steps=4, lr="1e-2",
+    )  # fmt: skip
     assert run_script("train_wuerstchen_lora", argv) == 0
     return out / "step4"
 
@@ -77,13 +82,49 @@ def peft_models_from(checkpoint, assets):
     }
 
 
+# ComfyUI's text-encoder key map (comfy/lora.py, model_lora_keys_clip), written from its convention for SDXL:
+# kohya key -> the weight it patches, clip_l for lora_te1_, clip_g for lora_te2_ (ComfyUI keeps `text_model.`).
+COMFYUI_CLIP_PARTS = {
+    "mlp.fc1": "mlp_fc1",
+    "mlp.fc2": "mlp_fc2",
+    "self_attn.k_proj": "self_attn_k_proj",
+    "self_attn.q_proj": "self_attn_q_proj",
+    "self_attn.v_proj": "self_attn_v_proj",
+    "self_attn.out_proj": "self_attn_out_proj",
+}
+
+
+def comfyui_clip_key_map(layers: int) -> dict[str, str]:
+    key_map = {}
+    for prefix, clip in (("lora_te1_", "clip_l"), ("lora_te2_", "clip_g")):
+        for b in range(layers):
+            for part, name in COMFYUI_CLIP_PARTS.items():
+                key_map[f"{prefix}text_model_encoder_layers_{b}_{name}"] = (
+                    f"{clip}.transformer.text_model.encoder.layers.{b}.{part}.weight"
+                )
+    return key_map
+
+
+def comfyui_name(model_name: str, module_name: str) -> str:
+    """The key ComfyUI reads a text-encoder module from, whatever transformers' layout (`text_model.` or not)."""
+    clip = {"text_encoder_one": "clip_l", "text_encoder_two": "clip_g"}[model_name]
+    weight = f"{clip}.transformer.text_model.{module_name.removeprefix('text_model.')}.weight"
+    names = [key for key, target in comfyui_clip_key_map(32).items() if target == weight]
+    assert len(names) == 1, f"ComfyUI has no key for {model_name} {module_name}"
+    return names[0]
+
+
 def assert_kohya_equals_peft(exported: dict, models: dict, unet_config: dict) -> int:
     checked = 0
     for model_name, peft_model in models.items():
         for module_name, module in peft_model.base_model.model.named_modules():
             if not hasattr(module, "lokr_w1") or "default" not in module.scaling:
                 continue
-            name = export.kohya_name(model_name, module_name, unet_config)
+            if model_name == "unet":  # SGM names: checked against diffusers' own converter below
+                name = export.kohya_name(model_name, module_name, unet_config)
+            else:
+                name = comfyui_name(model_name, module_name)
+            assert f"{name}.alpha" in exported, f"{name} missing: the consumer would not load {module_name}"
             expected = module.get_delta_weight("default")
             got = comfyui_delta(exported, name, module.get_base_layer().weight.shape)
             assert (got - expected).abs().max() <= 1e-6, name
@@ -104,7 +145,22 @@ def test_trained_checkpoint_exports_exact_deltas(sdxl_checkpoint, assets, tmp_pa
     checked = assert_kohya_equals_peft(exported, models, unet_config)
     assert checked == len({k.rsplit(".", 1)[0] for k in exported})
     assert any(k.endswith(".lokr_w1_a") for k in exported) and any(k.endswith(".lokr_w2_b") for k in exported)
-    assert any(k.startswith("lora_te1_") for k in exported) and any(k.startswith("lora_te2_") for k in exported)
+    # kohya's text-encoder names for both encoders: 2 layers, q/k/v/out; at rank 2 with decompose_both, te1
+    # (width 32 = 4 x 8) keeps w1 full and splits w2, te2 (width 48 = 6 x 8) splits both.
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lokr_w1" in exported
+    assert "lora_te2_text_model_encoder_layers_1_self_attn_out_proj.lokr_w1_a" in exported
+    suffixes = {
+        1: ("lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha"),
+        2: ("lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "alpha"),
+    }
+    text_keys = {k for k in exported if k.startswith(("lora_te1_", "lora_te2_"))}
+    assert text_keys == {
+        f"lora_te{encoder}_text_model_encoder_layers_{layer}_self_attn_{projection}_proj.{suffix}"
+        for encoder in (1, 2)
+        for layer in (0, 1)
+        for projection in ("q", "k", "v", "out")
+        for suffix in suffixes[encoder]
+    }
     assert any("_in_layers_2." in k for k in exported)  # a resnet conv, by its SGM name
 
 
@@ -113,26 +169,54 @@ def test_trained_checkpoint_exports_exact_deltas(sdxl_checkpoint, assets, tmp_pa
 @pytest.mark.parametrize("decompose_both", [False, True])
 def test_export_matches_peft_for_every_factor_layout(assets, tmp_path, run_main, rank, alpha, decompose_both):
     """Random adapter weights (no training), every combination of split / full factors and alpha."""
-    from diffusers import UNet2DConditionModel
-
     parser = argparse.ArgumentParser()
     adapters.add_lokr_args(parser)
     args = parser.parse_args(["--rank", str(rank), "--alpha", str(rank if alpha == "rank" else alpha)])
     args.decompose_both = decompose_both
+    checkpoint, peft_unet = random_unet_checkpoint(
+        assets, tmp_path, adapters.lokr_config(args, CONV_AND_LINEAR.split(","))
+    )
+    exported = run_export(run_main, checkpoint, tmp_path / "out.safetensors")
+    unet_config = json.loads((assets / "sdxl" / "unet" / "config.json").read_text())
+    assert assert_kohya_equals_peft(exported, {"unet": peft_unet}, unet_config) > 0
+    stored_alpha = {v.item() for k, v in exported.items() if k.endswith(".alpha")}
+    assert stored_alpha == {float(rank)}
+
+
+def random_unet_checkpoint(assets, tmp_path, config):
+    """A step dir holding a UNet adapter with random (nonzero) weights, and the live peft model."""
+    from diffusers import UNet2DConditionModel
+
     unet = UNet2DConditionModel.from_pretrained(assets / "sdxl", subfolder="unet")
-    peft_unet = adapters.attach(unet, adapters.lokr_config(args, CONV_AND_LINEAR.split(",")), str(assets / "sdxl"))
-    generator = torch.Generator().manual_seed(rank)
+    peft_unet = adapters.attach(unet, config, str(assets / "sdxl"))
+    generator = torch.Generator().manual_seed(config.r)
     with torch.no_grad():
         for parameter in adapters.trainable_parameters(peft_unet):
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
     checkpoint = tmp_path / "step1"
     peft_unet.save_pretrained(checkpoint / "unet")
     (checkpoint / "args.json").write_text(json.dumps({"pretrained_model_name_or_path": str(assets / "sdxl")}))
-    exported = run_export(run_main, checkpoint, tmp_path / "out.safetensors")
+    return checkpoint, peft_unet
+
+
+def test_large_decompose_factor_exports_for_comfyui_on_request(assets, tmp_path, run_main, capsys):
+    """A factor above sqrt(dim) makes w1 the larger factor: refused by default (LyCORIS's loader cannot read it),
+    exported with --allow_large_factor, and then ComfyUI's / A1111's kron-and-reshape gives peft's delta."""
+    from peft import LoKrConfig
+
+    config = LoKrConfig(r=4, alpha=6, target_modules=["to_q", "to_k"], decompose_factor=16)
+    checkpoint, peft_unet = random_unet_checkpoint(assets, tmp_path, config)
+    out = tmp_path / "large.safetensors"
+    assert run_main("export", ["--checkpoint", checkpoint, "--out", out]) == 2
+    message = capsys.readouterr().err
+    assert "ComfyUI and AUTOMATIC1111 load it exactly, LyCORIS's own loader" in message
+    assert "--allow_large_factor" in message and not out.exists()
+
+    exported = run_export(run_main, checkpoint, out, "--allow_large_factor")
+    w1 = [v for k, v in exported.items() if k.endswith(".lokr_w1")]
+    assert w1 and all(v.shape[0] == 16 for v in w1)  # the larger factor first: the layout LyCORIS cannot read
     unet_config = json.loads((assets / "sdxl" / "unet" / "config.json").read_text())
-    assert assert_kohya_equals_peft(exported, {"unet": peft_unet}, unet_config) > 0
-    stored_alpha = {v.item() for k, v in exported.items() if k.endswith(".alpha")}
-    assert stored_alpha == {float(rank)}
+    assert assert_kohya_equals_peft(exported, {"unet": peft_unet}, unet_config) == len(w1)
 
 
 def diffusers_module(key: str) -> str:
@@ -202,6 +286,48 @@ def test_wuerstchen_diffusers_export_and_kohya_refusal(wuerstchen_checkpoint, tm
     assert "--format diffusers" in capsys.readouterr().err
 
 
+def test_wuerstchen_diffusers_lora_loads_like_peft(wuerstchen_checkpoint, assets, tmp_path, run_main):
+    """load_lora_weights (checkpoint dir and exported file) gives the peft adapter's outputs at rank 4, alpha 16;
+    also the export of a checkpoint whose diffusers file has no adapter metadata (as written before the fix)."""
+    from diffusers import WuerstchenPriorPipeline
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    from difftune import wuerstchen
+
+    config = json.loads((wuerstchen_checkpoint / "prior" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (4, 16)
+    exported = tmp_path / "w.safetensors"
+    run_export(run_main, wuerstchen_checkpoint, exported, "--format", "diffusers")
+    old = tmp_path / "old" / "step4"
+    shutil.copytree(wuerstchen_checkpoint, old)
+    save_file(load_file(old / "pytorch_lora_weights.safetensors"), old / "pytorch_lora_weights.safetensors")
+    exported_old = tmp_path / "old.safetensors"
+    run_export(run_main, old, exported_old, "--format", "diffusers")
+
+    def outputs(parts) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = parts.tokenizer("a red circle", return_tensors="pt").input_ids
+        return parts.prior(*prior_inputs(parts.prior)), parts.text_encoder(ids).last_hidden_state
+
+    with torch.no_grad():
+        parts = wuerstchen.load_prior(str(assets / "wuerstchen-prior"))
+        base_prior, base_text = outputs(parts)
+        parts.prior = PeftModel.from_pretrained(parts.prior, wuerstchen_checkpoint / "prior")
+        parts.text_encoder = PeftModel.from_pretrained(parts.text_encoder, wuerstchen_checkpoint / "text_encoder")
+        peft_prior, peft_text = outputs(parts)
+        assert (peft_prior - base_prior).abs().max() > 1e-3 and (peft_text - base_text).abs().max() > 1e-3
+        for source in (wuerstchen_checkpoint, exported, exported_old):
+            fresh = wuerstchen.load_prior(str(assets / "wuerstchen-prior"))
+            pipe = WuerstchenPriorPipeline(
+                tokenizer=fresh.tokenizer, text_encoder=fresh.text_encoder, prior=fresh.prior,
+                scheduler=fresh.scheduler,
+            )  # fmt: skip
+            pipe.load_lora_weights(str(source))
+            got_prior, got_text = outputs(fresh)
+            torch.testing.assert_close(got_prior, peft_prior, atol=1e-5, rtol=1e-5, msg=f"prior from {source.name}")
+            torch.testing.assert_close(got_text, peft_text, atol=1e-5, rtol=1e-5, msg=f"text from {source.name}")
+
+
 def png(path) -> np.ndarray:
     return np.asarray(Image.open(path), dtype=np.int16)
 
@@ -246,6 +372,41 @@ def test_infer_wuerstchen_equals_lora_loading_route(wuerstchen_checkpoint, asset
         generator=torch.manual_seed(0),
     ).images[0]  # fmt: skip
     assert np.abs(np.asarray(image, dtype=np.int16) - png(tmp_path / "w" / "00_a-red-circle_00.png")).max() <= 1
+
+
+def test_v_prediction_run_samples_with_v_prediction(assets, tmp_path, run_main, monkeypatch):
+    """Validation, infer.py and the model card's snippet sample with the parameterisation the run trained."""
+    from difftune import inference, validation
+
+    seen = {}
+    real_validation, real_pipeline = validation.run_validation, inference.sdxl_pipeline
+
+    def spy_validation(accelerator, args, pipe, *rest, **kwargs):
+        seen["validation"] = pipe.scheduler.config.prediction_type
+        return real_validation(accelerator, args, pipe, *rest, **kwargs)
+
+    def spy_pipeline(*args, **kwargs):
+        pipe = real_pipeline(*args, **kwargs)
+        seen["infer"] = pipe.scheduler.config.prediction_type
+        return pipe
+
+    monkeypatch.setattr(validation, "run_validation", spy_validation)
+    monkeypatch.setattr(inference, "sdxl_pipeline", spy_pipeline)
+    out = tmp_path / "run"
+    argv = sdxl_args(
+        assets, out, "--prediction_type", "v_prediction", "--validation_prompt", "a red circle",
+        "--num_validation_images", "1", "--validation_steps", "1", "--validation_inference_steps", "1", steps=1,
+    )  # fmt: skip
+    assert run_main("train_sdxl_lokr", argv) == 0
+    argv = ["--checkpoint", out / "step1", "--prompt", "x", "--num_inference_steps", "1", "--output_dir", tmp_path]
+    assert run_main("infer", argv) == 0
+    assert seen == {"validation": "v_prediction", "infer": "v_prediction"}
+    # The base model's own sampler is epsilon: the run had to change it.
+    assert json.loads((assets / "sdxl" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == (
+        "epsilon"
+    )
+    card = (out / "README.md").read_text()
+    assert 'pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")' in card
 
 
 @pytest.mark.parametrize(

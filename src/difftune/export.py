@@ -36,6 +36,9 @@ TOP_LEVEL = {
     "conv_out": "out.2",
 }
 PREFIXES = {"unet": "lora_unet_", "text_encoder_one": "lora_te1_", "text_encoder_two": "lora_te2_"}
+# The children of CLIP's text transformer. kohya names them under `text_model.`, which transformers 5's
+# CLIPTextModel no longer has (CLIPTextModelWithProjection still does).
+CLIP_TEXT_TRANSFORMER_PARTS = ("embeddings", "encoder", "final_layer_norm")
 
 
 def _inner(kind: str, rest: str) -> str:
@@ -74,10 +77,12 @@ def sgm_unet_name(name: str, layers_per_block: int, up_blocks_with_attention: se
 
 
 def kohya_name(model: str, module: str, unet_config: dict) -> str:
-    """lora_unet_<sgm path> / lora_te1_<path> / lora_te2_<path>, dots as underscores."""
+    """lora_unet_<sgm path> / lora_te1_text_model_<path> / lora_te2_text_model_<path>, dots as underscores."""
     if model == "unet":
         with_attention = {i for i, t in enumerate(unet_config["up_block_types"]) if "CrossAttn" in t}
         module = sgm_unet_name(module, unet_config["layers_per_block"], with_attention)
+    elif module.split(".")[0] in CLIP_TEXT_TRANSFORMER_PARTS:
+        module = "text_model." + module
     return PREFIXES[model] + module.replace(".", "_")
 
 
@@ -90,21 +95,27 @@ def split_peft_key(key: str) -> tuple[str, str]:
     return module, suffix
 
 
-def check_exportable(config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Refuse LoKr settings that ComfyUI / LyCORIS's loader cannot read."""
+def check_exportable(config: dict, shapes: dict[str, tuple[int, ...]], allow_large_factor: bool = False) -> None:
+    """Refuse LoKr settings that ComfyUI / A1111 cannot read, and (unless allowed) ones LyCORIS's loader cannot.
+
+    A decompose_factor above sqrt(dim) makes peft's first Kronecker factor the larger one. ComfyUI and A1111's
+    built-in loader reshape kron(w1, w2) to the weight and read it exactly; LyCORIS's loader rebuilds the
+    module with the smaller factor first, so the stored w1 / w2 no longer fit its shapes.
+    """
     if config.get("use_effective_conv2d"):
         raise UserError(
             "this checkpoint uses Tucker conv factors (use_effective_conv2d), which ComfyUI and A1111 cannot load: "
             "retrain without it to export"
         )
     factor = config.get("decompose_factor", -1)
-    if factor > 0:
+    if factor > 0 and not allow_large_factor:
         for module, shape in shapes.items():
             for dim in shape[:2]:
                 if dim % factor == 0 and factor > math.isqrt(dim):
                     raise UserError(
-                        f"decompose_factor {factor} is above sqrt({dim}) for {module}; ComfyUI and LyCORIS "
-                        "cannot load such factors: retrain with --decompose_factor -1 (or <= sqrt(dim))"
+                        f"decompose_factor {factor} is above sqrt({dim}) for {module}: ComfyUI and AUTOMATIC1111 "
+                        "load it exactly, LyCORIS's own loader (kohya sd-scripts, lycoris.kohya) cannot: pass "
+                        "--allow_large_factor to export for ComfyUI / A1111, or retrain with --decompose_factor -1"
                     )
 
 
@@ -113,11 +124,12 @@ def lokr_to_kohya(
     unet_config: dict,
     weight_shapes: dict[str, dict[str, tuple[int, ...]]],
     dtype: torch.dtype = torch.float32,
+    allow_large_factor: bool = False,
 ) -> dict[str, torch.Tensor]:
     """kohya state dict from {model: (adapter_config, peft state dict)} for unet / text_encoder_one / _two."""
     out: dict[str, torch.Tensor] = {}
     for model, (config, state) in adapters.items():
-        check_exportable(config, weight_shapes.get(model, {}))
+        check_exportable(config, weight_shapes.get(model, {}), allow_large_factor)
         rank, alpha = config["r"], config["alpha"]
         scale = alpha / rank
         grouped: dict[str, dict[str, torch.Tensor]] = {}

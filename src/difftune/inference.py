@@ -24,18 +24,29 @@ def checkpoint_family(path: Path) -> str:
     )
 
 
-def sdxl_pipeline(base: str, vae: str | None, revision: str | None, variant: str | None, dtype: torch.dtype):
-    """The SDXL pipeline as users load it: DiffusionPipeline.from_pretrained, VAE optionally swapped."""
+def sdxl_pipeline(
+    base: str,
+    vae: str | None,
+    revision: str | None,
+    variant: str | None,
+    dtype: torch.dtype,
+    prediction_type: str | None = None,
+):
+    """The SDXL pipeline as users load it: DiffusionPipeline.from_pretrained, VAE optionally swapped, the
+    scheduler sampling the run's --prediction_type."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
     from difftune.hub import fetch_file, read_model_index
+    from difftune.sdxl import with_prediction_type
 
     read_model_index(base, revision, "--pretrained_model_name_or_path", "StableDiffusionXLPipeline")
     kwargs = {"torch_dtype": dtype, "revision": revision, "variant": variant}
     if vae is not None:
         fetch_file(vae, "config.json", None, "--pretrained_vae_model_name_or_path")
         kwargs["vae"] = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype)
-    return StableDiffusionXLPipeline.from_pretrained(base, **kwargs)
+    pipe = StableDiffusionXLPipeline.from_pretrained(base, **kwargs)
+    pipe.scheduler = with_prediction_type(pipe.scheduler, prediction_type)
+    return pipe
 
 
 def wuerstchen_pipeline(prior: str, decoder: str, revision: str | None, variant: str | None, dtype: torch.dtype):

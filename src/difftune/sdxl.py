@@ -113,14 +113,19 @@ def cache_encodings(accelerator, args, sd: SDXLComponents, dataset, vae_dtype: t
         cache.cache_texts(accelerator, args, dataset, "sdxl-text", fields, encode_text, names)
 
 
-def build_pipeline(components: SDXLComponents, path: str, revision: str | None = None, **models: nn.Module):
-    """A StableDiffusionXLPipeline over loaded components (the repo's own inference scheduler).
-
-    `models` replaces components by name, e.g. unet=<unet with its adapter>.
+def build_pipeline(
+    components: SDXLComponents,
+    path: str,
+    revision: str | None = None,
+    prediction_type: str | None = None,
+    **models: nn.Module,
+):
+    """A StableDiffusionXLPipeline over loaded components (the repo's own inference scheduler, sampling
+    `prediction_type` when given). `models` replaces components by name, e.g. unet=<unet with its adapter>.
     """
     from diffusers import StableDiffusionXLPipeline
 
-    scheduler = inference_scheduler(path, revision)
+    scheduler = with_prediction_type(inference_scheduler(path, revision), prediction_type)
     parts = {
         "vae": components.vae,
         "text_encoder": components.text_encoder_one,
@@ -142,3 +147,10 @@ def inference_scheduler(path: str, revision: str | None = None):
     config = json.loads(config_path.read_text())
     scheduler_class = getattr(diffusers, config.get("_class_name", "EulerDiscreteScheduler"))
     return scheduler_class.from_config(config)
+
+
+def with_prediction_type(scheduler, prediction_type: str | None):
+    """The sampling scheduler for a model trained with --prediction_type (None: the base model's, unchanged)."""
+    if prediction_type is None:
+        return scheduler
+    return scheduler.from_config(scheduler.config, prediction_type=prediction_type)

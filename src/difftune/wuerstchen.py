@@ -177,3 +177,22 @@ def build_combined_pipeline(prior: PriorComponents, decoder: dict[str, object]):
         prior_prior=prior.prior,
         prior_scheduler=prior.scheduler,
     )
+
+
+def save_diffusers_lora(directory: Path, adapters: dict[str, tuple[dict, dict[str, torch.Tensor]]]) -> None:
+    """pytorch_lora_weights.safetensors for `load_lora_weights`, from {"prior" / "text_encoder": (peft
+    LoraConfig as a dict, adapter weights with bare module names)}.
+
+    The configs go in as diffusers' adapter metadata: without lora_alpha diffusers loads at scale 1, not alpha / r.
+    """
+    from diffusers import WuerstchenPriorPipeline
+
+    prior_config, prior_weights = adapters["prior"]
+    text_config, text_weights = adapters.get("text_encoder", (None, None))
+    WuerstchenPriorPipeline.save_lora_weights(
+        directory,
+        unet_lora_layers=prior_weights,
+        text_encoder_lora_layers=text_weights,
+        unet_lora_adapter_metadata=prior_config,
+        text_encoder_lora_adapter_metadata=text_config,
+    )
