@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from difftune import adapters, data, losses, sdxl, training, validation
+from difftune import adapters, data, objectives, sdxl, training, validation
 from difftune import args as cli
 from difftune.errors import run_cli
 from difftune.modelcard import write_model_card
@@ -57,9 +57,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     cli.add_training_args(parser, output_dir="work_dirs/stable_diffusion_xl_lokr_pokemon_blip")
     adapters.add_lokr_args(parser)
-    group = parser.add_argument_group("objective")
-    group.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting; 5.0 is a good value.")
-    group.add_argument("--noise_offset", type=float, default=0.0)
+    group = objectives.add_objective_args(parser)
     group.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"])
     group.add_argument(
         "--aspect_ratio_buckets",
@@ -109,13 +107,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     )  # fmt: skip
 
     scheduler = sd.noise_scheduler
+    objective = objectives.Objective(args, scheduler)
 
     def compute_loss(batch: dict, models: dict) -> torch.Tensor:
         with torch.no_grad():
             latents = sdxl.latents(batch, sd.vae, vae_dtype)
-        noise = losses.sample_noise(latents, args.noise_offset)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
-        noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+        noise = objective.noise(latents)
+        timesteps = objective.timesteps(latents.shape[0], device)
+        noisy_latents = objective.noisy_input(latents, noise, timesteps)
         with torch.set_grad_enabled(args.train_text_encoder):
             prompt_embeds, pooled = sdxl.text_conditioning(
                 batch,
@@ -128,8 +127,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             prompt_embeds,
             added_cond_kwargs={"text_embeds": pooled, "time_ids": batch["time_ids"].to(prompt_embeds.dtype)},
         ).sample
-        target = losses.diffusion_target(scheduler, latents, noise, timesteps)
-        return losses.diffusion_loss(pred, target, scheduler, timesteps, args.snr_gamma)
+        return objective.loss(pred, objective.target(latents, noise, timesteps), timesteps)
 
     def validate(step: int, peft_models: dict) -> None:
         models = {"unet": peft_models["unet"].get_base_model()}

@@ -14,9 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from difftune import adapters, data, training, validation, wuerstchen
+from difftune import adapters, data, objectives, training, validation, wuerstchen
 from difftune import args as cli
 from difftune.errors import run_cli
 from difftune.modelcard import write_model_card
@@ -89,6 +88,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     cli.add_cache_args(parser, "--cache_image_embeddings", "Encode the images with EfficientNet once.")
     cli.add_training_args(parser, output_dir="work_dirs/wuerstchen_prior_lora_pokemon_blip")
     adapters.add_lora_args(parser)
+    objectives.add_objective_args(parser)
     return cli.parse(parser, argv, image_cache_flag="cache_image_embeddings")
 
 
@@ -122,18 +122,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         args, adapters.lora_config, base, ("prior", prior.prior), {"text_encoder": prior.text_encoder}
     )
 
-    scheduler = prior.scheduler
+    objective = objectives.Objective(args, prior.scheduler, continuous=True)
 
     def compute_loss(batch: dict, models: dict) -> torch.Tensor:
         with torch.no_grad():
             x0 = wuerstchen.batch_image_embeddings(batch, image_encoder, dtype)
         with torch.set_grad_enabled(args.train_text_encoder):
             text = wuerstchen.batch_text_embeddings(batch, models.get("text_encoder", prior.text_encoder))
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype)
-        timesteps = torch.rand(x0.shape[0], device=device, dtype=x0.dtype)
-        noisy = scheduler.add_noise(x0, noise, timesteps)
-        pred = models["prior"](noisy, timesteps, text)
-        return F.mse_loss(pred.float(), noise.float())
+        noise = objective.noise(x0)
+        timesteps = objective.timesteps(x0.shape[0], device, x0.dtype)
+        pred = models["prior"](objective.noisy_input(x0, noise, timesteps), timesteps, text)
+        return objective.loss(pred, objective.target(x0, noise, timesteps), timesteps)
 
     def save_diffusers_lora(directory: Path, peft_models: dict) -> None:
         wuerstchen.save_diffusers_lora(

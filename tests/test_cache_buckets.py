@@ -38,7 +38,9 @@ def losses_of(run_main, monkeypatch, script, argv) -> list[float]:
     [("train_sdxl_lokr", sdxl_args, SDXL_CACHES), ("train_wuerstchen_lora", wuerstchen_args, WUERSTCHEN_CACHES)],
 )
 def test_cached_training_gives_the_same_losses(assets, tmp_path, run_main, monkeypatch, script, make, caches):
-    common = ("--center_crop", "--random_flip", "--cache_dir", tmp_path / "cache")
+    # Caption dropout too: the cached empty prompt must encode as the live one does.
+    common = ("--center_crop", "--random_flip", "--cache_dir", tmp_path / "cache", "--proportion_empty_prompts", "0.5")
+    common += ("--input_perturbation", "0.1", "--multires_noise_iterations", "2", "--loss_type", "huber")
     live = losses_of(run_main, monkeypatch, script, make(assets, tmp_path / "live", *common, steps=4))
     cached = losses_of(run_main, monkeypatch, script, make(assets, tmp_path / "cached", *common, *caches, steps=4))
     assert len(live) == len(cached) == 4

@@ -21,16 +21,22 @@ SDXL_EXTRA = (
     "--random_flip", "--gradient_accumulation_steps", "2", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2",
     "--rank_dropout", "0.2", "--module_dropout", "0.2", "--noise_offset", "0.05", "--snr_gamma", "5.0",
 )  # fmt: skip
+# Every objective option that draws at random, at once (SDXL and Wuerstchen take turns on the rest).
+OBJECTIVE_EXTRA = (
+    "--input_perturbation", "0.1", "--multires_noise_iterations", "3", "--proportion_empty_prompts", "0.3",
+)  # fmt: skip
 
 
 @pytest.mark.parametrize("family", ["sdxl", "wuerstchen"])
 def test_resume_equals_uninterrupted_run(assets, tmp_path, run_main, family):
     if family == "sdxl":
         script, make = "train_sdxl_lokr", sdxl_args
-        extra = (*SDXL_EXTRA, "--train_text_encoder")
+        extra = (*SDXL_EXTRA, *OBJECTIVE_EXTRA, "--train_text_encoder", "--timestep_bias_strategy", "later")
+        extra += ("--timestep_bias_multiplier", "3", "--loss_type", "huber", "--debiased_estimation")
     else:
         script, make = "train_wuerstchen_lora", wuerstchen_args
         extra = ("--random_flip", "--gradient_accumulation_steps", "2", "--lora_dropout", "0.2", "--train_text_encoder")
+        extra += (*OBJECTIVE_EXTRA, "--timestep_sampling", "cubic", "--loss_type", "smooth_l1", "--snr_gamma", "5")
     full = tmp_path / "full"
     assert run_main(script, make(assets, full, *extra, "--checkpointing_steps", "3", steps=8)) == 0
     # Resume from step 3 (mid-epoch) by path, and from step 6 as "latest" in a dir holding only it.
@@ -211,7 +217,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes(kill_reference, assets, tmp
 @pytest.mark.slow
 def test_two_process_ddp_trains_and_resumes_exactly(assets, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    args = sdxl_args(assets, full, "--random_flip", "--train_text_encoder", steps=4)
+    args = sdxl_args(assets, full, "--random_flip", "--train_text_encoder", *OBJECTIVE_EXTRA, steps=4)
     proc = launch("train_sdxl_lokr", args, processes=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("saved checkpoint") == 2  # steps 2 and 4, written once each (by the main process)
@@ -220,8 +226,9 @@ def test_two_process_ddp_trains_and_resumes_exactly(assets, tmp_path):
     assert max_difference(adapter_weights(full / "step2"), adapter_weights(full / "step4")) > 1e-3
     resumed_copy(full / "step2", resumed)
     args = sdxl_args(
-        assets, resumed, "--random_flip", "--train_text_encoder", "--resume_from_checkpoint", "latest", steps=4
-    )
+        assets, resumed, "--random_flip", "--train_text_encoder", *OBJECTIVE_EXTRA, "--resume_from_checkpoint",
+        "latest", steps=4,
+    )  # fmt: skip
     proc = launch("train_sdxl_lokr", args, processes=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert max_difference(adapter_weights(resumed / "step4"), adapter_weights(full / "step4")) <= 1e-6

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from difftune.errors import UserError
+from difftune.objectives import check_objective_args
 
 # --dtype / --mixed_precision values and the torch dtypes they mean ("no" precision: fp32).
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -154,4 +155,5 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, image_cac
     args = parser.parse_args(argv)
     check_common_args(args)
     check_cache_args(args, image_cache_flag)
+    check_objective_args(args)
     return args

@@ -144,6 +144,11 @@ def cache_texts(
     path = cache_path(args.cache_dir, kind, fields)
     build(accelerator, path, len(dataset), encode_indices, args.train_batch_size, fields, "text embeddings")
     dataset.text_cache = CacheReader(path, names)
+    if dataset.empty_prompt_share:  # --proportion_empty_prompts: the empty caption is encoded once too
+        tokens = dataset.tokenize("")
+        with torch.no_grad():
+            encoded = encode({key: value[None].to(accelerator.device) for key, value in tokens.items()})
+        dataset.empty_text = {name: encoded[name][0].cpu() for name in names}
 
 
 class CacheReader:

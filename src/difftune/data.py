@@ -101,9 +101,10 @@ def drop_unreadable_images(dataset, image_column: str):
     return dataset if len(good) == len(dataset) else dataset.select(good)
 
 
-def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
-    """An RNG for one sample in one epoch, independent of what ran before."""
-    return random.Random(f"{seed}:{epoch}:{index}")
+def sample_rng(seed: int, epoch: int, index: int, stream: str = "") -> random.Random:
+    """An RNG for one sample in one epoch, independent of what ran before; a named `stream` draws
+    apart from the augmentation's, so adding a draw there changes no other."""
+    return random.Random(f"{seed}:{epoch}:{index}{':' + stream if stream else ''}")
 
 
 def draw_flip(rng: random.Random, random_flip: bool) -> bool:
@@ -205,6 +206,8 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         self.target_sizes: list[tuple[int, int]] | None = None  # per sample, when bucketing
         self.image_cache = None  # a difftune.cache.CacheReader of per-orientation image encodings
         self.text_cache = None  # a difftune.cache.CacheReader of caption encodings
+        self.empty_prompt_share = 0.0  # --proportion_empty_prompts
+        self.empty_text: dict[str, torch.Tensor] | None = None  # the empty caption's cached encodings
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -235,9 +238,16 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
             out = self.image_cache.sample(index, flip=draw_flip(rng, self.transform.random_flip))
         else:
             out = self.load(index, rng=rng)
+        drop = self.drops_caption(index)
         if self.text_cache is not None:
-            return {**out, **self.text_cache.sample(index)}
-        return {**out, **self.tokenize(self.caption(index, rng))}
+            return {**out, **(self.empty_text if drop else self.text_cache.sample(index))}
+        caption = self.caption(index, rng)
+        return {**out, **self.tokenize("" if drop else caption)}
+
+    def drops_caption(self, index: int) -> bool:
+        """Caption dropout for classifier-free guidance: this sample trains as the empty prompt this epoch."""
+        share = self.empty_prompt_share
+        return share > 0 and sample_rng(self.seed, self.epoch, index, "empty-prompt").random() < share
 
 
 def dataset_from_args(
@@ -253,9 +263,11 @@ def dataset_from_args(
         args.max_train_samples,
         args.seed,
     )
-    return CaptionedImageDataset(
+    dataset = CaptionedImageDataset(
         images, args.image_column, args.caption_column, transform, tokenize, args.resolution, args.seed
     )
+    dataset.empty_prompt_share = getattr(args, "proportion_empty_prompts", 0.0)
+    return dataset
 
 
 def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
