@@ -29,8 +29,9 @@ from difftune import adapters as adapter_io
 from difftune import checkpoints, deepspeed_zero
 from difftune.args import DTYPES
 from difftune.data import EpochBatchSampler, collate, num_update_steps_per_epoch
+from difftune.ema import make_ema
 from difftune.errors import UserError
-from difftune.updates import make_update
+from difftune.updates import check_distributed_optimizer, make_update
 
 logger = logging.getLogger("difftune")
 
@@ -55,6 +56,7 @@ def setup_run(args: argparse.Namespace):
     # SDXL conditions on the penultimate hidden states, so a text encoder's last layer gets no
     # gradient: DDP must be told that some adapter weights may go unused.
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=bool(getattr(args, "train_text_encoder", False)))]
+    check_distributed_optimizer(args, deepspeed_zero.requested())
     if deepspeed_zero.requested():
         deepspeed_zero.check_installed()
         handlers += deepspeed_zero.process_group_kwargs()
@@ -300,6 +302,7 @@ def train(
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     args.max_train_steps = max_steps
 
+    ema = make_ema(args, adapters)  # before DeepSpeed casts the adapters: it starts from fp32 weights
     update = make_update(accelerator, args, adapters, param_groups)
     models = update.models
     lr_scheduler = get_scheduler(
@@ -313,6 +316,8 @@ def train(
         check_resumable(state, update.kind, accelerator.num_processes, resume_dir)
         adapter_io.load_adapters(adapters, resume_dir)
         update.load(resume_dir)
+        if ema is not None:
+            ema.load(resume_dir)
         lr_scheduler.load_state_dict(checkpoints.load_torch_state(resume_dir / checkpoints.SCHEDULER_FILE))
         global_step, nonfinite_steps = state["global_step"], state.get("nonfinite_steps", 0)
         if state.get("steps_per_epoch") not in (None, steps_per_epoch):
@@ -332,6 +337,8 @@ def train(
                 adapter_io.save_adapters(adapters, partial)
                 if save_extra is not None:
                     save_extra(partial, adapters)
+                if ema is not None:
+                    ema.save(partial, save_extra)
         accelerator.wait_for_everyone()
         path = checkpoints.checkpoint_dir(output_dir, step)
         if accelerator.is_main_process:
@@ -357,7 +364,12 @@ def train(
         if accelerator.is_main_process:
             for model in adapters.values():
                 model.eval()
-            validate(step, adapters)
+            if ema is None:
+                validate(step, adapters)
+            else:
+                logger.info("validation images at step %d use the EMA weights", step)
+                with ema.applied():
+                    validate(step, adapters)
             for model in adapters.values():
                 model.train()
         accelerator.wait_for_everyone()
@@ -420,6 +432,9 @@ def train(
                         )
                     logger.warning("non-finite loss at step %d: skipping its update", global_step + 1)
                 update.step(finite)
+                if ema is not None:
+                    with update.full_precision_weights():  # all processes: a collective under DeepSpeed
+                        ema.step()
                 lr_scheduler.step()
                 phase["optimizer"] += time.perf_counter() - tick
                 global_step += 1
