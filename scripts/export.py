@@ -16,6 +16,7 @@ from pathlib import Path
 from difftune import export
 from difftune.args import DTYPES, ErrorOnlyParser
 from difftune.checkpoints import ARGS_FILE, read_json
+from difftune.ema import adapter_dir
 from difftune.errors import UserError, run_cli
 from difftune.inference import checkpoint_family
 
@@ -27,17 +28,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="The .safetensors file to write.")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--pretrained_model_name_or_path", default=None, help="Default: the run's base model.")
+    parser.add_argument("--ema", action="store_true", help="Export the EMA weights (runs with --use_ema).")
     return parser.parse_args(argv)
 
 
 def export_sdxl_kohya(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
     run = read_json(args.checkpoint / ARGS_FILE)
     base = args.pretrained_model_name_or_path or run["pretrained_model_name_or_path"]
-    models = [m for m in ("unet", "text_encoder_one", "text_encoder_two") if (args.checkpoint / m).is_dir()]
-    adapters = {m: export.read_peft_adapter(args.checkpoint / m) for m in models}
+    weights = adapter_dir(args.checkpoint, args.ema)
+    models = [m for m in ("unet", "text_encoder_one", "text_encoder_two") if (weights / m).is_dir()]
+    adapters = {m: export.read_peft_adapter(weights / m) for m in models}
     for model, (config, _) in adapters.items():
         if config.get("peft_type") != "LOKR":
-            raise UserError(f"{args.checkpoint / model} is a {config.get('peft_type')} adapter, not LoKr")
+            raise UserError(f"{weights / model} is a {config.get('peft_type')} adapter, not LoKr")
     unet_config, shapes = export.module_shapes(base, run.get("revision"), models)
     state = export.lokr_to_kohya(adapters, unet_config, shapes, DTYPES[args.dtype])
     return state, export.kohya_metadata(adapters["unet"][0], base)
@@ -46,7 +49,7 @@ def export_sdxl_kohya(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
 def export_wuerstchen_diffusers(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
     from safetensors.torch import load_file
 
-    state = load_file(str(args.checkpoint / "pytorch_lora_weights.safetensors"))
+    state = load_file(str(adapter_dir(args.checkpoint, args.ema) / "pytorch_lora_weights.safetensors"))
     return {k: v.to(DTYPES[args.dtype]) for k, v in state.items()}, {"format": "pt"}
 
 

@@ -209,9 +209,10 @@ def test_sigterm_finishes_the_step_saves_and_resumes(kill_reference, assets, tmp
 
 
 @pytest.mark.slow
-def test_two_process_ddp_trains_and_resumes_exactly(assets, tmp_path):
+def test_two_process_ddp_trains_and_resumes_exactly_with_ema(assets, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    args = sdxl_args(assets, full, "--random_flip", "--train_text_encoder", steps=4)
+    ema = ("--use_ema", "--ema_decay", "0.9")
+    args = sdxl_args(assets, full, "--random_flip", "--train_text_encoder", *ema, steps=4)
     proc = launch("train_sdxl_lokr", args, processes=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("saved checkpoint") == 2  # steps 2 and 4, written once each (by the main process)
@@ -220,11 +221,12 @@ def test_two_process_ddp_trains_and_resumes_exactly(assets, tmp_path):
     assert max_difference(adapter_weights(full / "step2"), adapter_weights(full / "step4")) > 1e-3
     resumed_copy(full / "step2", resumed)
     args = sdxl_args(
-        assets, resumed, "--random_flip", "--train_text_encoder", "--resume_from_checkpoint", "latest", steps=4
+        assets, resumed, "--random_flip", "--train_text_encoder", *ema, "--resume_from_checkpoint", "latest", steps=4
     )
     proc = launch("train_sdxl_lokr", args, processes=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert max_difference(adapter_weights(resumed / "step4"), adapter_weights(full / "step4")) <= 1e-6
+    assert max_difference(adapter_weights(resumed / "step4/ema"), adapter_weights(full / "step4/ema")) <= 1e-6
     assert not list(resumed.glob(".partial-*"))
 
 

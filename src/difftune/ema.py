@@ -18,6 +18,7 @@ from torch import nn
 
 from difftune import adapters as adapter_io
 from difftune import checkpoints
+from difftune.errors import UserError
 
 EMA_DIR = "ema"  # a checkpoint's subfolder with the EMA adapter, laid out as the checkpoint itself
 EMA_FILE = "ema.pt"  # its state for resuming
@@ -74,6 +75,15 @@ class AdapterEMA:
         else:
             # A checkpoint of a run without --use_ema: the average starts from the resumed weights.
             self.model.shadow_params = [p.detach().float().clone() for p in self.params]
+
+
+def adapter_dir(checkpoint: Path, use_ema: bool) -> Path:
+    """Where a checkpoint's adapters are: the step<N> dir itself, or its ema/ with --ema."""
+    if not use_ema:
+        return checkpoint
+    if not (checkpoint / EMA_DIR).is_dir():
+        raise UserError(f"--ema: {checkpoint} has no {EMA_DIR}/ (the run was trained without --use_ema): drop --ema")
+    return checkpoint / EMA_DIR
 
 
 def make_ema(args: argparse.Namespace, adapters: dict[str, nn.Module]) -> AdapterEMA | None:
