@@ -107,11 +107,17 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     scheduler = sd.noise_scheduler
 
-    def compute_loss(batch: dict, models: dict) -> torch.Tensor:
+    def compute_loss(batch: dict, models: dict, timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss; with `timesteps` (fractions of the schedule), the plain MSE for the held-out loss."""
         with torch.no_grad():
             latents = sdxl.latents(batch, sd.vae, vae_dtype)
-        noise = losses.sample_noise(latents, args.noise_offset)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+        evaluating = timesteps is not None
+        if evaluating:
+            noise = torch.randn_like(latents)
+            timesteps = (timesteps * scheduler.config.num_train_timesteps).long()
+        else:
+            noise = losses.sample_noise(latents, args.noise_offset)
+            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
         noisy_latents = scheduler.add_noise(latents, noise, timesteps)
         with torch.set_grad_enabled(args.train_text_encoder):
             prompt_embeds, pooled = sdxl.text_conditioning(
@@ -126,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             added_cond_kwargs={"text_embeds": pooled, "time_ids": batch["time_ids"].to(prompt_embeds.dtype)},
         ).sample
         target = losses.diffusion_target(scheduler, latents, noise, timesteps)
-        return losses.diffusion_loss(pred, target, scheduler, timesteps, args.snr_gamma)
+        return losses.diffusion_loss(pred, target, scheduler, timesteps, None if evaluating else args.snr_gamma)
 
     def validate(step: int, peft_models: dict) -> None:
         models = {"unet": peft_models["unet"].get_base_model()}

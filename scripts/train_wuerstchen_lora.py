@@ -124,13 +124,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     scheduler = prior.scheduler
 
-    def compute_loss(batch: dict, models: dict) -> torch.Tensor:
+    def compute_loss(batch: dict, models: dict, timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss; with `timesteps` (fractions of the schedule), the same for the held-out loss."""
         with torch.no_grad():
             x0 = wuerstchen.batch_image_embeddings(batch, image_encoder, dtype)
         with torch.set_grad_enabled(args.train_text_encoder):
             text = wuerstchen.batch_text_embeddings(batch, models.get("text_encoder", prior.text_encoder))
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype)
-        timesteps = torch.rand(x0.shape[0], device=device, dtype=x0.dtype)
+        if timesteps is None:
+            timesteps = torch.rand(x0.shape[0], device=device, dtype=x0.dtype)
+        timesteps = timesteps.to(x0.dtype)
         noisy = scheduler.add_noise(x0, noise, timesteps)
         pred = models["prior"](noisy, timesteps, text)
         return F.mse_loss(pred.float(), noise.float())

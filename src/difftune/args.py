@@ -149,6 +149,12 @@ def add_training_args(parser: argparse.ArgumentParser, *, output_dir: str) -> No
     group.add_argument("--num_validation_images", type=int, default=4, help="Images per prompt.")
     group.add_argument("--validation_steps", type=int, default=500, help="Validate every N steps and at the end.")
     group.add_argument("--validation_inference_steps", type=int, default=30)
+    group.add_argument(
+        "--validation_split",
+        type=float,
+        default=0.0,
+        help="Hold out this seeded share of the data for an evaluation loss at each validation and checkpoint.",
+    )
 
 
 def check_common_args(args: argparse.Namespace) -> None:
@@ -173,6 +179,8 @@ def check_common_args(args: argparse.Namespace) -> None:
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit <= 0:
         raise UserError("--checkpoints_total_limit must be positive")
     check_optimizer_args(args)
+    if not 0.0 <= args.validation_split < 1.0:
+        raise UserError(f"--validation_split must be in [0, 1), got {args.validation_split}")
     if not 0.0 <= args.ema_decay <= 1.0:
         raise UserError(f"--ema_decay must be in [0, 1], got {args.ema_decay}")
     if args.ema_update_after_step < 0 or (args.ema_power is not None and args.ema_power <= 0):

@@ -31,6 +31,7 @@ from difftune.args import DTYPES
 from difftune.data import EpochBatchSampler, collate, num_update_steps_per_epoch
 from difftune.ema import make_ema
 from difftune.errors import UserError
+from difftune.evaluation import evaluation_loss, split_indices
 from difftune.updates import check_distributed_optimizer, make_update
 
 logger = logging.getLogger("difftune")
@@ -273,26 +274,31 @@ def train(
     adapters: dict[str, nn.Module],
     param_groups: list[dict],
     dataset: torch.utils.data.Dataset,
-    compute_loss: Callable[[dict, dict[str, nn.Module]], torch.Tensor],
+    compute_loss: Callable[..., torch.Tensor],
     save_extra: Callable[[Path, dict[str, nn.Module]], None] | None = None,
     validate: Callable[[int, dict[str, nn.Module]], None] | None = None,
 ) -> TrainResult:
-    """Train the adapters in `adapters` (name -> PeftModel, the name is the checkpoint subfolder)."""
+    """Train the adapters in `adapters` (name -> PeftModel, the name is the checkpoint subfolder).
+
+    `compute_loss(batch, models)` is the training loss; `compute_loss(batch, models, timesteps=t)` with
+    fractions t in [0, 1) of the noise schedule is the plain MSE used for the held-out loss."""
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     output_dir = Path(args.output_dir)
     accum = args.gradient_accumulation_steps
+    train_indices, held_out = split_indices(len(dataset), args.validation_split, args.seed)
+    sizes = getattr(dataset, "target_sizes", None)
     sampler = EpochBatchSampler(
-        len(dataset),
+        len(train_indices),
         args.train_batch_size,
         args.seed,
         accelerator.num_processes,
         accelerator.process_index,
-        groups=getattr(dataset, "target_sizes", None),
+        groups=[sizes[i] for i in train_indices] if sizes else None,
     )
     loader = torch.utils.data.DataLoader(
-        dataset,
+        torch.utils.data.Subset(dataset, train_indices) if held_out else dataset,
         batch_sampler=sampler,
         collate_fn=collate,
         num_workers=args.dataloader_num_workers,
@@ -324,6 +330,25 @@ def train(
             logger.warning("the data or batch settings changed since %s: the data order will differ", resume_dir)
         logger.info("resumed from %s at step %d", resume_dir, global_step)
 
+    evaluated: dict[int, dict[str, float]] = {}
+
+    def evaluate(step: int) -> dict[str, float]:
+        """Main process: the held-out loss (and the EMA weights' with --use_ema), once per step."""
+        if not held_out or step in evaluated:
+            return evaluated.get(step, {})
+        losses = {
+            "eval_loss": evaluation_loss(compute_loss, adapters, dataset, held_out, args.seed, accelerator.device)
+        }
+        if ema is not None:
+            with ema.applied():
+                losses["eval_loss_ema"] = evaluation_loss(
+                    compute_loss, adapters, dataset, held_out, args.seed, accelerator.device
+                )
+        evaluated[step] = losses
+        logger.info("step %d: %s", step, ", ".join(f"{k} {v:.6f}" for k, v in losses.items()))
+        accelerator.log({k.replace("_", "/", 1): v for k, v in losses.items()}, step=step)
+        return losses
+
     def write_checkpoint(step: int) -> Path:
         """All processes: each may hold a share of the optimizer state; the main process writes the rest."""
         accelerator.wait_for_everyone()
@@ -352,6 +377,7 @@ def train(
                 "num_processes": accelerator.num_processes,
                 "distributed": update.kind,
                 "nonfinite_steps": nonfinite_steps,
+                **evaluate(step),
             }
             checkpoints.finish_checkpoint(partial, path, state, args.checkpoints_total_limit)
             logger.info("saved checkpoint %s", path)
@@ -359,6 +385,8 @@ def train(
         return path
 
     def run_validation(step: int) -> None:
+        if accelerator.is_main_process:
+            evaluate(step)
         if validate is None or not args.validation_prompt:
             return
         if accelerator.is_main_process:
@@ -376,9 +404,11 @@ def train(
 
     if accelerator.is_main_process:
         accelerator.init_trackers(project_name, config=_tracker_config(args))
+    if held_out:
+        logger.info("holding out %d of %d samples for the evaluation loss", len(held_out), len(dataset))
     logger.info(
         "training: %d samples, %d steps per epoch, %d steps, batch %d x %d processes x %d accumulation",
-        len(dataset),
+        len(train_indices),
         steps_per_epoch,
         max_steps,
         args.train_batch_size,
