@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import adapter_weights, max_difference, one_line_error, sdxl_args, wuerstchen_args
 
-from difftune import ema
+from difftune import checkpoints, ema
 
 
 @pytest.mark.parametrize(
@@ -29,7 +29,7 @@ def test_gradient_checkpointing_gives_the_same_weights(assets, tmp_path, run_mai
 )
 def test_optimizer_and_ema_resume_exactly(assets, tmp_path, run_main, optimizer):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    flags = (*optimizer, "--use_ema", "--ema_decay", "0.9", "--train_text_encoder")
+    flags = (*optimizer, "--use_ema", "--ema_decay", "0.9", "--train_text_encoder", "--validation_split", "0.2")
     assert run_main("train_sdxl_lokr", sdxl_args(assets, full, *flags, steps=4)) == 0
     argv = sdxl_args(assets, resumed, *flags, "--resume_from_checkpoint", full / "step2", steps=4)
     assert run_main("train_sdxl_lokr", argv) == 0
@@ -38,6 +38,13 @@ def test_optimizer_and_ema_resume_exactly(assets, tmp_path, run_main, optimizer)
     assert max_difference(adapter_weights(full / "step2"), adapter_weights(full / "step4")) > 1e-4
     # The average trails the live weights.
     assert max_difference(adapter_weights(full / "step4"), adapter_weights(full / "step4" / "ema")) > 1e-5
+    # The held-out losses, live and EMA: the same weights give the same numbers, whichever run computed them.
+    full_state, resumed_state = (
+        checkpoints.read_json(run / "step4" / checkpoints.STATE_FILE) for run in (full, resumed)
+    )
+    assert full_state["eval_loss"] != full_state["eval_loss_ema"]
+    for key in ("eval_loss", "eval_loss_ema"):
+        assert abs(full_state[key] - resumed_state[key]) <= 1e-6
 
 
 # diffusers EMAModel with --ema_update_after_step 1: decay 0 (a copy) for steps 1 and 2, then at step t
