@@ -20,7 +20,7 @@ from difftune.errors import UserError
 pytest.importorskip("deepspeed")
 
 ZERO2 = ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml"
-EMA = ("--use_ema", "--ema_decay", "0.9")
+EMA = ("--use_ema", "--ema_decay", "0.9", "--validation_split", "0.2")
 EXTRA = ("--random_flip", "--train_text_encoder", "--gradient_accumulation_steps", "2", "--rank_dropout", "0.2")
 
 
@@ -126,6 +126,8 @@ def test_zero2_bf16_saves_fp32_adapters_and_ema_that_load_with_peft_and_resume_e
     resumed_zero2_run(assets, full, resumed, *EMA, mixed_precision="bf16")
     assert max_difference(adapter_weights(resumed / "step4"), adapter_weights(full / "step4")) <= 1e-6
     assert max_difference(adapter_weights(resumed / "step4/ema"), adapter_weights(full / "step4/ema")) <= 1e-6
+    states = [checkpoints.read_json(run / "step4" / checkpoints.STATE_FILE) for run in (full, resumed)]
+    assert abs(states[0]["eval_loss_ema"] - states[1]["eval_loss_ema"]) <= 1e-6
 
 
 def fake_accelerator(config: dict) -> SimpleNamespace:
