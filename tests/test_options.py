@@ -1,5 +1,7 @@
 """Options that must not change the result (gradient checkpointing) or must survive a resume (optimizers, EMA)."""
 
+import logging
+
 import pytest
 import torch
 from helpers import adapter_weights, max_difference, one_line_error, sdxl_args, wuerstchen_args
@@ -125,3 +127,35 @@ def test_bad_optimizer_and_ema_flags_are_refused(assets, tmp_path, run_main, cap
 def test_prodigy_warns_about_a_small_learning_rate(assets, tmp_path, run_main, caplog):
     assert run_main("train_sdxl_lokr", sdxl_args(assets, tmp_path / "out", "--optimizer", "prodigy", steps=1)) == 0
     assert "expects --learning_rate ~1.0, got 0.001" in caplog.text
+
+
+def test_validation_images_come_from_the_ema_weights(assets, tmp_path, run_main, monkeypatch, caplog):
+    from helpers import REAL_TRAIN
+    from safetensors.torch import load_file
+
+    from difftune import training
+
+    seen, after = {}, {}
+
+    def spy(accelerator, args, **kwargs):
+        unet = kwargs["adapters"]["unet"]
+
+        def validate(step, peft_models):
+            seen.update({n: p.detach().clone() for n, p in peft_models["unet"].named_parameters() if p.requires_grad})
+
+        result = REAL_TRAIN(accelerator, args, **{**kwargs, "validate": validate})
+        after.update({n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad})
+        return result
+
+    monkeypatch.setattr(training, "train", spy)
+    caplog.set_level(logging.INFO, logger="difftune")
+    out = tmp_path / "out"
+    argv = sdxl_args(assets, out, "--use_ema", "--validation_prompt", "x", "--validation_steps", "2", steps=2)
+    assert run_main("train_sdxl_lokr", argv) == 0
+    assert "validation images at step 2 use the EMA weights" in caplog.text
+    average = load_file(out / "step2" / "ema" / "unet" / "adapter_model.safetensors")
+    live = load_file(out / "step2" / "unet" / "adapter_model.safetensors")
+    assert seen.keys() == {f"{k}.default" for k in average}  # peft names the parameters after the adapter
+    assert all(torch.equal(seen[f"{k}.default"], v) for k, v in average.items())
+    assert all(torch.equal(after[f"{k}.default"], v) for k, v in live.items())  # the live weights came back
+    assert any(not torch.equal(average[k], live[k]) for k in live)

@@ -385,21 +385,20 @@ def train(
         return path
 
     def run_validation(step: int) -> None:
+        """Main process: the held-out loss, then the validation images (from the EMA weights with --use_ema)."""
         if accelerator.is_main_process:
             evaluate(step)
-        if validate is None or not args.validation_prompt:
-            return
-        if accelerator.is_main_process:
-            for model in adapters.values():
-                model.eval()
-            if ema is None:
-                validate(step, adapters)
-            else:
-                logger.info("validation images at step %d use the EMA weights", step)
-                with ema.applied():
+            if validate is not None and args.validation_prompt:
+                for model in adapters.values():
+                    model.eval()
+                if ema is None:
                     validate(step, adapters)
-            for model in adapters.values():
-                model.train()
+                else:
+                    logger.info("validation images at step %d use the EMA weights", step)
+                    with ema.applied():
+                        validate(step, adapters)
+                for model in adapters.values():
+                    model.train()
         accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
