@@ -17,6 +17,7 @@ from pathlib import Path
 from difftune import export, wuerstchen
 from difftune.args import DTYPES, ErrorOnlyParser
 from difftune.checkpoints import ARGS_FILE, read_json
+from difftune.ema import adapter_dir
 from difftune.errors import UserError, run_cli
 from difftune.inference import checkpoint_family
 
@@ -33,17 +34,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="Export a --decompose_factor above sqrt(dim): ComfyUI and A1111 load it, LyCORIS's loader cannot.",
     )
+    parser.add_argument("--ema", action="store_true", help="Export the EMA weights (runs with --use_ema).")
     return parser.parse_args(argv)
 
 
 def export_sdxl_kohya(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
     run = read_json(args.checkpoint / ARGS_FILE)
     base = args.pretrained_model_name_or_path or run["pretrained_model_name_or_path"]
-    models = [m for m in ("unet", "text_encoder_one", "text_encoder_two") if (args.checkpoint / m).is_dir()]
-    adapters = {m: export.read_peft_adapter(args.checkpoint / m) for m in models}
+    weights = adapter_dir(args.checkpoint, args.ema)
+    models = [m for m in ("unet", "text_encoder_one", "text_encoder_two") if (weights / m).is_dir()]
+    adapters = {m: export.read_peft_adapter(weights / m) for m in models}
     for model, (config, _) in adapters.items():
         if config.get("peft_type") != "LOKR":
-            raise UserError(f"{args.checkpoint / model} is a {config.get('peft_type')} adapter, not LoKr")
+            raise UserError(f"{weights / model} is a {config.get('peft_type')} adapter, not LoKr")
     unet_config, shapes = export.module_shapes(base, run.get("revision"), models)
     state = export.lokr_to_kohya(adapters, unet_config, shapes, DTYPES[args.dtype], args.allow_large_factor)
     return state, export.kohya_metadata(adapters["unet"][0], base)
@@ -56,12 +59,13 @@ def export_wuerstchen_diffusers(args: argparse.Namespace) -> tuple[dict, dict[st
 
     # Rebuilt from the peft adapters (also right for checkpoints written before the diffusers file carried
     # lora_alpha in its metadata), by diffusers' own writer.
+    source = adapter_dir(args.checkpoint, args.ema)
     parts = {}
     for name in ("prior", "text_encoder"):
-        if (args.checkpoint / name).is_dir():
-            weights = load_file(str(args.checkpoint / name / "adapter_model.safetensors"))
+        if (source / name).is_dir():
+            weights = load_file(str(source / name / "adapter_model.safetensors"))
             parts[name] = (
-                LoraConfig.from_pretrained(str(args.checkpoint / name)).to_dict(),
+                LoraConfig.from_pretrained(str(source / name)).to_dict(),
                 {k.removeprefix("base_model.model."): v.to(DTYPES[args.dtype]) for k, v in weights.items()},
             )
     with tempfile.TemporaryDirectory() as tmp:

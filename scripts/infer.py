@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from difftune import inference
 from difftune.args import DTYPES, ErrorOnlyParser
 from difftune.checkpoints import ARGS_FILE, read_json
+from difftune.ema import adapter_dir
 from difftune.errors import UserError, run_cli
 
 
@@ -38,6 +39,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--adapter_scale", type=float, default=1.0, help="0 = base model, 1 = as trained.")
     parser.add_argument("--fuse", action="store_true", help="Merge the adapter into the weights first.")
     parser.add_argument("--compare_base", action="store_true", help="Also write the base model's image.")
+    parser.add_argument("--ema", action="store_true", help="Use the checkpoint's EMA weights (runs with --use_ema).")
     parser.add_argument("--output_dir", type=Path, default=None, help="Default: CHECKPOINT/../samples/step<N>.")
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="Default: fp16 on CUDA, else fp32.")
@@ -150,11 +152,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     base_rows = None
     if args.compare_base:
         base_rows = generate(pipe, prompts, args.num_images_per_prompt, args.seed, kwargs, "base")
-    inference.load_adapters(pipe, family, args.checkpoint, args.adapter_scale, args.fuse)
+    inference.load_adapters(pipe, family, adapter_dir(args.checkpoint, args.ema), args.adapter_scale, args.fuse)
     pipe.to(device)
     rows = generate(pipe, prompts, args.num_images_per_prompt, args.seed, kwargs, "adapted")
 
-    out = args.output_dir or args.checkpoint.parent / "samples" / args.checkpoint.name
+    out = args.output_dir or args.checkpoint.parent / "samples" / (args.checkpoint.name + ("-ema" if args.ema else ""))
     out.mkdir(parents=True, exist_ok=True)
     grid_rows = []
     for p, (prompt, row) in enumerate(zip(prompts, rows, strict=True)):

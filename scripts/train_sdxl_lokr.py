@@ -108,13 +108,19 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     scheduler = sd.noise_scheduler
     objective = objectives.Objective(args, scheduler)
+    plain_objective = objective.plain()  # the held-out loss: plain noise and MSE at given timesteps
 
-    def compute_loss(batch: dict, models: dict) -> torch.Tensor:
+    def compute_loss(batch: dict, models: dict, timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss; with `timesteps` (fractions of the schedule), the plain MSE there (held-out loss)."""
         with torch.no_grad():
             latents = sdxl.latents(batch, sd.vae, vae_dtype)
-        noise = objective.noise(latents)
-        timesteps = objective.timesteps(latents.shape[0], device)
-        noisy_latents = objective.noisy_input(latents, noise, timesteps)
+        objective_now = objective if timesteps is None else plain_objective
+        noise = objective_now.noise(latents)
+        if timesteps is None:
+            timesteps = objective.timesteps(latents.shape[0], device)
+        else:
+            timesteps = objective.at_fractions(timesteps, latents.dtype)
+        noisy_latents = objective_now.noisy_input(latents, noise, timesteps)
         with torch.set_grad_enabled(args.train_text_encoder):
             prompt_embeds, pooled = sdxl.text_conditioning(
                 batch,
@@ -127,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             prompt_embeds,
             added_cond_kwargs={"text_embeds": pooled, "time_ids": batch["time_ids"].to(prompt_embeds.dtype)},
         ).sample
-        return objective.loss(pred, objective.target(latents, noise, timesteps), timesteps)
+        return objective_now.loss(pred, objective_now.target(latents, noise, timesteps), timesteps)
 
     def validate(step: int, peft_models: dict) -> None:
         models = {"unet": peft_models["unet"].get_base_model()}

@@ -20,6 +20,7 @@ from difftune.errors import UserError
 pytest.importorskip("deepspeed")
 
 ZERO2 = ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml"
+EMA = ("--use_ema", "--ema_decay", "0.9", "--validation_split", "0.2")
 EXTRA = ("--random_flip", "--train_text_encoder", "--gradient_accumulation_steps", "2", "--rank_dropout", "0.2")
 
 
@@ -31,10 +32,10 @@ def zero2_run(assets, out, *more, mixed_precision: str = "no") -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def resumed_zero2_run(assets, full, resumed, mixed_precision: str = "no") -> None:
+def resumed_zero2_run(assets, full, resumed, *more, mixed_precision: str = "no") -> None:
     """Resume from full/step2 as "latest" in a dir holding only it."""
     resumed_copy(full / "step2", resumed)
-    zero2_run(assets, resumed, "--resume_from_checkpoint", "latest", mixed_precision=mixed_precision)
+    zero2_run(assets, resumed, *more, "--resume_from_checkpoint", "latest", mixed_precision=mixed_precision)
     assert not list(resumed.glob(".partial-*"))
 
 
@@ -100,16 +101,20 @@ def test_zero2_trains_like_ddp_shards_its_state_and_resumes_exactly(assets, tmp_
 
 
 @pytest.mark.slow
-def test_zero2_bf16_saves_fp32_adapters_that_load_with_peft_and_resumes_exactly(assets, tmp_path):
+def test_zero2_bf16_saves_fp32_adapters_and_ema_that_load_with_peft_and_resume_exactly(assets, tmp_path):
     from diffusers import UNet2DConditionModel
     from peft import PeftModel
 
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    zero2_run(assets, full, mixed_precision="bf16")
+    zero2_run(assets, full, *EMA, mixed_precision="bf16")
     saved = load_file(full / "step4" / "unet" / "adapter_model.safetensors")
-    assert {weight.dtype for weight in saved.values()} == {torch.float32}
-    # DeepSpeed runs the models in bf16; what is saved is its fp32 master copy, not a widened bf16 one.
-    assert any((weight - weight.bfloat16().float()).abs().max() > 0 for weight in saved.values())
+    # DeepSpeed runs the models in bf16; what is saved is its fp32 master copy, not a widened bf16 one;
+    # and the EMA averages those master weights.
+    for path in (full / "step4/unet", full / "step4/ema/unet"):
+        weights = load_file(path / "adapter_model.safetensors")
+        assert {weight.dtype for weight in weights.values()} == {torch.float32}
+        assert any((weight - weight.bfloat16().float()).abs().max() > 0 for weight in weights.values())
+    assert max_difference(adapter_weights(full / "step4"), adapter_weights(full / "step4/ema")) > 1e-5
 
     unet = UNet2DConditionModel.from_pretrained(assets / "sdxl", subfolder="unet")
     unet = PeftModel.from_pretrained(unet, full / "step4" / "unet", adapter_name="default")
@@ -118,8 +123,11 @@ def test_zero2_bf16_saves_fp32_adapters_that_load_with_peft_and_resumes_exactly(
     for name, weight in saved.items():
         assert torch.equal(loaded[f"{name}.default"], weight)  # peft names the parameter after the adapter
 
-    resumed_zero2_run(assets, full, resumed, mixed_precision="bf16")
+    resumed_zero2_run(assets, full, resumed, *EMA, mixed_precision="bf16")
     assert max_difference(adapter_weights(resumed / "step4"), adapter_weights(full / "step4")) <= 1e-6
+    assert max_difference(adapter_weights(resumed / "step4/ema"), adapter_weights(full / "step4/ema")) <= 1e-6
+    states = [checkpoints.read_json(run / "step4" / checkpoints.STATE_FILE) for run in (full, resumed)]
+    assert abs(states[0]["eval_loss_ema"] - states[1]["eval_loss_ema"]) <= 1e-6
 
 
 def fake_accelerator(config: dict) -> SimpleNamespace:

@@ -24,7 +24,7 @@ def sdxl_checkpoint(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("sdxl") / "run"
     argv = sdxl_args(
         assets, out, "--train_text_encoder", "--rank", "2", "--alpha", "6", "--decompose_both",
-        "--target_modules", CONV_AND_LINEAR, steps=4, lr="1e-2",
+        "--target_modules", CONV_AND_LINEAR, "--use_ema", "--ema_decay", "0.5", steps=4, lr="1e-2",
     )  # fmt: skip
     assert run_script("train_sdxl_lokr", argv) == 0
     return out / "step4"
@@ -36,7 +36,7 @@ def wuerstchen_checkpoint(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("wuerstchen") / "run"
     argv = wuerstchen_args(
         assets, out, "--target_modules", "to_q,to_k,to_v,to_out.0,out.1", "--rank", "4", "--lora_alpha", "16",
-        "--train_text_encoder", steps=4, lr="1e-2",
+        "--train_text_encoder", "--use_ema", steps=4, lr="1e-2",
     )  # fmt: skip
     assert run_script("train_wuerstchen_lora", argv) == 0
     return out / "step4"
@@ -162,6 +162,25 @@ def test_trained_checkpoint_exports_exact_deltas(sdxl_checkpoint, assets, tmp_pa
         for suffix in suffixes[encoder]
     }
     assert any("_in_layers_2." in k for k in exported)  # a resnet conv, by its SGM name
+
+
+def test_ema_exports_the_ema_adapter(sdxl_checkpoint, wuerstchen_checkpoint, assets, tmp_path, run_main, capsys):
+    exported = run_export(run_main, sdxl_checkpoint, tmp_path / "ema.safetensors", "--ema")
+    unet_config = json.loads((assets / "sdxl" / "unet" / "config.json").read_text())
+    checked = assert_kohya_equals_peft(exported, peft_models_from(sdxl_checkpoint / "ema", assets), unet_config)
+    assert checked == len({k.rsplit(".", 1)[0] for k in exported})
+    live = run_export(run_main, sdxl_checkpoint, tmp_path / "live.safetensors")
+    assert max((exported[k] - live[k]).abs().max().item() for k in live) > 1e-5
+
+    exported = run_export(run_main, wuerstchen_checkpoint, tmp_path / "w.safetensors", "--format", "diffusers", "--ema")
+    ema_file = load_file(wuerstchen_checkpoint / "ema" / "pytorch_lora_weights.safetensors")
+    assert exported.keys() == ema_file.keys() and all(torch.equal(exported[k], ema_file[k]) for k in exported)
+
+    no_ema = tmp_path / "run" / "step1"
+    shutil.copytree(wuerstchen_checkpoint, no_ema, ignore=shutil.ignore_patterns("ema"))
+    argv = ["--checkpoint", no_ema, "--out", tmp_path / "x.safetensors", "--format", "diffusers", "--ema"]
+    assert run_main("export", argv) == 2
+    assert "has no ema/ (the run was trained without --use_ema)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("rank", [2, 8])
@@ -356,17 +375,18 @@ def test_infer_equals_model_card_snippet_and_fuse_is_close(sdxl_checkpoint, asse
     assert np.abs(png(tmp_path / "plain" / "00_a-red-circle_00_base.png") - plain).max() > 0
 
 
-def test_infer_wuerstchen_equals_lora_loading_route(wuerstchen_checkpoint, assets, tmp_path, run_main):
+@pytest.mark.parametrize("ema", [False, True], ids=["live", "ema"])
+def test_infer_wuerstchen_equals_lora_loading_route(wuerstchen_checkpoint, assets, tmp_path, run_main, ema):
     from diffusers.pipelines.deprecated.wuerstchen import DEFAULT_STAGE_C_TIMESTEPS
 
     from difftune import wuerstchen
 
     argv = ["--checkpoint", wuerstchen_checkpoint, "--prompt", "a red circle", "--num_inference_steps", "2"]
-    assert run_main("infer", [*argv, "--output_dir", tmp_path / "w"]) == 0
+    assert run_main("infer", [*argv, "--output_dir", tmp_path / "w", *(["--ema"] if ema else [])]) == 0
     pipe = wuerstchen.build_combined_pipeline(
         wuerstchen.load_prior(str(assets / "wuerstchen-prior")), wuerstchen.load_decoder(str(assets / "wuerstchen"))
     )
-    pipe.prior_pipe.load_lora_weights(wuerstchen_checkpoint)
+    pipe.prior_pipe.load_lora_weights(wuerstchen_checkpoint / "ema" if ema else wuerstchen_checkpoint)
     image = pipe(
         "a red circle", prior_timesteps=DEFAULT_STAGE_C_TIMESTEPS, num_inference_steps=2, height=128, width=128,
         generator=torch.manual_seed(0),

@@ -14,7 +14,7 @@ import torch
 from conftest import SCRIPTS, launch
 from helpers import adapter_weights, max_difference, resumed_copy, sdxl_args, spy_on_training, wuerstchen_args
 
-from difftune import checkpoints
+from difftune import checkpoints, ema
 
 # Everything random at once: random crops, flips, accumulation, warm-up + cosine, LoKr rank and module dropout.
 SDXL_EXTRA = (
@@ -133,13 +133,14 @@ def assert_checkpoints_sound(out) -> None:
         assert checkpoints.is_complete(path), path
         adapter_weights(path)
         checkpoints.load_torch_state(path / checkpoints.OPTIMIZER_FILE)
+        checkpoints.load_torch_state(path / ema.EMA_FILE)
         json.loads((path / checkpoints.STATE_FILE).read_text())
 
 
 def kill_test_args(assets, out, *extra, checkpointing_steps: int = 1) -> list[str]:
-    """16 steps with everything random, a checkpoint every step, the 3 newest kept."""
+    """16 steps with everything random, a checkpoint every step, the 3 newest kept, an EMA of the weights."""
     return sdxl_args(
-        assets, out, *SDXL_EXTRA, "--checkpoints_total_limit", "3", *extra,
+        assets, out, *SDXL_EXTRA, "--checkpoints_total_limit", "3", "--use_ema", "--ema_decay", "0.9", *extra,
         steps=16, checkpointing_steps=checkpointing_steps,
     )  # fmt: skip
 
@@ -152,10 +153,10 @@ def run_to_end(argv) -> None:
 
 @pytest.fixture(scope="module")
 def kill_reference(assets, tmp_path_factory):
-    """The adapter weights of an uninterrupted run."""
+    """The adapter weights of an uninterrupted run, and their EMA."""
     out = tmp_path_factory.mktemp("reference") / "run"
     run_to_end(kill_test_args(assets, out))
-    return adapter_weights(out / "step16")
+    return adapter_weights(out / "step16"), adapter_weights(out / "step16/ema")
 
 
 @pytest.mark.slow
@@ -188,10 +189,11 @@ def test_sigkill_at_random_moments_then_resume(kill_reference, assets, tmp_path,
         assert_checkpoints_sound(out)
     assert checkpoints.list_checkpoints(out)[-1][0] == 16
     assert len(checkpoints.list_checkpoints(out)) <= 3  # --checkpoints_total_limit
-    difference = max_difference(adapter_weights(out / "step16"), kill_reference)
+    difference = max_difference(adapter_weights(out / "step16"), kill_reference[0])
+    difference = max(difference, max_difference(adapter_weights(out / "step16/ema"), kill_reference[1]))
     print(
         f"seed {seed}: {kills} kills ({during_save} during a save), {kills} resumes, "
-        f"max weight difference {difference:.3g}"
+        f"max weight (and EMA) difference {difference:.3g}"
     )
     assert kills >= 1 and difference <= 1e-6
 
@@ -211,13 +213,15 @@ def test_sigterm_finishes_the_step_saves_and_resumes(kill_reference, assets, tmp
     saved = checkpoints.list_checkpoints(out)
     assert len(saved) == 1 and 0 < saved[0][0] < 16
     run_to_end([*argv, "--resume_from_checkpoint", "latest"])
-    assert max_difference(adapter_weights(out / "step16"), kill_reference) <= 1e-6
+    assert max_difference(adapter_weights(out / "step16"), kill_reference[0]) <= 1e-6
+    assert max_difference(adapter_weights(out / "step16/ema"), kill_reference[1]) <= 1e-6
 
 
 @pytest.mark.slow
-def test_two_process_ddp_trains_and_resumes_exactly(assets, tmp_path):
+def test_two_process_ddp_trains_and_resumes_exactly_with_ema(assets, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    args = sdxl_args(assets, full, "--random_flip", "--train_text_encoder", *OBJECTIVE_EXTRA, steps=4)
+    ema = ("--use_ema", "--ema_decay", "0.9", "--validation_split", "0.2", *OBJECTIVE_EXTRA)
+    args = sdxl_args(assets, full, "--random_flip", "--train_text_encoder", *ema, steps=4)
     proc = launch("train_sdxl_lokr", args, processes=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("saved checkpoint") == 2  # steps 2 and 4, written once each (by the main process)
@@ -226,13 +230,15 @@ def test_two_process_ddp_trains_and_resumes_exactly(assets, tmp_path):
     assert max_difference(adapter_weights(full / "step2"), adapter_weights(full / "step4")) > 1e-3
     resumed_copy(full / "step2", resumed)
     args = sdxl_args(
-        assets, resumed, "--random_flip", "--train_text_encoder", *OBJECTIVE_EXTRA, "--resume_from_checkpoint",
-        "latest", steps=4,
-    )  # fmt: skip
+        assets, resumed, "--random_flip", "--train_text_encoder", *ema, "--resume_from_checkpoint", "latest", steps=4
+    )
     proc = launch("train_sdxl_lokr", args, processes=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert max_difference(adapter_weights(resumed / "step4"), adapter_weights(full / "step4")) <= 1e-6
+    assert max_difference(adapter_weights(resumed / "step4/ema"), adapter_weights(full / "step4/ema")) <= 1e-6
     assert not list(resumed.glob(".partial-*"))
+    states = [json.loads((run / "step4" / checkpoints.STATE_FILE).read_text()) for run in (full, resumed)]
+    assert abs(states[0]["eval_loss_ema"] - states[1]["eval_loss_ema"]) <= 1e-6
 
 
 def test_same_seed_same_weights_whatever_ran_before(assets, tmp_path, run_main):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from collections.abc import Sequence
 
 import torch
@@ -12,6 +13,9 @@ from difftune.objectives import check_objective_args
 
 # --dtype / --mixed_precision values and the torch dtypes they mean ("no" precision: fp32).
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# --optimizer values and the package each needs (None: torch's own).
+OPTIMIZERS = {"adamw": None, "adamw8bit": "bitsandbytes", "prodigy": "prodigyopt", "adafactor": None}
 
 
 class ErrorOnlyParser(argparse.ArgumentParser):
@@ -91,7 +95,28 @@ def add_training_args(parser: argparse.ArgumentParser, *, output_dir: str) -> No
     group.add_argument("--adam_weight_decay", type=float, default=1e-2)
     group.add_argument("--adam_epsilon", type=float, default=1e-8)
     group.add_argument("--max_grad_norm", type=float, default=1.0)
-    group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit.")
+    group.add_argument(
+        "--optimizer",
+        default="adamw",
+        choices=list(OPTIMIZERS),
+        help="adamw (torch), adamw8bit (bitsandbytes), prodigy (prodigyopt, learning-rate-free: use "
+        "--learning_rate 1.0), adafactor (torch.optim.Adafactor).",
+    )
+    group.add_argument("--use_8bit_adam", action="store_true", help="The same as --optimizer adamw8bit.")
+    group.add_argument("--prodigy_d_coef", type=float, default=1.0, help="Prodigy: scales its step-size estimate.")
+    group.add_argument("--prodigy_safeguard_warmup", action="store_true", help="Prodigy: for runs with lr warm-up.")
+    group.add_argument("--prodigy_use_bias_correction", action="store_true", help="Prodigy: Adam's bias correction.")
+    group.add_argument(
+        "--use_ema", action="store_true", help="Keep an EMA of the adapter weights (diffusers EMAModel), saved in ema/."
+    )
+    group.add_argument("--ema_decay", type=float, default=0.9999, help="The EMA's largest decay.")
+    group.add_argument("--ema_update_after_step", type=int, default=0, help="The EMA copies the weights until then.")
+    group.add_argument(
+        "--ema_power",
+        type=float,
+        default=None,
+        help="Warm-up decay 1-(1+t)^-power (diffusers use_ema_warmup, e.g. 0.75); default: (1+t)/(10+t).",
+    )
     group.add_argument(
         "--mixed_precision",
         default=None,
@@ -125,6 +150,12 @@ def add_training_args(parser: argparse.ArgumentParser, *, output_dir: str) -> No
     group.add_argument("--num_validation_images", type=int, default=4, help="Images per prompt.")
     group.add_argument("--validation_steps", type=int, default=500, help="Validate every N steps and at the end.")
     group.add_argument("--validation_inference_steps", type=int, default=30)
+    group.add_argument(
+        "--validation_split",
+        type=float,
+        default=0.0,
+        help="Hold out this seeded share of the data for an evaluation loss at each validation and checkpoint.",
+    )
 
 
 def check_common_args(args: argparse.Namespace) -> None:
@@ -148,6 +179,30 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise UserError(f"--learning_rate must be positive, got {args.learning_rate}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit <= 0:
         raise UserError("--checkpoints_total_limit must be positive")
+    check_optimizer_args(args)
+    if not 0.0 <= args.validation_split < 1.0:
+        raise UserError(f"--validation_split must be in [0, 1), got {args.validation_split}")
+    if not 0.0 <= args.ema_decay <= 1.0:
+        raise UserError(f"--ema_decay must be in [0, 1], got {args.ema_decay}")
+    if args.ema_update_after_step < 0 or (args.ema_power is not None and args.ema_power <= 0):
+        raise UserError("--ema_update_after_step must be >= 0 and --ema_power positive")
+
+
+def check_optimizer_args(args: argparse.Namespace) -> None:
+    """Resolve --use_8bit_adam, and check the optimizer's package and settings."""
+    if args.use_8bit_adam:
+        if args.optimizer not in ("adamw", "adamw8bit"):
+            raise UserError(f"--use_8bit_adam means --optimizer adamw8bit, not {args.optimizer}: drop one of them")
+        args.optimizer = "adamw8bit"
+    package = OPTIMIZERS[args.optimizer]
+    if package and importlib.util.find_spec(package) is None:
+        raise UserError(f"--optimizer {args.optimizer} needs {package}: pip install {package}")
+    if args.optimizer == "prodigy":
+        if args.prodigy_d_coef <= 0:
+            raise UserError(f"--prodigy_d_coef must be positive, got {args.prodigy_d_coef}")
+        if getattr(args, "text_encoder_lr", None) not in (None, args.learning_rate):
+            # Prodigy estimates one step size for all parameter groups.
+            raise UserError("--optimizer prodigy takes one learning rate: drop --text_encoder_lr")
 
 
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, image_cache_flag: str) -> argparse.Namespace:

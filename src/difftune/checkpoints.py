@@ -155,9 +155,17 @@ def finish_checkpoint(partial: Path, final: Path, state: dict, total_limit: int 
 
 
 def prune(output_dir: Path, total_limit: int) -> None:
-    """Delete the oldest complete checkpoints beyond `total_limit` (never incomplete ones)."""
+    """Delete the oldest complete checkpoints beyond `total_limit` (never incomplete ones, nor the one with
+    the best held-out loss)."""
     found = list_checkpoints(output_dir)
+    evaluated = [
+        (state["eval_loss"], path) for _, path in found if "eval_loss" in (state := read_json(path / STATE_FILE))
+    ]
+    best = min(evaluated)[1] if evaluated else None
     for _, path in found[: max(0, len(found) - total_limit)]:
+        if path == best:
+            logger.info("keeping %s beyond --checkpoints_total_limit: it has the best evaluation loss", path)
+            continue
         logger.info("removing old checkpoint %s (--checkpoints_total_limit %d)", path, total_limit)
         shutil.rmtree(path)
 

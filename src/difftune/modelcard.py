@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 import difftune
+from difftune.checkpoints import STATE_FILE, list_checkpoints, read_json
 
 
 def write_model_card(
@@ -41,6 +42,7 @@ def write_model_card(
         "",
         "Checkpoints are the `step<N>/` folders; each holds the run's arguments in `args.json`.",
         "",
+        *evaluation_table(Path(output_dir)),
         "## Loading",
         "",
         loading.strip(),
@@ -49,3 +51,17 @@ def write_model_card(
     path = Path(output_dir) / "README.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def evaluation_table(output_dir: Path) -> list[str]:
+    """The held-out loss of each checkpoint (--validation_split), as Markdown lines; none without it."""
+    rows = []
+    for _, path in list_checkpoints(output_dir):
+        state = read_json(path / STATE_FILE)
+        if "eval_loss" in state:
+            ema = f" {state['eval_loss_ema']:.6f} |" if "eval_loss_ema" in state else " |"
+            rows.append(f"| {path.name} | {state['eval_loss']:.6f} |{ema}")
+    if not rows:
+        return []
+    header = ["## Held-out loss", "", "| checkpoint | loss | EMA weights' loss |", "|---|---|---|"]
+    return [*header, *rows, ""]

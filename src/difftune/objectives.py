@@ -144,6 +144,18 @@ class Objective:
     def prediction_type(self) -> str:
         return "epsilon" if self.continuous else self.scheduler.config.prediction_type
 
+    def plain(self) -> Objective:
+        """The same schedule with every option off: plain noise and MSE (for the held-out loss)."""
+        parser = argparse.ArgumentParser()
+        add_objective_args(parser)
+        return Objective(parser.parse_args([]), self.scheduler, self.continuous)
+
+    def at_fractions(self, fractions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Timesteps at fractions of the schedule (the held-out loss's fixed spread)."""
+        if self.continuous:
+            return fractions.to(dtype)
+        return (fractions * self.num_timesteps).long().clamp(0, self.num_timesteps - 1)
+
     def noise(self, x0: torch.Tensor) -> torch.Tensor:
         """Gaussian noise by shape (not randn_like, which follows the memory layout), with offset and pyramid."""
         a = self.args

@@ -29,8 +29,10 @@ from difftune import adapters as adapter_io
 from difftune import checkpoints, deepspeed_zero
 from difftune.args import DTYPES
 from difftune.data import EpochBatchSampler, collate, num_update_steps_per_epoch
+from difftune.ema import make_ema
 from difftune.errors import UserError
-from difftune.updates import make_update
+from difftune.evaluation import evaluation_loss, split_indices
+from difftune.updates import check_distributed_optimizer, make_update
 
 logger = logging.getLogger("difftune")
 
@@ -55,6 +57,7 @@ def setup_run(args: argparse.Namespace):
     # SDXL conditions on the penultimate hidden states, so a text encoder's last layer gets no
     # gradient: DDP must be told that some adapter weights may go unused.
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=bool(getattr(args, "train_text_encoder", False)))]
+    check_distributed_optimizer(args, deepspeed_zero.requested())
     if deepspeed_zero.requested():
         deepspeed_zero.check_installed()
         handlers += deepspeed_zero.process_group_kwargs()
@@ -271,26 +274,31 @@ def train(
     adapters: dict[str, nn.Module],
     param_groups: list[dict],
     dataset: torch.utils.data.Dataset,
-    compute_loss: Callable[[dict, dict[str, nn.Module]], torch.Tensor],
+    compute_loss: Callable[..., torch.Tensor],
     save_extra: Callable[[Path, dict[str, nn.Module]], None] | None = None,
     validate: Callable[[int, dict[str, nn.Module]], None] | None = None,
 ) -> TrainResult:
-    """Train the adapters in `adapters` (name -> PeftModel, the name is the checkpoint subfolder)."""
+    """Train the adapters in `adapters` (name -> PeftModel, the name is the checkpoint subfolder).
+
+    `compute_loss(batch, models)` is the training loss; `compute_loss(batch, models, timesteps=t)` with
+    fractions t in [0, 1) of the noise schedule is the plain MSE used for the held-out loss."""
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     output_dir = Path(args.output_dir)
     accum = args.gradient_accumulation_steps
+    train_indices, held_out = split_indices(len(dataset), args.validation_split, args.seed)
+    sizes = getattr(dataset, "target_sizes", None)
     sampler = EpochBatchSampler(
-        len(dataset),
+        len(train_indices),
         args.train_batch_size,
         args.seed,
         accelerator.num_processes,
         accelerator.process_index,
-        groups=getattr(dataset, "target_sizes", None),
+        groups=[sizes[i] for i in train_indices] if sizes else None,
     )
     loader = torch.utils.data.DataLoader(
-        dataset,
+        torch.utils.data.Subset(dataset, train_indices) if held_out else dataset,
         batch_sampler=sampler,
         collate_fn=collate,
         num_workers=args.dataloader_num_workers,
@@ -300,6 +308,7 @@ def train(
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     args.max_train_steps = max_steps
 
+    ema = make_ema(args, adapters)  # before DeepSpeed casts the adapters: it starts from fp32 weights
     update = make_update(accelerator, args, adapters, param_groups)
     models = update.models
     lr_scheduler = get_scheduler(
@@ -313,11 +322,32 @@ def train(
         check_resumable(state, update.kind, accelerator.num_processes, resume_dir)
         adapter_io.load_adapters(adapters, resume_dir)
         update.load(resume_dir)
+        if ema is not None:
+            ema.load(resume_dir)
         lr_scheduler.load_state_dict(checkpoints.load_torch_state(resume_dir / checkpoints.SCHEDULER_FILE))
         global_step, nonfinite_steps = state["global_step"], state.get("nonfinite_steps", 0)
         if state.get("steps_per_epoch") not in (None, steps_per_epoch):
             logger.warning("the data or batch settings changed since %s: the data order will differ", resume_dir)
         logger.info("resumed from %s at step %d", resume_dir, global_step)
+
+    evaluated: dict[int, dict[str, float]] = {}
+
+    def evaluate(step: int) -> dict[str, float]:
+        """Main process: the held-out loss (and the EMA weights' with --use_ema), once per step."""
+        if not held_out or step in evaluated:
+            return evaluated.get(step, {})
+        losses = {
+            "eval_loss": evaluation_loss(compute_loss, adapters, dataset, held_out, args.seed, accelerator.device)
+        }
+        if ema is not None:
+            with ema.applied():
+                losses["eval_loss_ema"] = evaluation_loss(
+                    compute_loss, adapters, dataset, held_out, args.seed, accelerator.device
+                )
+        evaluated[step] = losses
+        logger.info("step %d: %s", step, ", ".join(f"{k} {v:.6f}" for k, v in losses.items()))
+        accelerator.log({k.replace("_", "/", 1): v for k, v in losses.items()}, step=step)
+        return losses
 
     def write_checkpoint(step: int) -> Path:
         """All processes: each may hold a share of the optimizer state; the main process writes the rest."""
@@ -332,6 +362,8 @@ def train(
                 adapter_io.save_adapters(adapters, partial)
                 if save_extra is not None:
                     save_extra(partial, adapters)
+                if ema is not None:
+                    ema.save(partial, save_extra)
         accelerator.wait_for_everyone()
         path = checkpoints.checkpoint_dir(output_dir, step)
         if accelerator.is_main_process:
@@ -345,6 +377,7 @@ def train(
                 "num_processes": accelerator.num_processes,
                 "distributed": update.kind,
                 "nonfinite_steps": nonfinite_steps,
+                **evaluate(step),
             }
             checkpoints.finish_checkpoint(partial, path, state, args.checkpoints_total_limit)
             logger.info("saved checkpoint %s", path)
@@ -352,21 +385,29 @@ def train(
         return path
 
     def run_validation(step: int) -> None:
-        if validate is None or not args.validation_prompt:
-            return
+        """Main process: the held-out loss, then the validation images (from the EMA weights with --use_ema)."""
         if accelerator.is_main_process:
-            for model in adapters.values():
-                model.eval()
-            validate(step, adapters)
-            for model in adapters.values():
-                model.train()
+            evaluate(step)
+            if validate is not None and args.validation_prompt:
+                for model in adapters.values():
+                    model.eval()
+                if ema is None:
+                    validate(step, adapters)
+                else:
+                    logger.info("validation images at step %d use the EMA weights", step)
+                    with ema.applied():
+                        validate(step, adapters)
+                for model in adapters.values():
+                    model.train()
         accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
         accelerator.init_trackers(project_name, config=_tracker_config(args))
+    if held_out:
+        logger.info("holding out %d of %d samples for the evaluation loss", len(held_out), len(dataset))
     logger.info(
         "training: %d samples, %d steps per epoch, %d steps, batch %d x %d processes x %d accumulation",
-        len(dataset),
+        len(train_indices),
         steps_per_epoch,
         max_steps,
         args.train_batch_size,
@@ -420,6 +461,9 @@ def train(
                         )
                     logger.warning("non-finite loss at step %d: skipping its update", global_step + 1)
                 update.step(finite)
+                if ema is not None:
+                    with update.full_precision_weights():  # all processes: a collective under DeepSpeed
+                        ema.step()
                 lr_scheduler.step()
                 phase["optimizer"] += time.perf_counter() - tick
                 global_step += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from torch import nn
 from difftune import checkpoints
 from difftune.errors import UserError
 
+logger = logging.getLogger("difftune")
 DEEPSPEED_DIR = "deepspeed"  # a checkpoint's subfolder for DeepSpeed's per-process optimizer shards
 
 
@@ -52,24 +54,43 @@ def flatten_param_groups(param_groups: list[dict]) -> list[dict]:
 
 
 def build_optimizer(args: argparse.Namespace, param_groups: list[dict]) -> torch.optim.Optimizer:
-    """AdamW (or bitsandbytes AdamW8bit) over the adapter parameters."""
-    kwargs = {
-        "lr": args.learning_rate,
-        "betas": (args.adam_beta1, args.adam_beta2),
-        "weight_decay": args.adam_weight_decay,
-        "eps": args.adam_epsilon,
-    }
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
-        return bnb.optim.AdamW8bit(param_groups, **kwargs)
+    """The --optimizer over the adapter parameters."""
+    adam = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+    adam["weight_decay"] = args.adam_weight_decay
+    if args.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(param_groups, **adam)
+    if args.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        if not 0.5 <= args.learning_rate <= 2.0:
+            logger.warning(
+                "--optimizer prodigy finds the step size itself and expects --learning_rate ~1.0, got %g",
+                args.learning_rate,
+            )
+        return Prodigy(
+            param_groups, **adam, d_coef=args.prodigy_d_coef, safeguard_warmup=args.prodigy_safeguard_warmup,
+            use_bias_correction=args.prodigy_use_bias_correction,
+        )  # fmt: skip
+    if args.optimizer == "adafactor":
+        # torch's Adafactor: relative steps (--learning_rate caps them), factored second moments per matrix.
+        return torch.optim.Adafactor(param_groups, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     try:
         # One kernel over all adapter tensors: LoKr/LoRA have hundreds of small ones (5x faster on CPU).
-        return torch.optim.AdamW(param_groups, fused=True, **kwargs)
+        return torch.optim.AdamW(param_groups, fused=True, **adam)
     except (RuntimeError, ValueError):
-        return torch.optim.AdamW(param_groups, foreach=True, **kwargs)
+        return torch.optim.AdamW(param_groups, foreach=True, **adam)
+
+
+def check_distributed_optimizer(args: argparse.Namespace, deepspeed: bool) -> None:
+    """ZeRO-2 steps the optimizer on each process's shard of one flat buffer: Prodigy's step-size estimate and
+    Adafactor's per-matrix statistics would then be per shard, unlike one process or DDP."""
+    if deepspeed and args.optimizer in ("prodigy", "adafactor"):
+        raise UserError(
+            f"--optimizer {args.optimizer} does not work under DeepSpeed ZeRO-2 (its statistics would be per shard): "
+            "use DDP (configs/accelerate/multi_gpu.yaml) or --optimizer adamw"
+        )
 
 
 class DataParallelUpdate:
@@ -81,8 +102,9 @@ class DataParallelUpdate:
         self.accelerator = accelerator
         self.accum = args.gradient_accumulation_steps
         self.max_grad_norm = args.max_grad_norm
-        if accelerator.num_processes == 1:
+        if accelerator.num_processes == 1 and args.optimizer != "adafactor":
             # Not under DDP: its reducer gives the parameters gradient tensors of its own, cutting the views.
+            # Not for Adafactor: it factors each matrix's second moment, which one flat vector has not.
             param_groups = flatten_param_groups(param_groups)
         self.params = [p for group in param_groups for p in group["params"]]
         self.optimizer = build_optimizer(args, param_groups)  # for the lr scheduler and the checkpoint

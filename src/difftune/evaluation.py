@@ -1,0 +1,69 @@
+"""A held-out evaluation loss (--validation_split): the same numbers for the same weights.
+
+A seeded share of the training data is held out and never trained on. Its loss is the plain MSE
+denoising loss, averaged over every held-out sample at EVAL_TIMESTEPS fixed fractions of the noise
+schedule, (k + 0.5) / EVAL_TIMESTEPS; the noise for the j-th held-out sample (in the order of
+`held_out_indices`) at the k-th fraction comes from torch.manual_seed(seed + j * EVAL_TIMESTEPS + k).
+Samples are read as in epoch 0 (fixed crops and flips), adapters in eval mode (no dropout).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+EVAL_TIMESTEPS = 4
+
+
+def split_indices(size: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training indices, held-out indices): a seeded random `fraction` of range(size), at least one each."""
+    if fraction <= 0:
+        return list(range(size)), []
+    held = min(max(1, round(size * fraction)), size - 1)
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[held:]), sorted(order[:held])
+
+
+def timestep_fractions() -> list[float]:
+    return [(k + 0.5) / EVAL_TIMESTEPS for k in range(EVAL_TIMESTEPS)]
+
+
+@torch.no_grad()
+def evaluation_loss(
+    compute_loss: Callable[..., torch.Tensor],
+    adapters: dict[str, nn.Module],
+    dataset,
+    indices: list[int],
+    seed: int,
+    device: torch.device,
+) -> float:
+    """The mean held-out loss of the adapters as they are now (see the module docstring)."""
+    from difftune.data import collate
+
+    epoch = getattr(dataset, "epoch", None)
+    if epoch is not None:
+        dataset.set_epoch(0)
+    empty_prompt_share = getattr(dataset, "empty_prompt_share", 0.0)
+    if empty_prompt_share:
+        dataset.empty_prompt_share = 0.0  # held-out captions are never dropped (--proportion_empty_prompts)
+    for model in adapters.values():
+        model.eval()
+    try:
+        total = 0.0
+        for j, index in enumerate(indices):
+            batch = collate([dataset[index]])
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            for k, fraction in enumerate(timestep_fractions()):
+                torch.manual_seed(seed + j * EVAL_TIMESTEPS + k)
+                timesteps = torch.tensor([fraction], device=device)
+                total += compute_loss(batch, adapters, timesteps=timesteps).float().item()
+        return total / (len(indices) * EVAL_TIMESTEPS)
+    finally:
+        for model in adapters.values():
+            model.train()
+        if epoch is not None:
+            dataset.set_epoch(epoch)
+        if empty_prompt_share:
+            dataset.empty_prompt_share = empty_prompt_share
