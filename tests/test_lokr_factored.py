@@ -93,3 +93,32 @@ def test_conv_layers_keep_peft_s_path():
 
     model = get_peft_model(nn.Sequential(nn.Conv2d(8, 8, 3), nn.Linear(8, 8)), LoKrConfig(target_modules=["0", "1"]))
     assert lokr.use_factored_forward(model) == 1
+
+
+def test_tiny_training_run_gives_peft_s_weights(assets, tmp_path, run_main, monkeypatch):
+    """Every random draw (noise, timesteps, module and rank dropout) lines up, so the checkpoints agree."""
+    from helpers import sdxl_args
+    from safetensors.torch import load_file
+
+    options = [
+        "--rank", "2", "--alpha", "3", "--decompose_both", "--rank_dropout", "0.3", "--module_dropout", "0.3",
+        "--gradient_checkpointing", "--target_modules", "to_q,to_k,to_v,to_out.0,conv1",
+        # Adam's first steps are about sign(grad) * lr: a larger epsilon keeps entries whose gradient is ~1e-9
+        # from turning rounding-level differences into lr-sized ones.
+        "--adam_epsilon", "1e-4",
+    ]  # fmt: skip
+    switched = []
+    real_switch = lokr.use_factored_forward
+    monkeypatch.setattr(lokr, "use_factored_forward", lambda model: switched.append(real_switch(model)))
+    assert run_main("train_sdxl_lokr", sdxl_args(assets, tmp_path / "factored", *options, steps=2)) == 0
+    assert switched and switched[0] > 0  # the UNet's LoKr Linear layers ran factored
+    monkeypatch.setattr(lokr, "use_factored_forward", lambda model: 0)  # peft's own forward
+    assert run_main("train_sdxl_lokr", sdxl_args(assets, tmp_path / "peft", *options, steps=2)) == 0
+
+    expected = load_file(tmp_path / "peft" / "step2" / "unet" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "factored" / "step2" / "unet" / "adapter_model.safetensors")
+    assert got.keys() == expected.keys() and any(".lokr_w1_a" in k for k in expected)
+    for key in expected:
+        # Whole-tensor relative error: after a deep fp32 UNet's backward the two summation orders differ at
+        # ~1e-6, which one small entry of a tensor can show at ~1e-5 of the tensor's largest.
+        assert (got[key] - expected[key]).norm() <= 1e-5 * expected[key].norm(), key
