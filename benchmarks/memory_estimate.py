@@ -87,6 +87,8 @@ def block_peak(model: nn.Module, blocks: list[nn.Module], run) -> tuple[int, int
 def add_adapter(model: nn.Module, kind: str, rank: int) -> tuple[int, nn.Module]:
     from peft import LoKrConfig, LoraConfig, get_peft_model
 
+    from difftune.lokr import use_factored_forward
+
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
     config = (
         LoKrConfig(r=rank, alpha=rank, target_modules=targets)
@@ -95,6 +97,8 @@ def add_adapter(model: nn.Module, kind: str, rank: int) -> tuple[int, nn.Module]
     )
     model.requires_grad_(False)
     peft_model = get_peft_model(model, config)
+    # As training runs it: LoKr Linear layers contract with the factors, no kron(w1, w2) delta saved per layer.
+    use_factored_forward(peft_model)
     return sum(p.numel() for p in peft_model.parameters() if p.requires_grad), peft_model
 
 
