@@ -1,20 +1,20 @@
-"""Real-size cost of the adapters on CPU: SDXL LoKr (peft's forward vs the factored one) and Würstchen LoRA.
+"""Real-size cost of the LoKr adapter: frozen floor vs peft's LoKr forward vs difftune's factored forward.
 
-    python benchmarks/bench_real_size.py --only layers        # every distinct adapted SDXL Linear, seconds
-    python benchmarks/bench_real_size.py --only unet          # real SDXL UNet, ~12-20 GB, minutes
-    python benchmarks/bench_real_size.py --only wuerstchen    # real Würstchen v2 prior, minutes
+    python benchmarks/bench_real_size.py                 # everything (minutes, ~20 GB for the UNet parts)
+    python benchmarks/bench_real_size.py --only layers   # every distinct adapted SDXL Linear shape (seconds)
+    python benchmarks/bench_real_size.py --only unet     # real SDXL-base UNet, 256 px, batch 1: time per fwd+bwd
+    python benchmarks/bench_real_size.py --only memory   # the same, peak RSS, one fresh process per variant
+    python benchmarks/bench_real_size.py --only wuerstchen  # real Wuerstchen v2 prior, floor vs LoRA r8: time, peak
 
-Models are the real architectures from their published configs with random weights (nothing is downloaded).
-Floor = the frozen model (or layer) with its input requiring grad; every candidate is one forward + backward
-on the same inputs. Floor and candidates are interleaved --repeats times in one run so that they see the same
-machine load; min and median are printed with the ratio of medians to the floor. Peak memory is each
-candidate's peak RSS, measured in a fresh child process (RSS never goes down within one process).
+Random weights from the published configs (benchmarks/memory_estimate.py), CPU fp32, nothing downloaded.
+The floor is the frozen model with its input requiring grad. Variants are interleaved in one process and
+repeated, min / median reported: on a shared machine, compare ratios from one run, not across runs.
+Not done yet: the train_sdxl_lokr.py end-to-end line.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import subprocess
@@ -25,237 +25,167 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-GB = 1e9
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
-def sdxl_layer_shapes(resolution: int) -> list[tuple[str, int, int, int]]:
-    """(name, in, out, tokens) for every distinct adapted Linear of the real SDXL UNet and text encoders."""
-    latent = resolution // 8
-    shapes = []
-    # SDXL attention only at the 640 (latent / 2) and 1280 (latent / 4) levels; k/v of cross-attention
-    # read the 77 prompt tokens, 2048 wide.
-    for channels, side in ((640, latent // 2), (1280, latent // 4)):
-        shapes.append((f"UNet self/q/out {channels}", channels, channels, side * side))
-        shapes.append((f"UNet cross k/v 2048->{channels}", 2048, channels, 77))
-    shapes.append(("CLIP-L q/k/v/out 768", 768, 768, 77))
-    shapes.append(("OpenCLIP-bigG q/k/v/out 1280", 1280, 1280, 77))
-    return shapes
+# (in, out, tokens) at 256 px (32x32 latents): self-attention at 640 (16x16) and 1280 (8x8) channels,
+# cross-attention k/v from the 77 text tokens of width 2048, CLIP-L and OpenCLIP-bigG projections at 77 tokens.
+# 320 channels has no attention in SDXL-base; it is listed (at 1024 px's 128x128 / 4 = 1024 tokens) for scale.
+LAYERS = [
+    (320, 320, 1024),
+    (640, 640, 256),
+    (1280, 1280, 64),
+    (2048, 640, 77),
+    (2048, 1280, 77),
+    (768, 768, 77),
+    (1280, 1280, 77),
+]
+VARIANTS = ("floor", "peft", "factored")
+PRIOR_VARIANTS = ("prior-floor", "prior-lora")
 
 
-def lokr_layer(in_features: int, out_features: int, rank: int, factored: bool) -> nn.Module:
+def lokr(model: nn.Module, targets: list[str], rank: int = 8) -> nn.Module:
     from peft import LoKrConfig, get_peft_model
 
-    from difftune import lokr
-
-    base = nn.Sequential(nn.Linear(in_features, out_features)).requires_grad_(False)
-    model = get_peft_model(base, LoKrConfig(r=rank, alpha=rank, target_modules=["0"], init_weights=False))
-    if factored:
-        assert lokr.use_factored_forward(model) == 1
-    return model
+    model.requires_grad_(False)
+    return get_peft_model(model, LoKrConfig(r=rank, alpha=rank, target_modules=targets, init_weights=False))
 
 
-def fwd_bwd(model: nn.Module, x: torch.Tensor) -> float:
+def set_variant(peft_model: nn.Module, variant: str) -> None:
+    """Switch the adapted layers between peft's forward and the factored one (same parameters)."""
+    from peft.tuners.lokr.layer import Linear
+
+    from difftune.lokr import use_factored_forward
+
+    for module in peft_model.modules():
+        if isinstance(module, Linear):
+            module.__class__ = Linear
+    if variant == "factored":
+        use_factored_forward(peft_model)
+
+
+def step(peft_model: nn.Module, variant: str, make_inputs) -> float:
+    """One fwd+bwd in seconds; the floor runs the frozen base with the adapters disabled."""
+    set_variant(peft_model, variant)
+    args, kwargs = make_inputs()
     start = time.perf_counter()
-    model(x).sum().backward()
-    return time.perf_counter() - start
+    if variant.endswith("floor"):
+        with peft_model.disable_adapter():
+            out = peft_model(*args, **kwargs)
+    else:
+        out = peft_model(*args, **kwargs)
+    out = out.sample if hasattr(out, "sample") else out
+    out.float().square().mean().backward()
+    elapsed = time.perf_counter() - start
+    peft_model.zero_grad(set_to_none=True)
+    return elapsed
 
 
-def interleaved(candidates: dict[str, callable], repeats: int) -> dict[str, list[float]]:
-    """Each candidate's times, run in turn repeats times (after one warm-up each)."""
-    for run in candidates.values():
-        run()
-    times = {name: [] for name in candidates}
+def interleaved(peft_model: nn.Module, make_inputs, repeats: int, variants=VARIANTS) -> dict[str, list[float]]:
+    times = {v: [] for v in variants}
+    for variant in variants:  # warm-up
+        step(peft_model, variant, make_inputs)
     for _ in range(repeats):
-        for name, run in candidates.items():
-            times[name].append(run())
+        for variant in variants:
+            times[variant].append(step(peft_model, variant, make_inputs))
     return times
 
 
-def print_times(title: str, times: dict[str, list[float]], unit: str = "ms", scale: float = 1e3) -> None:
-    floor = statistics.median(times["floor"])
-    print(f"\n{title}")
-    print(f"| | min {unit} | median {unit} | median / floor |")
-    print("|---|---|---|---|")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"| {name} | {min(values) * scale:.2f} | {median * scale:.2f} | {median / floor:.2f}x |")
+def report(name: str, times: dict[str, list[float]]) -> None:
+    floor = min(next(iter(times.values())))  # the first variant is the floor
+    cells = []
+    for variant in times:
+        best, median = min(times[variant]), statistics.median(times[variant])
+        cells.append(f"{variant} {best * 1e3:9.1f} / {median * 1e3:9.1f} ms ({best / floor:4.2f}x)")
+    print(f"{name:<28} " + " | ".join(cells), flush=True)
 
 
-def layers(args: argparse.Namespace) -> None:
-    print(f"Per layer, LoKr r{args.rank}, fwd+bwd, {torch.get_num_threads()} threads; tokens for {args.resolution} px")
-    print("| layer | in->out | tokens | floor ms | peft LoKr | factored LoKr |")
-    print("|---|---|---|---|---|---|")
-    for name, fan_in, fan_out, tokens in sdxl_layer_shapes(args.resolution):
-        torch.manual_seed(0)
-        floor = nn.Linear(fan_in, fan_out).requires_grad_(False)
-        peft_layer = lokr_layer(fan_in, fan_out, args.rank, factored=False)
-        factored = lokr_layer(fan_in, fan_out, args.rank, factored=True)
-        x = torch.randn(1, tokens, fan_in, requires_grad=True)
-        times = interleaved(
-            {
-                "floor": lambda floor=floor, x=x: fwd_bwd(floor, x),
-                "peft": lambda peft_layer=peft_layer, x=x: fwd_bwd(peft_layer, x),
-                "factored": lambda factored=factored, x=x: fwd_bwd(factored, x),
-            },
-            args.layer_repeats,
-        )
-        base = statistics.median(times["floor"])
-        ratio = {k: statistics.median(v) / base for k, v in times.items()}
-        print(
-            f"| {name} | {fan_in}->{fan_out} | {tokens} | {base * 1e3:.3f} | {ratio['peft']:.2f}x | "
-            f"{ratio['factored']:.2f}x |"
-        )
+def layers(repeats: int) -> None:
+    print("per layer, fwd+bwd, min / median, ratio of mins to the frozen layer (LoKr r8)")
+    for in_features, out_features, tokens in LAYERS:
+        model = lokr(nn.Sequential(nn.Linear(in_features, out_features)), ["0"])
+
+        def make_inputs(in_features=in_features, tokens=tokens):
+            return (torch.randn(1, tokens, in_features, requires_grad=True),), {}
+
+        report(f"Linear {in_features}->{out_features} x{tokens}", interleaved(model, make_inputs, repeats))
 
 
-def real_size(build) -> tuple:
-    """Models from build() (meta) materialised on the CPU with small random weights: no slow per-layer init."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        models = build()
-    generator = torch.Generator().manual_seed(0)
-    for model in models:
-        model.to_empty(device="cpu").requires_grad_(False)
-        with torch.no_grad():
-            for tensor in [*model.parameters(), *model.buffers()]:
-                if tensor.is_floating_point():
-                    tensor.normal_(0, 0.02, generator=generator)
-    return models
-
-
-def sdxl_unet_step(resolution: int):
-    """The real SDXL UNet and a fwd+bwd closure at `resolution` px, batch 1, latents requiring grad."""
-    from memory_estimate import sdxl_models
-
-    unet = real_size(lambda: sdxl_models()[:1])[0]
-    side = resolution // 8
-    inputs = dict(
-        timestep=torch.tensor([500]),
-        encoder_hidden_states=torch.randn(1, 77, 2048),
-        added_cond_kwargs={
+def unet_inputs():
+    kwargs = {
+        "added_cond_kwargs": {
             "text_embeds": torch.randn(1, 1280),
             "time_ids": torch.tensor([[256.0, 256, 0, 0, 256, 256]]),
-        },
-    )
-    latents = torch.randn(1, 4, side, side, requires_grad=True)
-    return unet, lambda model: model(latents, **inputs).sample.square().mean().backward()
+        }
+    }
+    return (torch.randn(1, 4, 32, 32, requires_grad=True), torch.tensor([500]), torch.randn(1, 77, 2048)), kwargs
 
 
-def wuerstchen_prior_step(resolution: int):
-    """The real Wuerstchen v2 prior and a fwd+bwd closure (EfficientNet latents: resolution / 32 a side)."""
+def real_unet() -> nn.Module:
+    from memory_estimate import sdxl_models
+
+    torch.manual_seed(0)
+    unet = sdxl_models()[0]
+    return lokr(unet, ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+def unet(repeats: int) -> None:
+    print("real SDXL-base UNet, 256 px, batch 1, LoKr r8 on to_q,to_k,to_v,to_out.0, fwd+bwd")
+    report("UNet", interleaved(real_unet(), unet_inputs, repeats))
+
+
+def real_prior() -> nn.Module:
     from memory_estimate import wuerstchen_models
+    from peft import LoraConfig, get_peft_model
 
-    prior = real_size(lambda: wuerstchen_models()[:1])[0]
-    side = -(-resolution // 32)
-    x = torch.randn(1, 16, side, side, requires_grad=True)
-    r, c = torch.rand(1), torch.randn(1, 77, 1280)
-    return prior, lambda model: model(x, r, c).square().mean().backward()
-
-
-def adapt(model: nn.Module, candidate: str, rank: int) -> nn.Module:
-    """`candidate` is floor (the bare model), lokr (peft's forward), factored (difftune's) or lora."""
-    from peft import LoKrConfig, LoraConfig, get_peft_model
-
-    from difftune import lokr
-
-    if candidate == "floor":
-        return model
-    if candidate == "lora":
-        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS)
-    else:
-        config = LoKrConfig(r=rank, alpha=rank, target_modules=TARGETS, init_weights=False)
-    peft_model = get_peft_model(model, config)
-    if candidate == "factored":
-        lokr.use_factored_forward(peft_model)
-    return peft_model
+    torch.manual_seed(0)
+    prior = wuerstchen_models()[0].requires_grad_(False)
+    return get_peft_model(prior, LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
 
 
-def peak_rss_child(part: str, candidate: str, args: argparse.Namespace) -> float:
-    """Peak RSS (GB) of a fresh process that builds the model and runs one fwd+bwd of `candidate`."""
-    command = [sys.executable, __file__, "--peak_of", f"{part}:{candidate}", "--resolution", str(args.resolution)]
-    out = subprocess.run([*command, "--rank", str(args.rank)], check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_gb"]
+def prior_inputs():
+    # 256 px images give 8x8 EfficientNet latents (stride 32); 77 CLIP ViT-bigG tokens of width 1280.
+    return (torch.randn(1, 16, 8, 8, requires_grad=True), torch.rand(1), torch.randn(1, 77, 1280)), {}
 
 
-def switch(model: nn.Module, factored: bool) -> None:
-    """Swap every LoKr Linear between peft's forward and the factored one (same parameters)."""
-    from peft.tuners.lokr.layer import Linear
-
-    from difftune import lokr
-
-    for module in model.modules():
-        if isinstance(module, Linear):
-            module.__class__ = lokr._factored_class(Linear) if factored else Linear
+def wuerstchen(repeats: int) -> None:
+    print("real Wuerstchen v2 prior, 256 px, batch 1, LoRA r8 on to_q,to_k,to_v,to_out.0, fwd+bwd")
+    report("Wuerstchen prior", interleaved(real_prior(), prior_inputs, repeats, PRIOR_VARIANTS))
+    memory(PRIOR_VARIANTS)
 
 
-def timed(step, model: nn.Module, before=lambda: None) -> float:
-    before()
-    start = time.perf_counter()
-    step(model)
-    return time.perf_counter() - start
+def memory_one(variant: str) -> None:
+    model, inputs = (real_prior(), prior_inputs) if variant in PRIOR_VARIANTS else (real_unet(), unet_inputs)
+    step(model, variant.removeprefix("prior-"), inputs)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
 
-def whole_model(part: str, args: argparse.Namespace) -> None:
-    candidates = ["floor", "lokr", "factored"] if part == "unet" else ["floor", "lora"]
-    peaks = {name: peak_rss_child(part, name, args) for name in candidates}
-    model, step = (sdxl_unet_step if part == "unet" else wuerstchen_prior_step)(args.resolution)
-    adapted = adapt(model, "lora" if part == "wuerstchen" else "lokr", args.rank)
-    # One model in memory: the floor runs with the adapters disabled, peft / factored by swapping the class.
-    runs = {"floor": lambda: timed(lambda m: _disabled(step, m), adapted)}
-    if part == "unet":
-        runs["lokr"] = lambda: timed(step, adapted, lambda: switch(adapted, False))
-        runs["factored"] = lambda: timed(step, adapted, lambda: switch(adapted, True))
-    else:
-        runs["lora"] = lambda: timed(step, adapted)
-    times = interleaved(runs, args.repeats)
-    name = f"SDXL UNet, LoKr r{args.rank}" if part == "unet" else f"Wuerstchen v2 prior, LoRA r{args.rank}"
-    floor_time, floor_peak = statistics.median(times["floor"]), peaks["floor"]
-    print(f"\n{name}, {args.resolution} px, batch 1, fp32, {torch.get_num_threads()} threads, {args.repeats} rounds")
-    print("| | min s | median s | time / floor | peak RSS GB | peak / floor |")
-    print("|---|---|---|---|---|---|")
-    for candidate, values in times.items():
-        median = statistics.median(values)
-        print(
-            f"| {candidate} | {min(values):.2f} | {median:.2f} | {median / floor_time:.2f}x | "
-            f"{peaks[candidate]:.1f} | {peaks[candidate] / floor_peak:.2f}x |"
-        )
-
-
-def _disabled(step, model: nn.Module) -> None:
-    with model.disable_adapter():
-        step(model)
-
-
-def peak_of(spec: str, args: argparse.Namespace) -> None:
-    part, candidate = spec.split(":")
-    model, step = (sdxl_unet_step if part == "unet" else wuerstchen_prior_step)(args.resolution)
-    step(adapt(model, candidate, args.rank))
-    print(json.dumps({"peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB}))
+def memory(variants=VARIANTS) -> None:
+    print("peak RSS of a fresh process building the model and running one fwd+bwd")
+    peaks = {}
+    for variant in variants:
+        command = [sys.executable, __file__, "--memory_variant", variant]
+        peaks[variant] = float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
+        ratio = peaks[variant] / peaks[variants[0]]
+        print(f"  {variant:<11} {peaks[variant]:6.2f} GiB ({ratio:4.2f}x)", flush=True)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["layers", "unet", "wuerstchen", "e2e"], action="append")
-    parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3, help="Interleaved rounds for the whole models.")
-    parser.add_argument("--layer_repeats", type=int, default=30, help="Interleaved rounds per layer.")
-    parser.add_argument("--peak_of", help=argparse.SUPPRESS)  # internal: part:candidate in a fresh process
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["layers", "unet", "memory", "wuerstchen"], default=None)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory_variant", choices=VARIANTS + PRIOR_VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.peak_of:
-        return peak_of(args.peak_of, args)
-    parts = args.only or ["layers", "unet", "wuerstchen", "e2e"]
-    print("Machine: CPU, fp32; timings are noisy when the machine is shared (floor and candidates interleaved).")
-    for part in parts:
-        if part == "layers":
-            layers(args)
-        elif part in ("unet", "wuerstchen"):
-            whole_model(part, args)
+    if args.memory_variant:
+        return memory_one(args.memory_variant)
+    print(f"torch threads: {torch.get_num_threads()}")
+    if args.only in (None, "layers"):
+        layers(args.repeats)
+    if args.only in (None, "unet"):
+        unet(max(1, args.repeats // 2))
+    if args.only in (None, "memory"):
+        memory()
+    if args.only in (None, "wuerstchen"):
+        wuerstchen(max(1, args.repeats // 2))
 
 
 if __name__ == "__main__":
