@@ -6,7 +6,7 @@ ASSETS := work_dirs/tiny_assets
 DEMO := work_dirs/demo
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv assets demo test test-fast lint clean
+.PHONY: venv assets demo test test-fast lint clean bench-real
 
 venv: $(VENV)/.installed
 
@@ -40,3 +40,7 @@ lint: venv
 
 clean:
 	rm -rf work_dirs .pytest_cache
+
+# Real-size SDXL: floor vs peft LoKr vs factored LoKr (minutes, ~20 GB; parts: ARGS="--only layers").
+bench-real: venv
+	PYTHONPATH=src $(BIN)/python benchmarks/bench_real_size.py $(ARGS)

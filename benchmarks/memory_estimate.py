@@ -87,6 +87,8 @@ def block_peak(model: nn.Module, blocks: list[nn.Module], run) -> tuple[int, int
 def add_adapter(model: nn.Module, kind: str, rank: int) -> tuple[int, nn.Module]:
     from peft import LoKrConfig, LoraConfig, get_peft_model
 
+    from difftune.lokr import use_factored_forward
+
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
     config = (
         LoKrConfig(r=rank, alpha=rank, target_modules=targets)
@@ -95,57 +97,67 @@ def add_adapter(model: nn.Module, kind: str, rank: int) -> tuple[int, nn.Module]
     )
     model.requires_grad_(False)
     peft_model = get_peft_model(model, config)
+    # As training runs it: LoKr Linear layers contract with the factors, no kron(w1, w2) delta saved per layer.
+    use_factored_forward(peft_model)
     return sum(p.numel() for p in peft_model.parameters() if p.requires_grad), peft_model
+
+
+def sdxl_models() -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+    """The real SDXL-base UNet, CLIP-L and OpenCLIP-bigG text encoders and VAE from their published configs
+    (random weights; call under accelerate.init_empty_weights() for meta tensors)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        cross_attention_dim=2048,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    te1 = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            hidden_act="quick_gelu",
+        )
+    )
+    te2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            projection_dim=1280,
+            hidden_act="gelu",
+        )
+    )
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+    )
+    return unet, te1, te2, vae
 
 
 def sdxl() -> dict:
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with init_empty_weights():
-        unet = UNet2DConditionModel(
-            sample_size=128,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(320, 640, 1280),
-            layers_per_block=2,
-            transformer_layers_per_block=(1, 2, 10),
-            attention_head_dim=(5, 10, 20),
-            use_linear_projection=True,
-            cross_attention_dim=2048,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816,
-        )
-        te1 = CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                hidden_act="quick_gelu",
-            )
-        )
-        te2 = CLIPTextModelWithProjection(
-            CLIPTextConfig(
-                hidden_size=1280,
-                intermediate_size=5120,
-                num_hidden_layers=32,
-                num_attention_heads=20,
-                projection_dim=1280,
-                hidden_act="gelu",
-            )
-        )
-        vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=4,
-        )
+        unet, te1, te2, vae = sdxl_models()
     frozen = count(unet)
     adapter, peft_unet = add_adapter(unet, "lokr", 8)
     blocks = [m for m in unet.modules() if isinstance(m, (BasicTransformerBlock, ResnetBlock2D))]
@@ -176,26 +188,33 @@ def sdxl() -> dict:
     }
 
 
-def wuerstchen() -> dict:
-    from accelerate import init_empty_weights
+def wuerstchen_models() -> tuple[nn.Module, nn.Module, nn.Module]:
+    """The real Wuerstchen v2 prior (warp-ai/wuerstchen-prior's config), its CLIP ViT-bigG text encoder and the
+    EfficientNet image encoder (random weights; call under accelerate.init_empty_weights() for meta tensors)."""
     from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
-    from diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_common import AttnBlock, ResBlock, TimestepBlock
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from difftune.wuerstchen import EfficientNetEncoder
 
-    with init_empty_weights():
-        prior = WuerstchenPrior(c_in=16, c=1536, c_cond=1280, c_r=64, depth=32, nhead=24, dropout=0.1)
-        text = CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=1280,
-                intermediate_size=5120,
-                num_hidden_layers=32,
-                num_attention_heads=20,
-                hidden_act="gelu",
-            )
+    prior = WuerstchenPrior(c_in=16, c=1536, c_cond=1280, c_r=64, depth=32, nhead=24, dropout=0.1)
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            hidden_act="gelu",
         )
-        effnet = EfficientNetEncoder()
+    )
+    return prior, text, EfficientNetEncoder()
+
+
+def wuerstchen() -> dict:
+    from accelerate import init_empty_weights
+    from diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_common import AttnBlock, ResBlock, TimestepBlock
+
+    with init_empty_weights():
+        prior, text, effnet = wuerstchen_models()
     frozen = count(prior)
     adapter, peft_prior = add_adapter(prior, "lora", 8)
     blocks = [m for m in prior.modules() if isinstance(m, (AttnBlock, ResBlock, TimestepBlock))]

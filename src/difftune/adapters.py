@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from difftune import lokr
 from difftune.args import comma_list
 from difftune.errors import UserError
 
@@ -102,6 +103,7 @@ def attach(model: nn.Module, config, base_model_name_or_path: str | None = None)
         ) from None
     # Recorded in adapter_config.json, so a checkpoint names the base model it belongs to.
     peft_model.peft_config["default"].base_model_name_or_path = base_model_name_or_path
+    lokr.use_factored_forward(peft_model)  # LoKr Linear layers only; a no-op for LoRA
     for parameter in peft_model.parameters():
         if parameter.requires_grad:
             # Under mixed precision the frozen weights go low-precision; the trained ones stay fp32.

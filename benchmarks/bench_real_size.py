@@ -1,0 +1,192 @@
+"""Real-size cost of the LoKr adapter: frozen floor vs peft's LoKr forward vs difftune's factored forward.
+
+    python benchmarks/bench_real_size.py                 # everything (minutes, ~20 GB for the UNet parts)
+    python benchmarks/bench_real_size.py --only layers   # every distinct adapted SDXL Linear shape (seconds)
+    python benchmarks/bench_real_size.py --only unet     # real SDXL-base UNet, 256 px, batch 1: time per fwd+bwd
+    python benchmarks/bench_real_size.py --only memory   # the same, peak RSS, one fresh process per variant
+    python benchmarks/bench_real_size.py --only wuerstchen  # real Wuerstchen v2 prior, floor vs LoRA r8: time, peak
+
+Random weights from the published configs (benchmarks/memory_estimate.py), CPU fp32, nothing downloaded.
+The floor is the frozen model with its input requiring grad. Variants are interleaved in one process and
+repeated, min / median reported: on a shared machine, compare ratios from one run, not across runs.
+Not done yet: the train_sdxl_lokr.py end-to-end line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# (in, out, tokens) at 256 px (32x32 latents): self-attention at 640 (16x16) and 1280 (8x8) channels,
+# cross-attention k/v from the 77 text tokens of width 2048, CLIP-L and OpenCLIP-bigG projections at 77 tokens.
+# 320 channels has no attention in SDXL-base; it is listed (at 1024 px's 128x128 / 4 = 1024 tokens) for scale.
+LAYERS = [
+    (320, 320, 1024),
+    (640, 640, 256),
+    (1280, 1280, 64),
+    (2048, 640, 77),
+    (2048, 1280, 77),
+    (768, 768, 77),
+    (1280, 1280, 77),
+]
+VARIANTS = ("floor", "peft", "factored")
+PRIOR_VARIANTS = ("prior-floor", "prior-lora")
+
+
+def lokr(model: nn.Module, targets: list[str], rank: int = 8) -> nn.Module:
+    from peft import LoKrConfig, get_peft_model
+
+    model.requires_grad_(False)
+    return get_peft_model(model, LoKrConfig(r=rank, alpha=rank, target_modules=targets, init_weights=False))
+
+
+def set_variant(peft_model: nn.Module, variant: str) -> None:
+    """Switch the adapted layers between peft's forward and the factored one (same parameters)."""
+    from peft.tuners.lokr.layer import Linear
+
+    from difftune.lokr import use_factored_forward
+
+    for module in peft_model.modules():
+        if isinstance(module, Linear):
+            module.__class__ = Linear
+    if variant == "factored":
+        use_factored_forward(peft_model)
+
+
+def step(peft_model: nn.Module, variant: str, make_inputs) -> float:
+    """One fwd+bwd in seconds; the floor runs the frozen base with the adapters disabled."""
+    set_variant(peft_model, variant)
+    args, kwargs = make_inputs()
+    start = time.perf_counter()
+    if variant.endswith("floor"):
+        with peft_model.disable_adapter():
+            out = peft_model(*args, **kwargs)
+    else:
+        out = peft_model(*args, **kwargs)
+    out = out.sample if hasattr(out, "sample") else out
+    out.float().square().mean().backward()
+    elapsed = time.perf_counter() - start
+    peft_model.zero_grad(set_to_none=True)
+    return elapsed
+
+
+def interleaved(peft_model: nn.Module, make_inputs, repeats: int, variants=VARIANTS) -> dict[str, list[float]]:
+    times = {v: [] for v in variants}
+    for variant in variants:  # warm-up
+        step(peft_model, variant, make_inputs)
+    for _ in range(repeats):
+        for variant in variants:
+            times[variant].append(step(peft_model, variant, make_inputs))
+    return times
+
+
+def report(name: str, times: dict[str, list[float]]) -> None:
+    floor = min(next(iter(times.values())))  # the first variant is the floor
+    cells = []
+    for variant in times:
+        best, median = min(times[variant]), statistics.median(times[variant])
+        cells.append(f"{variant} {best * 1e3:9.1f} / {median * 1e3:9.1f} ms ({best / floor:4.2f}x)")
+    print(f"{name:<28} " + " | ".join(cells), flush=True)
+
+
+def layers(repeats: int) -> None:
+    print("per layer, fwd+bwd, min / median, ratio of mins to the frozen layer (LoKr r8)")
+    for in_features, out_features, tokens in LAYERS:
+        model = lokr(nn.Sequential(nn.Linear(in_features, out_features)), ["0"])
+
+        def make_inputs(in_features=in_features, tokens=tokens):
+            return (torch.randn(1, tokens, in_features, requires_grad=True),), {}
+
+        report(f"Linear {in_features}->{out_features} x{tokens}", interleaved(model, make_inputs, repeats))
+
+
+def unet_inputs():
+    kwargs = {
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn(1, 1280),
+            "time_ids": torch.tensor([[256.0, 256, 0, 0, 256, 256]]),
+        }
+    }
+    return (torch.randn(1, 4, 32, 32, requires_grad=True), torch.tensor([500]), torch.randn(1, 77, 2048)), kwargs
+
+
+def real_unet() -> nn.Module:
+    from memory_estimate import sdxl_models
+
+    torch.manual_seed(0)
+    unet = sdxl_models()[0]
+    return lokr(unet, ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+def unet(repeats: int) -> None:
+    print("real SDXL-base UNet, 256 px, batch 1, LoKr r8 on to_q,to_k,to_v,to_out.0, fwd+bwd")
+    report("UNet", interleaved(real_unet(), unet_inputs, repeats))
+
+
+def real_prior() -> nn.Module:
+    from memory_estimate import wuerstchen_models
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    prior = wuerstchen_models()[0].requires_grad_(False)
+    return get_peft_model(prior, LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+
+
+def prior_inputs():
+    # 256 px images give 8x8 EfficientNet latents (stride 32); 77 CLIP ViT-bigG tokens of width 1280.
+    return (torch.randn(1, 16, 8, 8, requires_grad=True), torch.rand(1), torch.randn(1, 77, 1280)), {}
+
+
+def wuerstchen(repeats: int) -> None:
+    print("real Wuerstchen v2 prior, 256 px, batch 1, LoRA r8 on to_q,to_k,to_v,to_out.0, fwd+bwd")
+    report("Wuerstchen prior", interleaved(real_prior(), prior_inputs, repeats, PRIOR_VARIANTS))
+    memory(PRIOR_VARIANTS)
+
+
+def memory_one(variant: str) -> None:
+    model, inputs = (real_prior(), prior_inputs) if variant in PRIOR_VARIANTS else (real_unet(), unet_inputs)
+    step(model, variant.removeprefix("prior-"), inputs)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+
+
+def memory(variants=VARIANTS) -> None:
+    print("peak RSS of a fresh process building the model and running one fwd+bwd")
+    peaks = {}
+    for variant in variants:
+        command = [sys.executable, __file__, "--memory_variant", variant]
+        peaks[variant] = float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
+        ratio = peaks[variant] / peaks[variants[0]]
+        print(f"  {variant:<11} {peaks[variant]:6.2f} GiB ({ratio:4.2f}x)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["layers", "unet", "memory", "wuerstchen"], default=None)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory_variant", choices=VARIANTS + PRIOR_VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_variant:
+        return memory_one(args.memory_variant)
+    print(f"torch threads: {torch.get_num_threads()}")
+    if args.only in (None, "layers"):
+        layers(args.repeats)
+    if args.only in (None, "unet"):
+        unet(max(1, args.repeats // 2))
+    if args.only in (None, "memory"):
+        memory()
+    if args.only in (None, "wuerstchen"):
+        wuerstchen(max(1, args.repeats // 2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Kronecker-factored forward for peft's LoKr Linear layers.
+
+peft builds the full `kron(w1, w2)` delta weight on every forward and multiplies the input by it: an extra
+full-size matmul forward, two in backward, and every delta kept alive for the backward. For W = kron(w1, w2)
+with w1: (a, c), w2: (b, d), in = c * d and out = a * b, the same product is
+`y[..., i*b + j] = sum_{k,l} w1[i, k] * w2[j, l] * x[..., k*d + l]`, i.e. two small contractions over the
+input viewed as (..., c, d). Only the forward of the delta changes: the parameters, their names, the scaling,
+merge / unmerge and the random draws (module dropout, then rank dropout) stay peft's, so checkpoints are
+identical and a run gives peft's weights.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+
+def kron_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """`F.linear(x, torch.kron(w1, w2))` without forming the product; the cheaper contraction order first."""
+    (a, c), (b, d) = w1.shape, w2.shape
+    lead = x.shape[:-1]
+    xs = x.reshape(-1, c, d)
+    if c * b * (d + a) <= a * d * (c + b):
+        # w2 over d first: (n, c, d) @ (d, b) -> (n, c, b); then w1 over c -> (n, b, a).
+        z = xs @ w2.t()
+        y = (z.transpose(1, 2) @ w1.t()).transpose(1, 2)
+    else:
+        # w1 over c first: (n, d, c) @ (c, a) -> (n, d, a); then w2 over d -> (n, a, b).
+        z = xs.transpose(1, 2) @ w1.t()
+        y = z.transpose(1, 2) @ w2.t()
+    return y.reshape(*lead, a * b)
+
+
+def _factors(layer: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """w1 and w2 as peft's get_delta_weight forms them (both small: about sqrt(out) x sqrt(in))."""
+    w1 = layer.lokr_w1[adapter] if adapter in layer.lokr_w1 else layer.lokr_w1_a[adapter] @ layer.lokr_w1_b[adapter]
+    w2 = layer.lokr_w2[adapter] if adapter in layer.lokr_w2 else layer.lokr_w2_a[adapter] @ layer.lokr_w2_b[adapter]
+    return w1, w2
+
+
+@functools.cache
+def _factored_class(linear: type) -> type:
+    class FactoredLinear(linear):
+        """peft's LoKr Linear whose delta activations never form kron(w1, w2)."""
+
+        def _get_delta_activations(self, adapter_name: str, input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            w1, w2 = _factors(self, adapter_name)
+            # peft scales kron(w1, w2); scaling the smaller factor gives the same product.
+            w1 = w1 * self.scaling[adapter_name]
+            y = kron_linear(self._cast_input_dtype(input, w1.dtype), w1, w2)
+            if self.training and bool(self.rank_dropout[adapter_name]):
+                # peft drops rows (outputs) of the delta weight: one CPU draw of out_features values, as there.
+                drop = (torch.rand(y.shape[-1]) > self.rank_dropout[adapter_name]).float()
+                if self.rank_dropout_scale[adapter_name]:
+                    drop /= drop.mean()
+                y = y * drop.to(device=y.device, dtype=y.dtype)
+            return y
+
+    FactoredLinear.__name__ = FactoredLinear.__qualname__ = linear.__name__
+    return FactoredLinear
+
+
+def use_factored_forward(model: nn.Module) -> int:
+    """Switch every peft LoKr Linear in `model` to the factored forward (a subclass, swapped in place);
+    returns how many. Conv layers keep peft's own path."""
+    from peft.tuners.lokr.layer import Linear
+
+    factored = _factored_class(Linear)
+    count = 0
+    for module in model.modules():
+        if type(module) is Linear:
+            module.__class__ = factored
+            count += 1
+    return count
