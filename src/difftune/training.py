@@ -280,222 +280,284 @@ def train(
 ) -> TrainResult:
     """Train the adapters in `adapters` (name -> PeftModel, the name is the checkpoint subfolder).
 
-    `compute_loss(batch, models)` is the training loss; `compute_loss(batch, models, timesteps=t)` with
-    fractions t in [0, 1) of the noise schedule is the plain MSE used for the held-out loss."""
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
+    `compute_loss(batch, models)` is the training loss; `compute_loss(batch, models, fractions=f)` at
+    fractions f in [0, 1) of the noise schedule is the plain MSE used for the held-out loss."""
+    run = TrainingRun(accelerator, args, adapters, param_groups, dataset, compute_loss, save_extra, validate)
+    run.resume()
+    run.start(project_name)
+    stopped_by, final = run.loop()
+    if stopped_by:
+        logger.warning(
+            "stopped by %s at step %d; checkpoint %s. Resume with --resume_from_checkpoint latest",
+            signal.Signals(stopped_by).name,
+            run.global_step,
+            final,
+        )
+        raise SystemExit(128 + stopped_by)
+    return TrainResult(run.global_step, final, run.last_loss, run.times)
 
-    output_dir = Path(args.output_dir)
-    accum = args.gradient_accumulation_steps
-    train_indices, held_out = split_indices(len(dataset), args.validation_split, args.seed)
-    sizes = getattr(dataset, "target_sizes", None)
-    sampler = EpochBatchSampler(
-        len(train_indices),
-        args.train_batch_size,
-        args.seed,
-        accelerator.num_processes,
-        accelerator.process_index,
-        groups=[sizes[i] for i in train_indices] if sizes else None,
-    )
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, train_indices) if held_out else dataset,
-        batch_sampler=sampler,
-        collate_fn=collate,
-        num_workers=args.dataloader_num_workers,
-        pin_memory=accelerator.device.type == "cuda",
-    )
-    steps_per_epoch = num_update_steps_per_epoch(len(sampler), accum)
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    args.max_train_steps = max_steps
 
-    ema = make_ema(args, adapters)  # before DeepSpeed casts the adapters: it starts from fp32 weights
-    update = make_update(accelerator, args, adapters, param_groups)
-    models = update.models
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler, update.optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_steps
-    )
+class TrainingRun:
+    """One training run's state and phases: data, resume, steps, held-out loss, validation, checkpoints."""
 
-    global_step, nonfinite_steps = 0, 0
-    resume_dir = main_decides(accelerator, lambda: checkpoints.resolve_resume(output_dir, args.resume_from_checkpoint))
-    if resume_dir is not None:
+    def __init__(
+        self,
+        accelerator,
+        args: argparse.Namespace,
+        adapters: dict[str, nn.Module],
+        param_groups: list[dict],
+        dataset: torch.utils.data.Dataset,
+        compute_loss: Callable[..., torch.Tensor],
+        save_extra: Callable[[Path, dict[str, nn.Module]], None] | None,
+        validate: Callable[[int, dict[str, nn.Module]], None] | None,
+    ) -> None:
+        from diffusers.optimization import get_scheduler
+
+        self.accelerator, self.args, self.adapters, self.dataset = accelerator, args, adapters, dataset
+        self.compute_loss, self.save_extra, self.validate = compute_loss, save_extra, validate
+        self.output_dir = Path(args.output_dir)
+        self.accum = args.gradient_accumulation_steps
+        self.build_data()
+        self.max_steps = args.max_train_steps = args.max_train_steps or args.num_train_epochs * self.steps_per_epoch
+        self.ema = make_ema(args, adapters)  # before DeepSpeed casts the adapters: it starts from fp32 weights
+        self.update = make_update(accelerator, args, adapters, param_groups)
+        self.lr_scheduler = get_scheduler(
+            args.lr_scheduler,
+            self.update.optimizer,
+            num_warmup_steps=args.lr_warmup_steps,
+            num_training_steps=self.max_steps,
+        )
+        self.global_step, self.nonfinite_steps, self.last_loss = 0, 0, math.nan
+        self.evaluated: dict[int, dict[str, float]] = {}
+        self.times = StepTimes()
+
+    def build_data(self) -> None:
+        """The held-out split, and the loader of the training share in per-epoch shuffled batches."""
+        args, dataset, accelerator = self.args, self.dataset, self.accelerator
+        self.train_indices, self.held_out = split_indices(len(dataset), args.validation_split, args.seed)
+        sizes = getattr(dataset, "target_sizes", None)
+        self.sampler = EpochBatchSampler(
+            len(self.train_indices),
+            args.train_batch_size,
+            args.seed,
+            accelerator.num_processes,
+            accelerator.process_index,
+            groups=[sizes[i] for i in self.train_indices] if sizes else None,
+        )
+        self.loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(dataset, self.train_indices) if self.held_out else dataset,
+            batch_sampler=self.sampler,
+            collate_fn=collate,
+            num_workers=args.dataloader_num_workers,
+            pin_memory=accelerator.device.type == "cuda",
+        )
+        self.steps_per_epoch = num_update_steps_per_epoch(len(self.sampler), self.accum)
+        self.held_out_data = dataset.evaluation_view() if self.held_out else None
+
+    def resume(self) -> None:
+        """Adapters, optimizer, EMA, scheduler and counters from --resume_from_checkpoint (if any)."""
+        args = self.args
+        resume_dir = main_decides(
+            self.accelerator, lambda: checkpoints.resolve_resume(self.output_dir, args.resume_from_checkpoint)
+        )
+        if resume_dir is None:
+            return
         state = checkpoints.read_json(resume_dir / checkpoints.STATE_FILE)
-        check_resumable(state, update.kind, accelerator.num_processes, resume_dir)
-        adapter_io.load_adapters(adapters, resume_dir)
-        update.load(resume_dir)
-        if ema is not None:
-            ema.load(resume_dir)
-        lr_scheduler.load_state_dict(checkpoints.load_torch_state(resume_dir / checkpoints.SCHEDULER_FILE))
-        global_step, nonfinite_steps = state["global_step"], state.get("nonfinite_steps", 0)
-        if state.get("steps_per_epoch") not in (None, steps_per_epoch):
+        check_resumable(state, self.update.kind, self.accelerator.num_processes, resume_dir)
+        adapter_io.load_adapters(self.adapters, resume_dir)
+        self.update.load(resume_dir)
+        if self.ema is not None:
+            self.ema.load(resume_dir)
+        self.lr_scheduler.load_state_dict(checkpoints.load_torch_state(resume_dir / checkpoints.SCHEDULER_FILE))
+        self.global_step, self.nonfinite_steps = state["global_step"], state.get("nonfinite_steps", 0)
+        if state.get("steps_per_epoch") not in (None, self.steps_per_epoch):
             logger.warning("the data or batch settings changed since %s: the data order will differ", resume_dir)
-        logger.info("resumed from %s at step %d", resume_dir, global_step)
+        logger.info("resumed from %s at step %d", resume_dir, self.global_step)
 
-    evaluated: dict[int, dict[str, float]] = {}
+    def start(self, project_name: str) -> None:
+        """Trackers and the run's summary in the log."""
+        accelerator, args = self.accelerator, self.args
+        if accelerator.is_main_process:
+            accelerator.init_trackers(project_name, config=_tracker_config(args))
+        if self.held_out:
+            logger.info("holding out %d of %d samples for the evaluation loss", len(self.held_out), len(self.dataset))
+        logger.info(
+            "training: %d samples, %d steps per epoch, %d steps, batch %d x %d processes x %d accumulation",
+            len(self.train_indices),
+            self.steps_per_epoch,
+            self.max_steps,
+            args.train_batch_size,
+            accelerator.num_processes,
+            self.accum,
+        )
 
-    def evaluate(step: int) -> dict[str, float]:
+    def loop(self) -> tuple[int, Path]:
+        """Steps until --max_train_steps or a stop signal, with checkpoints and validation on their schedule;
+        returns (the signal that stopped the run or 0, the final checkpoint)."""
+        from tqdm.auto import tqdm
+
+        accelerator, args = self.accelerator, self.args
+        for model in self.adapters.values():
+            model.train()
+        progress = tqdm(
+            total=self.max_steps, initial=self.global_step, unit="step", desc="train",
+            disable=not accelerator.is_main_process,
+        )  # fmt: skip
+        last_saved, stopped_by = None, 0
+        # The models and data are set up: keep the garbage collector from re-scanning them every step.
+        gc.collect()
+        gc.freeze()
+        epoch, step_in_epoch = divmod(self.global_step, self.steps_per_epoch)
+        with StopRequest() as stop:
+            while self.global_step < self.max_steps and not stopped_by:
+                self.sampler.set_epoch(epoch, start=step_in_epoch * self.accum)
+                if hasattr(self.dataset, "set_epoch"):
+                    self.dataset.set_epoch(epoch)
+                batches = iter(self.loader)
+                for _ in range(step_in_epoch, self.steps_per_epoch):
+                    step_start = self.step(batches)
+                    lr = self.lr_scheduler.get_last_lr()[0]
+                    progress.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                    progress.update(1)  # redraws at most every 0.1 s
+                    accelerator.log({"train/loss": self.last_loss, "train/lr": lr}, step=self.global_step)
+
+                    stopped_by = stop.agreed(accelerator)
+                    self.times.steps[-1]["total"] = time.perf_counter() - step_start  # no checkpoints, validation
+                    step, at_end = self.global_step, self.global_step >= self.max_steps
+                    if step % args.checkpointing_steps == 0 or at_end or stopped_by:
+                        self.write_checkpoint(step)
+                        last_saved = step
+                    if stopped_by:
+                        break
+                    if step % args.validation_steps == 0 or at_end:
+                        self.run_validation(step)
+                    if at_end:
+                        break
+                epoch, step_in_epoch = epoch + 1, 0
+            progress.close()
+            final = checkpoints.checkpoint_dir(self.output_dir, self.global_step)
+            if last_saved != self.global_step and not main_decides(accelerator, lambda: checkpoints.is_complete(final)):
+                final = self.write_checkpoint(self.global_step)
+            accelerator.end_training()
+        return stopped_by, final
+
+    def step(self, batches) -> float:
+        """One optimizer step: the micro-batches' forward and backward, then the update (timed by phase);
+        returns when it started."""
+        accelerator, update = self.accelerator, self.update
+        step_start = time.perf_counter()
+        phase = self.times.start_step()
+        losses = []
+        for micro in range(self.accum):
+            tick = time.perf_counter()
+            batch = to_device(next(batches), accelerator.device)
+            phase["data"] += time.perf_counter() - tick
+            torch.manual_seed(micro_batch_seed(self.args.seed, self.global_step, micro, accelerator.process_index))
+            with update.micro_batch(last=micro == self.accum - 1):
+                tick = time.perf_counter()
+                loss = self.compute_loss(batch, update.models)
+                phase["forward"] += time.perf_counter() - tick
+                tick = time.perf_counter()
+                update.backward(loss)
+                phase["backward"] += time.perf_counter() - tick
+            losses.append(loss.detach().float())
+        tick = time.perf_counter()
+        self.last_loss, finite = gathered_losses(accelerator, losses)
+        if not finite:
+            self.count_nonfinite_step()
+        update.step(finite)
+        if self.ema is not None:
+            with update.full_precision_weights():  # all processes: a collective under DeepSpeed
+                self.ema.step()
+        self.lr_scheduler.step()
+        phase["optimizer"] += time.perf_counter() - tick
+        self.global_step += 1
+        return step_start
+
+    def count_nonfinite_step(self) -> None:
+        """A NaN / inf loss: its update is skipped, up to --max_nonfinite_steps such steps, then the run stops."""
+        self.nonfinite_steps += 1
+        limit = self.args.max_nonfinite_steps
+        if self.nonfinite_steps > limit:
+            found = checkpoints.list_checkpoints(self.output_dir)
+            last_good = found[-1][1] if found else "none yet"
+            raise UserError(
+                f"the loss is {self.last_loss} at step {self.global_step + 1} "
+                f"(more than --max_nonfinite_steps {limit} such steps); "
+                f"last good checkpoint: {last_good}. Lower --learning_rate, or use bf16 instead of fp16"
+            )
+        logger.warning("non-finite loss at step %d: skipping its update", self.global_step + 1)
+
+    def evaluate(self, step: int) -> dict[str, float]:
         """Main process: the held-out loss (and the EMA weights' with --use_ema), once per step."""
-        if not held_out or step in evaluated:
-            return evaluated.get(step, {})
-        losses = {
-            "eval_loss": evaluation_loss(compute_loss, adapters, dataset, held_out, args.seed, accelerator.device)
-        }
-        if ema is not None:
-            with ema.applied():
-                losses["eval_loss_ema"] = evaluation_loss(
-                    compute_loss, adapters, dataset, held_out, args.seed, accelerator.device
-                )
-        evaluated[step] = losses
+        if not self.held_out or step in self.evaluated:
+            return self.evaluated.get(step, {})
+
+        def held_out_loss() -> float:
+            return evaluation_loss(
+                self.compute_loss, self.adapters, self.held_out_data, self.held_out, self.args.seed,
+                self.accelerator.device,
+            )  # fmt: skip
+
+        losses = {"eval_loss": held_out_loss()}
+        if self.ema is not None:
+            with self.ema.applied():
+                losses["eval_loss_ema"] = held_out_loss()
+        self.evaluated[step] = losses
         logger.info("step %d: %s", step, ", ".join(f"{k} {v:.6f}" for k, v in losses.items()))
-        accelerator.log({k.replace("_", "/", 1): v for k, v in losses.items()}, step=step)
+        self.accelerator.log({k.replace("_", "/", 1): v for k, v in losses.items()}, step=step)
         return losses
 
-    def write_checkpoint(step: int) -> Path:
-        """All processes: each may hold a share of the optimizer state; the main process writes the rest."""
+    def run_validation(self, step: int) -> None:
+        """Main process: the held-out loss, then the validation images (from the EMA weights with --use_ema)."""
+        accelerator = self.accelerator
+        if accelerator.is_main_process:
+            self.evaluate(step)
+            if self.validate is not None and self.args.validation_prompt:
+                for model in self.adapters.values():
+                    model.eval()
+                if self.ema is None:
+                    self.validate(step, self.adapters)
+                else:
+                    logger.info("validation images at step %d use the EMA weights", step)
+                    with self.ema.applied():
+                        self.validate(step, self.adapters)
+                for model in self.adapters.values():
+                    model.train()
         accelerator.wait_for_everyone()
-        partial = checkpoints.partial_dir(output_dir, step)
+
+    def write_checkpoint(self, step: int) -> Path:
+        """All processes: each may hold a share of the optimizer state; the main process writes the rest."""
+        accelerator, update = self.accelerator, self.update
+        accelerator.wait_for_everyone()
+        partial = checkpoints.partial_dir(self.output_dir, step)
         if accelerator.is_main_process:
             checkpoints.begin_checkpoint(partial)
         accelerator.wait_for_everyone()
         update.save(partial)
         with update.full_precision_weights():
             if accelerator.is_main_process:
-                adapter_io.save_adapters(adapters, partial)
-                if save_extra is not None:
-                    save_extra(partial, adapters)
-                if ema is not None:
-                    ema.save(partial, save_extra)
+                adapter_io.save_adapters(self.adapters, partial)
+                if self.save_extra is not None:
+                    self.save_extra(partial, self.adapters)
+                if self.ema is not None:
+                    self.ema.save(partial, self.save_extra)
         accelerator.wait_for_everyone()
-        path = checkpoints.checkpoint_dir(output_dir, step)
+        path = checkpoints.checkpoint_dir(self.output_dir, step)
         if accelerator.is_main_process:
-            checkpoints.save_torch_state(lr_scheduler.state_dict(), partial / checkpoints.SCHEDULER_FILE)
-            checkpoints.write_json(partial / checkpoints.ARGS_FILE, run_config(args))
+            checkpoints.save_torch_state(self.lr_scheduler.state_dict(), partial / checkpoints.SCHEDULER_FILE)
+            checkpoints.write_json(partial / checkpoints.ARGS_FILE, run_config(self.args))
             state = {
                 "global_step": step,
-                "epoch": step // steps_per_epoch,
-                "steps_per_epoch": steps_per_epoch,
-                "seed": args.seed,
+                "epoch": step // self.steps_per_epoch,
+                "steps_per_epoch": self.steps_per_epoch,
+                "seed": self.args.seed,
                 "num_processes": accelerator.num_processes,
                 "distributed": update.kind,
-                "nonfinite_steps": nonfinite_steps,
-                **evaluate(step),
+                "nonfinite_steps": self.nonfinite_steps,
+                **self.evaluate(step),
             }
-            checkpoints.finish_checkpoint(partial, path, state, args.checkpoints_total_limit)
+            checkpoints.finish_checkpoint(partial, path, state, self.args.checkpoints_total_limit)
             logger.info("saved checkpoint %s", path)
         accelerator.wait_for_everyone()
         return path
-
-    def run_validation(step: int) -> None:
-        """Main process: the held-out loss, then the validation images (from the EMA weights with --use_ema)."""
-        if accelerator.is_main_process:
-            evaluate(step)
-            if validate is not None and args.validation_prompt:
-                for model in adapters.values():
-                    model.eval()
-                if ema is None:
-                    validate(step, adapters)
-                else:
-                    logger.info("validation images at step %d use the EMA weights", step)
-                    with ema.applied():
-                        validate(step, adapters)
-                for model in adapters.values():
-                    model.train()
-        accelerator.wait_for_everyone()
-
-    if accelerator.is_main_process:
-        accelerator.init_trackers(project_name, config=_tracker_config(args))
-    if held_out:
-        logger.info("holding out %d of %d samples for the evaluation loss", len(held_out), len(dataset))
-    logger.info(
-        "training: %d samples, %d steps per epoch, %d steps, batch %d x %d processes x %d accumulation",
-        len(train_indices),
-        steps_per_epoch,
-        max_steps,
-        args.train_batch_size,
-        accelerator.num_processes,
-        accum,
-    )
-    for model in adapters.values():
-        model.train()
-    progress = tqdm(
-        total=max_steps, initial=global_step, unit="step", desc="train", disable=not accelerator.is_main_process
-    )
-    times, last_loss, last_saved, stopped_by = StepTimes(), math.nan, None, 0
-    # The models and data are set up: keep the garbage collector from re-scanning them every step.
-    gc.collect()
-    gc.freeze()
-    epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
-    with StopRequest() as stop:
-        while global_step < max_steps and not stopped_by:
-            sampler.set_epoch(epoch, start=step_in_epoch * accum)
-            if hasattr(dataset, "set_epoch"):
-                dataset.set_epoch(epoch)
-            batches = iter(loader)
-            for _ in range(step_in_epoch, steps_per_epoch):
-                step_start = time.perf_counter()
-                phase = times.start_step()
-                losses = []
-                for micro in range(accum):
-                    tick = time.perf_counter()
-                    batch = to_device(next(batches), accelerator.device)
-                    phase["data"] += time.perf_counter() - tick
-                    torch.manual_seed(micro_batch_seed(args.seed, global_step, micro, accelerator.process_index))
-                    with update.micro_batch(last=micro == accum - 1):
-                        tick = time.perf_counter()
-                        loss = compute_loss(batch, models)
-                        phase["forward"] += time.perf_counter() - tick
-                        tick = time.perf_counter()
-                        update.backward(loss)
-                        phase["backward"] += time.perf_counter() - tick
-                    losses.append(loss.detach().float())
-                tick = time.perf_counter()
-                last_loss, finite = gathered_losses(accelerator, losses)
-                if not finite:
-                    nonfinite_steps += 1
-                    if nonfinite_steps > args.max_nonfinite_steps:
-                        found = checkpoints.list_checkpoints(output_dir)
-                        last_good = found[-1][1] if found else "none yet"
-                        raise UserError(
-                            f"the loss is {last_loss} at step {global_step + 1} "
-                            f"(more than --max_nonfinite_steps {args.max_nonfinite_steps} such steps); "
-                            f"last good checkpoint: {last_good}. Lower --learning_rate, or use bf16 instead of fp16"
-                        )
-                    logger.warning("non-finite loss at step %d: skipping its update", global_step + 1)
-                update.step(finite)
-                if ema is not None:
-                    with update.full_precision_weights():  # all processes: a collective under DeepSpeed
-                        ema.step()
-                lr_scheduler.step()
-                phase["optimizer"] += time.perf_counter() - tick
-                global_step += 1
-
-                lr = lr_scheduler.get_last_lr()[0]
-                progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-                progress.update(1)  # redraws at most every 0.1 s
-                accelerator.log({"train/loss": last_loss, "train/lr": lr}, step=global_step)
-
-                stopped_by = stop.agreed(accelerator)
-                phase["total"] = time.perf_counter() - step_start  # checkpoints and validation not included
-                if global_step % args.checkpointing_steps == 0 or global_step == max_steps or stopped_by:
-                    write_checkpoint(global_step)
-                    last_saved = global_step
-                if stopped_by:
-                    break
-                if global_step % args.validation_steps == 0 or global_step == max_steps:
-                    run_validation(global_step)
-                if global_step >= max_steps:
-                    break
-            epoch, step_in_epoch = epoch + 1, 0
-        progress.close()
-        final = checkpoints.checkpoint_dir(output_dir, global_step)
-        if last_saved != global_step and not main_decides(accelerator, lambda: checkpoints.is_complete(final)):
-            final = write_checkpoint(global_step)
-        accelerator.end_training()
-    if stopped_by:
-        logger.warning(
-            "stopped by %s at step %d; checkpoint %s. Resume with --resume_from_checkpoint latest",
-            signal.Signals(stopped_by).name,
-            global_step,
-            final,
-        )
-        raise SystemExit(128 + stopped_by)
-    return TrainResult(global_step, final, last_loss, times)
