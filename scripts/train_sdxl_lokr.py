@@ -108,19 +108,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     scheduler = sd.noise_scheduler
     objective = objectives.Objective(args, scheduler)
-    plain_objective = objective.plain()  # the held-out loss: plain noise and MSE at given timesteps
 
-    def compute_loss(batch: dict, models: dict, timesteps: torch.Tensor | None = None) -> torch.Tensor:
-        """The training loss; with `timesteps` (fractions of the schedule), the plain MSE there (held-out loss)."""
+    def compute_loss(batch: dict, models: dict, fractions: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss; at `fractions` of the schedule, the plain MSE there (the held-out loss)."""
         with torch.no_grad():
             latents = sdxl.latents(batch, sd.vae, vae_dtype)
-        objective_now = objective if timesteps is None else plain_objective
-        noise = objective_now.noise(latents)
-        if timesteps is None:
-            timesteps = objective.timesteps(latents.shape[0], device)
-        else:
-            timesteps = objective.at_fractions(timesteps, latents.dtype)
-        noisy_latents = objective_now.noisy_input(latents, noise, timesteps)
+        draw = objective.draw(latents, fractions)
         with torch.set_grad_enabled(args.train_text_encoder):
             prompt_embeds, pooled = sdxl.text_conditioning(
                 batch,
@@ -128,12 +121,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 models.get("text_encoder_two", sd.text_encoder_two),
             )
         pred = models["unet"](
-            noisy_latents,
-            timesteps,
+            draw.noisy_input,
+            draw.timesteps,
             prompt_embeds,
             added_cond_kwargs={"text_embeds": pooled, "time_ids": batch["time_ids"].to(prompt_embeds.dtype)},
         ).sample
-        return objective_now.loss(pred, objective_now.target(latents, noise, timesteps), timesteps)
+        return draw.loss(pred, latents)
 
     def validate(step: int, peft_models: dict) -> None:
         models = {"unet": peft_models["unet"].get_base_model()}

@@ -123,22 +123,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
 
     objective = objectives.Objective(args, prior.scheduler, continuous=True)
-    plain_objective = objective.plain()  # the held-out loss: plain noise and MSE at given timesteps
 
-    def compute_loss(batch: dict, models: dict, timesteps: torch.Tensor | None = None) -> torch.Tensor:
-        """The training loss; with `timesteps` (fractions of the schedule), the plain MSE there (held-out loss)."""
+    def compute_loss(batch: dict, models: dict, fractions: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss; at `fractions` of the schedule, the plain MSE there (the held-out loss)."""
         with torch.no_grad():
             x0 = wuerstchen.batch_image_embeddings(batch, image_encoder, dtype)
         with torch.set_grad_enabled(args.train_text_encoder):
             text = wuerstchen.batch_text_embeddings(batch, models.get("text_encoder", prior.text_encoder))
-        objective_now = objective if timesteps is None else plain_objective
-        noise = objective_now.noise(x0)
-        if timesteps is None:
-            timesteps = objective.timesteps(x0.shape[0], device, x0.dtype)
-        else:
-            timesteps = objective.at_fractions(timesteps, x0.dtype)
-        pred = models["prior"](objective_now.noisy_input(x0, noise, timesteps), timesteps, text)
-        return objective_now.loss(pred, objective_now.target(x0, noise, timesteps), timesteps)
+        draw = objective.draw(x0, fractions)
+        return draw.loss(models["prior"](draw.noisy_input, draw.timesteps, text), x0)
 
     def save_diffusers_lora(directory: Path, peft_models: dict) -> None:
         wuerstchen.save_diffusers_lora(

@@ -7,6 +7,7 @@ the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import math
@@ -243,6 +244,13 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
             return {**out, **(self.empty_text if drop else self.text_cache.sample(index))}
         caption = self.caption(index, rng)
         return {**out, **self.tokenize("" if drop else caption)}
+
+    def evaluation_view(self) -> CaptionedImageDataset:
+        """This data set as the held-out loss reads it, whatever the training epoch: epoch 0's crops and
+        flips, and no caption dropout (a shallow copy: the images and caches are shared)."""
+        view = copy.copy(self)
+        view.epoch, view.empty_prompt_share = 0, 0.0
+        return view
 
     def drops_caption(self, index: int) -> bool:
         """Caption dropout for classifier-free guidance: this sample trains as the empty prompt this epoch."""

@@ -4,7 +4,7 @@ A seeded share of the training data is held out and never trained on. Its loss i
 denoising loss, averaged over every held-out sample at EVAL_TIMESTEPS fixed fractions of the noise
 schedule, (k + 0.5) / EVAL_TIMESTEPS; the noise for the j-th held-out sample (in the order of
 `held_out_indices`) at the k-th fraction comes from torch.manual_seed(seed + j * EVAL_TIMESTEPS + k).
-Samples are read as in epoch 0 (fixed crops and flips), adapters in eval mode (no dropout).
+Samples are read as in epoch 0 (fixed crops and flips, no caption dropout), adapters in eval mode.
 """
 
 from __future__ import annotations
@@ -39,15 +39,10 @@ def evaluation_loss(
     seed: int,
     device: torch.device,
 ) -> float:
-    """The mean held-out loss of the adapters as they are now (see the module docstring)."""
+    """The mean held-out loss of the adapters as they are now (see the module docstring); `dataset` is the
+    training data's evaluation_view()."""
     from difftune.data import collate
 
-    epoch = getattr(dataset, "epoch", None)
-    if epoch is not None:
-        dataset.set_epoch(0)
-    empty_prompt_share = getattr(dataset, "empty_prompt_share", 0.0)
-    if empty_prompt_share:
-        dataset.empty_prompt_share = 0.0  # held-out captions are never dropped (--proportion_empty_prompts)
     for model in adapters.values():
         model.eval()
     try:
@@ -57,13 +52,9 @@ def evaluation_loss(
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             for k, fraction in enumerate(timestep_fractions()):
                 torch.manual_seed(seed + j * EVAL_TIMESTEPS + k)
-                timesteps = torch.tensor([fraction], device=device)
-                total += compute_loss(batch, adapters, timesteps=timesteps).float().item()
+                fractions = torch.tensor([fraction], device=device)
+                total += compute_loss(batch, adapters, fractions=fractions).float().item()
         return total / (len(indices) * EVAL_TIMESTEPS)
     finally:
         for model in adapters.values():
             model.train()
-        if epoch is not None:
-            dataset.set_epoch(epoch)
-        if empty_prompt_share:
-            dataset.empty_prompt_share = empty_prompt_share

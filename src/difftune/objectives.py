@@ -10,6 +10,7 @@ here applies to both; for the continuous schedule, timestep-bias indices are 100
 from __future__ import annotations
 
 import argparse
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -144,11 +145,23 @@ class Objective:
     def prediction_type(self) -> str:
         return "epsilon" if self.continuous else self.scheduler.config.prediction_type
 
+    @functools.cached_property
     def plain(self) -> Objective:
         """The same schedule with every option off: plain noise and MSE (for the held-out loss)."""
         parser = argparse.ArgumentParser()
         add_objective_args(parser)
         return Objective(parser.parse_args([]), self.scheduler, self.continuous)
+
+    def draw(self, x0: torch.Tensor, fractions: torch.Tensor | None = None) -> Draw:
+        """A batch's noise, timesteps and noisy input: drawn with the options (training), or, at given
+        fractions of the schedule, by the plain objective (the held-out loss)."""
+        objective = self if fractions is None else self.plain
+        noise = objective.noise(x0)
+        if fractions is None:
+            timesteps = self.timesteps(x0.shape[0], x0.device, x0.dtype)
+        else:
+            timesteps = self.at_fractions(fractions, x0.dtype)
+        return Draw(objective, noise, timesteps, objective.noisy_input(x0, noise, timesteps))
 
     def at_fractions(self, fractions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Timesteps at fractions of the schedule (the held-out loss's fixed spread)."""
@@ -246,3 +259,17 @@ class Objective:
         c = self.huber_c(timesteps) if a.loss_type != "l2" else None
         per_sample = elementwise_loss(pred, target, a.loss_type, c).mean(dim=list(range(1, pred.ndim)))
         return (per_sample if weights is None else per_sample * weights).mean()
+
+
+@dataclass
+class Draw:
+    """One batch's noise, timesteps and noisy input, with the objective that drew them and scores the result."""
+
+    objective: Objective
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    noisy_input: torch.Tensor
+
+    def loss(self, pred: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        target = self.objective.target(x0, self.noise, self.timesteps)
+        return self.objective.loss(pred, target, self.timesteps)
