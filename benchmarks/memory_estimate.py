@@ -102,6 +102,16 @@ def add_adapter(model: nn.Module, kind: str, rank: int) -> tuple[int, nn.Module]
     return sum(p.numel() for p in peft_model.parameters() if p.requires_grad), peft_model
 
 
+# OpenCLIP ViT-bigG-14's text tower: SDXL's second text encoder and the Wuerstchen prior's.
+OPENCLIP_BIGG = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "hidden_act": "gelu",
+}
+
+
 def sdxl_models() -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
     """The real SDXL-base UNet, CLIP-L and OpenCLIP-bigG text encoders and VAE from their published configs
     (random weights; call under accelerate.init_empty_weights() for meta tensors)."""
@@ -131,16 +141,7 @@ def sdxl_models() -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
             hidden_act="quick_gelu",
         )
     )
-    te2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            hidden_size=1280,
-            intermediate_size=5120,
-            num_hidden_layers=32,
-            num_attention_heads=20,
-            projection_dim=1280,
-            hidden_act="gelu",
-        )
-    )
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG, projection_dim=1280))
     vae = AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
@@ -197,15 +198,7 @@ def wuerstchen_models() -> tuple[nn.Module, nn.Module, nn.Module]:
     from difftune.wuerstchen import EfficientNetEncoder
 
     prior = WuerstchenPrior(c_in=16, c=1536, c_cond=1280, c_r=64, depth=32, nhead=24, dropout=0.1)
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=1280,
-            intermediate_size=5120,
-            num_hidden_layers=32,
-            num_attention_heads=20,
-            hidden_act="gelu",
-        )
-    )
+    text = CLIPTextModel(CLIPTextConfig(**OPENCLIP_BIGG))
     return prior, text, EfficientNetEncoder()
 
 
