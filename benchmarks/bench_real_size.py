@@ -148,8 +148,8 @@ def prior_inputs():
 
 def wuerstchen(repeats: int) -> None:
     print("real Wuerstchen v2 prior, 256 px, batch 1, LoRA r8 on to_q,to_k,to_v,to_out.0, fwd+bwd")
+    memory(PRIOR_VARIANTS)  # first: freed models stay in this process's RSS, which the children's memory needs
     report("Wuerstchen prior", interleaved(real_prior(), prior_inputs, repeats, PRIOR_VARIANTS))
-    memory(PRIOR_VARIANTS)
 
 
 def peak_rss_gib() -> float:
@@ -185,12 +185,12 @@ def main() -> None:
     if args.memory_variant:
         return memory_one(args.memory_variant)
     print(f"torch threads: {torch.get_num_threads()}")
+    if args.only in (None, "memory"):
+        memory()  # first, for the same reason as in wuerstchen()
     if args.only in (None, "layers"):
         layers(args.repeats)
     if args.only in (None, "unet"):
         unet(max(1, args.repeats // 2))
-    if args.only in (None, "memory"):
-        memory()
     if args.only in (None, "wuerstchen"):
         wuerstchen(max(1, args.repeats // 2))
 
