@@ -1,6 +1,8 @@
 """The held-out evaluation loss: never trained on, equal to an independent computation; its best checkpoint kept."""
 
 import json
+import shutil
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -9,14 +11,41 @@ from helpers import wuerstchen_args
 from difftune import checkpoints, data, evaluation, training
 
 
-def test_held_out_loss_never_leaks_and_equals_a_peft_computation(assets, tmp_path, run_main, monkeypatch):
+def independent_eval_loss(assets: Path, checkpoint: Path, samples: list[dict]) -> float:
+    """The held-out loss of a Wuerstchen checkpoint: the prior with the peft adapter, the diffusers prior
+    training convention (x0 = (EfficientNet(pixels) + 1) / 42, epsilon target), noise from
+    manual_seed(seed 0 + j * 4 + k) at timestep fractions (k + 0.5) / 4 for the j-th held-out sample."""
     from diffusers import DDPMWuerstchenScheduler
     from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
     from peft import PeftModel
-    from safetensors.torch import load_file
     from transformers import CLIPTextModel
 
     from difftune import wuerstchen
+
+    base = assets / "wuerstchen-prior"
+    prior = WuerstchenPrior.from_pretrained(base, subfolder="prior")
+    prior = PeftModel.from_pretrained(prior, checkpoint / "prior").eval()
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder").eval()
+    scheduler = DDPMWuerstchenScheduler.from_pretrained(base, subfolder="scheduler")
+    encoder = wuerstchen.load_image_encoder(str(assets / "effnet" / "effnet.safetensors")).eval()
+    losses = []
+    with torch.no_grad():
+        for j, sample in enumerate(samples):
+            x0 = encoder(sample["pixel_values"][None]).add(1.0).div(42.0)
+            text = text_encoder(
+                sample["prior_input_ids"][None], attention_mask=sample["prior_attention_mask"][None]
+            ).last_hidden_state
+            for k in range(4):
+                torch.manual_seed(0 + j * 4 + k)
+                noise = torch.randn(x0.shape)
+                t = torch.tensor([(k + 0.5) / 4])
+                pred = prior(scheduler.add_noise(x0, noise, t), t, text)
+                losses.append(F.mse_loss(pred, noise).item())
+    return sum(losses) / len(losses)
+
+
+def test_held_out_loss_never_leaks_and_equals_a_peft_computation(assets, tmp_path, run_main, monkeypatch):
+    from safetensors.torch import load_file
 
     fetched = {"train": [], "eval": []}
     phase, datasets = ["train"], []
@@ -56,32 +85,11 @@ def test_held_out_loss_never_leaks_and_equals_a_peft_computation(assets, tmp_pat
     card = (out / "README.md").read_text()
     assert f"| step6 | {states[6]['eval_loss']:.6f} |" in card
 
-    # The loss of step6 computed independently: the prior with the peft adapter, the diffusers prior
-    # training convention (x0 = (EfficientNet(pixels) + 1) / 42, epsilon target), noise from
-    # manual_seed(seed + j * 4 + k) at timestep fractions (k + 0.5) / 4 for the j-th held-out sample.
-    base = assets / "wuerstchen-prior"
-    prior = WuerstchenPrior.from_pretrained(base, subfolder="prior")
-    prior = PeftModel.from_pretrained(prior, out / "step6" / "prior").eval()
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder").eval()
-    scheduler = DDPMWuerstchenScheduler.from_pretrained(base, subfolder="scheduler")
-    encoder = wuerstchen.load_image_encoder(str(assets / "effnet" / "effnet.safetensors")).eval()
+    # The loss of step6 computed independently, on the held-out samples as the data set reads them in epoch 0.
     dataset = datasets[0]
     dataset.set_epoch(0)
-    losses = []
-    with torch.no_grad():
-        for j, index in enumerate(held_out):
-            sample = real_getitem(dataset, index)
-            x0 = encoder(sample["pixel_values"][None]).add(1.0).div(42.0)
-            text = text_encoder(
-                sample["prior_input_ids"][None], attention_mask=sample["prior_attention_mask"][None]
-            ).last_hidden_state
-            for k in range(4):
-                torch.manual_seed(0 + j * 4 + k)
-                noise = torch.randn(x0.shape)
-                t = torch.tensor([(k + 0.5) / 4])
-                pred = prior(scheduler.add_noise(x0, noise, t), t, text)
-                losses.append(F.mse_loss(pred, noise).item())
-    expected = sum(losses) / len(losses)
+    samples = [real_getitem(dataset, index) for index in held_out]
+    expected = independent_eval_loss(assets, out / "step6", samples)
     assert abs(states[6]["eval_loss"] - expected) <= 1e-5 * max(1.0, expected)
     assert load_file(out / "step6" / "prior" / "adapter_model.safetensors")  # the adapter was really loaded
 
@@ -101,3 +109,82 @@ def test_split_is_seeded_and_disjoint():
     assert evaluation.split_indices(21, 0.2, seed=0) == (train, held)
     assert evaluation.split_indices(21, 0.2, seed=1)[1] != held
     assert evaluation.split_indices(5, 0.0, seed=0) == ([0, 1, 2, 3, 4], [])
+
+
+def split_image_folder(source: Path, root: Path, held: int) -> tuple[Path, Path]:
+    """Copy an image folder into a training folder and a held-out folder of its last `held` images."""
+    rows = [json.loads(line) for line in (source / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    folders = (root / "train", root / "held_out")
+    for folder, part in zip(folders, (rows[:-held], rows[-held:]), strict=True):
+        folder.mkdir()
+        for row in part:
+            shutil.copy(source / row["file_name"], folder / row["file_name"])
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in part))
+    return folders
+
+
+def test_eval_data_dir_is_held_out_cached_and_equals_a_peft_computation(assets, tmp_path, run_main, monkeypatch):
+    train_dir, eval_dir = split_image_folder(assets / "data", tmp_path, held=3)
+    fetched, phase, datasets, opened = {"train": [], "eval": []}, ["train"], [], {"train": 0, "eval": 0}
+    real_getitem, real_loss, real_open = (
+        data.CaptionedImageDataset.__getitem__,
+        training.evaluation_loss,
+        data.open_image,
+    )
+
+    def getitem(self, index):
+        datasets.append(self)
+        fetched[phase[0]].append(Path(self.rows[index]["image"]["path"]))
+        return real_getitem(self, index)
+
+    def held_out_loss(*args, **kwargs):
+        phase[0] = "eval"
+        try:
+            return real_loss(*args, **kwargs)
+        finally:
+            phase[0] = "train"
+
+    def open_image(record):
+        opened[phase[0]] += 1
+        return real_open(record)
+
+    monkeypatch.setattr(data.CaptionedImageDataset, "__getitem__", getitem)
+    monkeypatch.setattr(training, "evaluation_loss", held_out_loss)
+    monkeypatch.setattr(data, "open_image", open_image)
+    out = tmp_path / "out"
+    argv = wuerstchen_args(
+        assets, out, "--eval_data_dir", eval_dir, "--center_crop", "--cache_image_embeddings",
+        "--cache_text_embeddings", "--cache_dir", tmp_path / "cache", steps=2, lr="3e-2",
+    )  # fmt: skip
+    argv[argv.index("--train_data_dir") + 1] = train_dir
+    assert run_main("train_wuerstchen_lora", argv) == 0
+
+    # Evaluated on exactly the folder's images, read from the caches; trained only on the training folder.
+    assert {p.parent for p in fetched["train"]} == {train_dir} and len(fetched["train"]) == 4
+    assert sorted({p.name for p in fetched["eval"]}) == sorted(p.name for p in eval_dir.glob("*.png"))
+    assert {p.parent for p in fetched["eval"]} == {eval_dir} and opened["eval"] == 0
+
+    state = checkpoints.read_json(out / "step2" / checkpoints.STATE_FILE)
+    dataset = datasets[0]
+    held_out = [i for i in range(len(dataset)) if Path(dataset.rows[i]["image"]["path"]).parent == eval_dir]
+    samples = [{**dataset.load(index, flip=False), **dataset.tokenize(dataset.caption(index))} for index in held_out]
+    expected = independent_eval_loss(assets, out / "step2", samples)
+    assert abs(state["eval_loss"] - expected) <= 1e-5 * max(1.0, expected)
+
+
+def test_held_out_flags_refuse_what_cannot_work(assets, tmp_path, run_main, capsys):
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(assets / "data" / "000_black_circle.png", one)
+    (one / "metadata.jsonl").write_text(json.dumps({"file_name": "000_black_circle.png", "text": "a circle"}) + "\n")
+    cases = [
+        (("--validation_split", "0.5"), one, "cannot hold out part of 1 sample"),
+        (("--validation_split", "0.2", "--eval_data_dir", one), assets / "data", "pass one of them"),
+        (("--eval_data_dir", tmp_path / "missing"), assets / "data", "--eval_data_dir"),
+    ]
+    for extra, train_dir, message in cases:
+        argv = wuerstchen_args(assets, tmp_path / "out", *extra, steps=1)
+        argv[argv.index("--train_data_dir") + 1] = train_dir
+        assert run_main("train_wuerstchen_lora", argv) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1] and "Traceback" not in "\n".join(err), err

@@ -156,6 +156,11 @@ def add_training_args(parser: argparse.ArgumentParser, *, output_dir: str) -> No
         default=0.0,
         help="Hold out this seeded share of the data for an evaluation loss at each validation and checkpoint.",
     )
+    group.add_argument(
+        "--eval_data_dir",
+        default=None,
+        help="A folder of held-out images (like --train_data_dir) for the evaluation loss, instead of a split.",
+    )
 
 
 def check_common_args(args: argparse.Namespace) -> None:
@@ -182,6 +187,8 @@ def check_common_args(args: argparse.Namespace) -> None:
     check_optimizer_args(args)
     if not 0.0 <= args.validation_split < 1.0:
         raise UserError(f"--validation_split must be in [0, 1), got {args.validation_split}")
+    if args.validation_split and args.eval_data_dir:
+        raise UserError("--validation_split and --eval_data_dir both choose the held-out images: pass one of them")
     if not 0.0 <= args.ema_decay <= 1.0:
         raise UserError(f"--ema_decay must be in [0, 1], got {args.ema_decay}")
     if args.ema_update_after_step < 0 or (args.ema_power is not None and args.ema_power <= 0):

@@ -33,14 +33,15 @@ def load_captioned_images(
     caption_column: str,
     max_train_samples: int | None,
     seed: int,
+    folder_flag: str = "--train_data_dir",
 ):
     """A datasets.Dataset with undecoded images, checked columns, and unreadable images dropped."""
     import datasets
 
     if train_data_dir is not None:
         if not Path(train_data_dir).is_dir():
-            raise UserError(f"--train_data_dir {train_data_dir} does not exist: pass a folder of images")
-        source, kwargs = f"--train_data_dir {train_data_dir}", {"path": "imagefolder", "data_dir": train_data_dir}
+            raise UserError(f"{folder_flag} {train_data_dir} does not exist: pass a folder of images")
+        source, kwargs = f"{folder_flag} {train_data_dir}", {"path": "imagefolder", "data_dir": train_data_dir}
     elif dataset_name is not None:
         if not Path(dataset_name).exists() and not looks_like_hub_id(dataset_name):
             raise UserError(f"--dataset_name {dataset_name} does not exist: pass a Hub data set id or a local path")
@@ -209,6 +210,7 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         self.text_cache = None  # a difftune.cache.CacheReader of caption encodings
         self.empty_prompt_share = 0.0  # --proportion_empty_prompts
         self.empty_text: dict[str, torch.Tensor] | None = None  # the empty caption's cached encodings
+        self.held_out_indices: list[int] | None = None  # the --eval_data_dir rows, never trained on
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -261,21 +263,38 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
 def dataset_from_args(
     args, transform: ImageTransform, tokenize: Callable[[str], dict[str, torch.Tensor]]
 ) -> CaptionedImageDataset:
-    """The training data set described by the data flags (see difftune.args.add_data_args)."""
+    """The training data set described by the data flags (see difftune.args.add_data_args). The images of
+    --eval_data_dir come after the training images, as `held_out_indices`: transformed and cached alike."""
+    columns = [args.image_column, args.caption_column]
     images = load_captioned_images(
         args.dataset_name,
         args.dataset_config_name,
         args.train_data_dir,
-        args.image_column,
-        args.caption_column,
+        *columns,
         args.max_train_samples,
         args.seed,
-    )
-    dataset = CaptionedImageDataset(
-        images, args.image_column, args.caption_column, transform, tokenize, args.resolution, args.seed
-    )
+    ).select_columns(columns)
+    held_out = None
+    if getattr(args, "eval_data_dir", None):
+        evaluation = load_captioned_images(None, None, args.eval_data_dir, *columns, None, args.seed, "--eval_data_dir")
+        held_out = list(range(len(images), len(images) + len(evaluation)))
+        images = append_rows(images, evaluation.select_columns(columns), f"--eval_data_dir {args.eval_data_dir}")
+    dataset = CaptionedImageDataset(images, *columns, transform, tokenize, args.resolution, args.seed)
     dataset.empty_prompt_share = getattr(args, "proportion_empty_prompts", 0.0)
+    dataset.held_out_indices = held_out
     return dataset
+
+
+def append_rows(rows, more, source: str):
+    """`rows` then `more`, one datasets.Dataset (its fingerprint covers both, so caches tell it apart)."""
+    import datasets
+
+    try:
+        return datasets.concatenate_datasets([rows, more])
+    except ValueError as error:
+        raise UserError(
+            f"{source} does not match the training data's columns ({error}): give it the same caption format"
+        ) from None
 
 
 def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

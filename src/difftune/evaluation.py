@@ -1,9 +1,10 @@
-"""A held-out evaluation loss (--validation_split): the same numbers for the same weights.
+"""A held-out evaluation loss (--validation_split or --eval_data_dir): the same numbers for the same weights.
 
-A seeded share of the training data is held out and never trained on. Its loss is the plain MSE
-denoising loss, averaged over every held-out sample at EVAL_TIMESTEPS fixed fractions of the noise
-schedule, (k + 0.5) / EVAL_TIMESTEPS; the noise for the j-th held-out sample (in the order of
-`held_out_indices`) at the k-th fraction comes from torch.manual_seed(seed + j * EVAL_TIMESTEPS + k).
+A seeded share of the training data, or the images of --eval_data_dir, are held out and never
+trained on. Their loss is the plain MSE denoising loss, averaged over every held-out sample at
+EVAL_TIMESTEPS fixed fractions of the noise schedule, (k + 0.5) / EVAL_TIMESTEPS; the noise for the
+j-th held-out sample (in index order) at the k-th fraction comes from
+torch.manual_seed(seed + j * EVAL_TIMESTEPS + k).
 Samples are read as in epoch 0 (fixed crops and flips, no caption dropout), adapters in eval mode.
 """
 
@@ -14,13 +15,29 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from difftune.errors import UserError
+
 EVAL_TIMESTEPS = 4
+
+
+def held_out_split(dataset, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training indices, held-out indices): the data set's --eval_data_dir rows, or a seeded `fraction`."""
+    fixed = getattr(dataset, "held_out_indices", None)
+    if fixed:
+        held = set(fixed)
+        return [i for i in range(len(dataset)) if i not in held], sorted(held)
+    return split_indices(len(dataset), fraction, seed)
 
 
 def split_indices(size: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """(training indices, held-out indices): a seeded random `fraction` of range(size), at least one each."""
     if fraction <= 0:
         return list(range(size)), []
+    if size < 2:
+        raise UserError(
+            f"--validation_split {fraction} cannot hold out part of {size} sample: add images, "
+            "or give held-out images with --eval_data_dir"
+        )
     held = min(max(1, round(size * fraction)), size - 1)
     order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
     return sorted(order[held:]), sorted(order[:held])

@@ -31,7 +31,7 @@ from difftune.args import DTYPES
 from difftune.data import EpochBatchSampler, collate, num_update_steps_per_epoch
 from difftune.ema import make_ema
 from difftune.errors import UserError
-from difftune.evaluation import evaluation_loss, split_indices
+from difftune.evaluation import evaluation_loss, held_out_split
 from difftune.updates import check_distributed_optimizer, make_update
 
 logger = logging.getLogger("difftune")
@@ -334,7 +334,7 @@ class TrainingRun:
     def build_data(self) -> None:
         """The held-out split, and the loader of the training share in per-epoch shuffled batches."""
         args, dataset, accelerator = self.args, self.dataset, self.accelerator
-        self.train_indices, self.held_out = split_indices(len(dataset), args.validation_split, args.seed)
+        self.train_indices, self.held_out = held_out_split(dataset, args.validation_split, args.seed)
         sizes = getattr(dataset, "target_sizes", None)
         self.sampler = EpochBatchSampler(
             len(self.train_indices),
@@ -380,7 +380,8 @@ class TrainingRun:
         if accelerator.is_main_process:
             accelerator.init_trackers(project_name, config=_tracker_config(args))
         if self.held_out:
-            logger.info("holding out %d of %d samples for the evaluation loss", len(self.held_out), len(self.dataset))
+            source = args.eval_data_dir or f"{len(self.dataset)} samples"
+            logger.info("evaluation loss on %d held-out samples of %s", len(self.held_out), source)
         logger.info(
             "training: %d samples, %d steps per epoch, %d steps, batch %d x %d processes x %d accumulation",
             len(self.train_indices),
