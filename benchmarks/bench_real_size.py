@@ -5,16 +5,24 @@
     python benchmarks/bench_real_size.py --only unet     # real SDXL-base UNet, 256 px, batch 1: time per fwd+bwd
     python benchmarks/bench_real_size.py --only memory   # the same, peak RSS, one fresh process per variant
     python benchmarks/bench_real_size.py --only wuerstchen  # real Wuerstchen v2 prior, floor vs LoRA r8: time, peak
+    python benchmarks/bench_real_size.py --only script   # train_sdxl_lokr.py itself on a real-size SDXL on disk
 
 Random weights from the published configs (benchmarks/memory_estimate.py), CPU fp32, nothing downloaded.
 The floor is the frozen model with its input requiring grad. Variants are interleaved in one process and
 repeated, min / median reported: on a shared machine, compare ratios from one run, not across runs.
-Not done yet: the train_sdxl_lokr.py end-to-end line.
+
+--only script saves a random real-size SDXL (UNet, both text encoders, VAE; ~14 GB in fp32, kept in
+--real_dir for the next run) in the Hub layout, and runs train_sdxl_lokr.py on it through
+benchmarks/bench_train.py (cached encodings, 256 px, batch 1, LoKr r8): every step is paired with a frozen
+UNet fwd+bwd in the same process. Its peak RSS from the loaded models on is set against a fresh process that
+loads the same components with the same code and runs the frozen fwd+bwd.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,6 +48,7 @@ LAYERS = [
 ]
 VARIANTS = ("floor", "peft", "factored")
 PRIOR_VARIANTS = ("prior-floor", "prior-lora")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def lokr(model: nn.Module, targets: list[str], rank: int = 8) -> nn.Module:
@@ -158,30 +167,130 @@ def peak_rss_gib() -> float:
     return int(line.split()[1]) / 2**20
 
 
+def save_real_sdxl(directory: Path) -> None:
+    """A random real-size SDXL in the Hub layout (sdxl/, sdxl-vae-fp16-fix/), the toy data in data/; tokenizers,
+    scheduler and model_index.json come from the tiny assets (the same files as the real repos' in kind)."""
+    from memory_estimate import sdxl_models
+
+    if (directory / "complete").exists():
+        return
+    print(f"saving a random real-size SDXL in {directory} (minutes)", flush=True)
+    tiny = directory / "tiny"
+    shutil.rmtree(directory, ignore_errors=True)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_assets.py"), str(tiny)], check=True)
+    shutil.copytree(tiny / "data", directory / "data")
+    for name in ("tokenizer", "tokenizer_2", "scheduler", "model_index.json"):
+        copy = shutil.copytree if (tiny / "sdxl" / name).is_dir() else shutil.copy
+        copy(tiny / "sdxl" / name, directory / "sdxl" / name)
+    torch.manual_seed(0)
+    unet, te1, te2, vae = sdxl_models()
+    for model, folder in ((unet, "unet"), (te1, "text_encoder"), (te2, "text_encoder_2"), (vae, "vae")):
+        model.save_pretrained(directory / "sdxl" / folder, max_shard_size="2GB")  # small shards: less peak memory
+    vae.register_to_config(force_upcast=False)
+    vae.save_pretrained(directory / "sdxl-vae-fp16-fix")
+    shutil.rmtree(tiny)
+    (directory / "complete").touch()
+
+
+def script(real_dir: Path, steps: int) -> None:
+    print("train_sdxl_lokr.py on a random real-size SDXL from disk, cached encodings, 256 px, batch 1, LoKr r8")
+    save_real_sdxl(real_dir)
+    floor = memory_script_floor(real_dir)
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--script", "sdxl", "--assets", str(real_dir),
+        "--cached", "--resolution", "256", "--batch_size", "1", "--steps", str(steps), "--warmup", "2",
+        "--frozen_floor", "--no_comparison",
+    ]  # fmt: skip
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    print(out[out.index("== ") :].rstrip())
+    training = float(re.search(r"peak RSS, training\s+([\d.]+) MiB", out).group(1)) / 1024
+    print(
+        f"peak RSS from the loaded models on: script {training:.2f} GiB | a fresh process loading the same "
+        f"components + frozen UNet fwd+bwd {floor:.2f} GiB ({training / floor:.2f}x)",
+        flush=True,
+    )
+
+
+def memory_script_floor(real_dir: Path) -> float:
+    command = [sys.executable, __file__, "--memory_variant", "script-floor", "--real_dir", str(real_dir)]
+    return float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
+
+
+def script_floor_one(real_dir: Path) -> None:
+    """Load the SDXL components as train_sdxl_lokr.py does, then the frozen UNet's fwd+bwd (peak RSS, GiB)."""
+    from difftune import sdxl
+
+    sd = sdxl.load_sdxl(str(real_dir / "sdxl"), str(real_dir / "sdxl-vae-fp16-fix"))
+    for model in (sd.unet, sd.text_encoder_one, sd.text_encoder_two, sd.vae):
+        model.requires_grad_(False)
+    Path("/proc/self/clear_refs").write_text("5")
+    for _ in range(2):
+        args, kwargs = unet_inputs()
+        sd.unet(*args, **kwargs).sample.square().mean().backward()
+    print(peak_rss_gib())
+
+
+def rss_gib() -> float:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
+    return int(line.split()[1]) / 2**20
+
+
 def memory_one(variant: str) -> None:
     model, inputs = (real_prior(), prior_inputs) if variant in PRIOR_VARIANTS else (real_unet(), unet_inputs)
     # Building the model peaks above what training holds: count from the built model on (Linux resets VmHWM).
     Path("/proc/self/clear_refs").write_text("5")
+    built = rss_gib()
     step(model, variant.removeprefix("prior-"), inputs)
-    print(peak_rss_gib())
+    print(built, peak_rss_gib())
+
+
+def estimated_activations(variant: str) -> float | None:
+    """benchmarks/memory_estimate.py's saved bytes for this variant at the measured setting (fp32, 256 px,
+    batch 1), in GiB; None for peft's LoKr path, which the estimator does not model."""
+    from memory_estimate import GIB, sdxl, wuerstchen
+
+    if variant in PRIOR_VARIANTS:
+        estimate = wuerstchen(256, 1, torch.float32, adapter=variant == "prior-lora")
+    elif variant == "peft":
+        return None
+    else:
+        estimate = sdxl(256, torch.float32, adapter=variant == "factored")
+    return estimate["activations"] / GIB
 
 
 def memory(variants=VARIANTS) -> None:
-    print("peak RSS of one fwd+bwd, counted from the built model (a fresh process per variant)")
+    print("peak RSS of one fwd+bwd, counted from the built model (a fresh process per variant); growth: the peak")
+    print("above the built model's RSS, beside memory_estimate.py's saved activations for the same setting")
     peaks = {}
     for variant in variants:
         command = [sys.executable, __file__, "--memory_variant", variant]
-        peaks[variant] = float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
+        built, peaks[variant] = map(
+            float, subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-2:]
+        )
         ratio = peaks[variant] / peaks[variants[0]]
-        print(f"  {variant:<11} {peaks[variant]:6.2f} GiB ({ratio:4.2f}x)", flush=True)
+        estimate = estimated_activations(variant)
+        estimated = "" if estimate is None else f", estimated {estimate:5.2f} GiB"
+        growth = peaks[variant] - built
+        print(
+            f"  {variant:<11} {peaks[variant]:6.2f} GiB ({ratio:4.2f}x)  growth {growth:5.2f} GiB{estimated}",
+            flush=True,
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["layers", "unet", "memory", "wuerstchen"], default=None)
+    parser.add_argument("--only", choices=["layers", "unet", "memory", "wuerstchen", "script"], default=None)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--memory_variant", choices=VARIANTS + PRIOR_VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--script_steps", type=int, default=10, help="--only script: steps (2 of them warm-up).")
+    parser.add_argument(
+        "--real_dir", type=Path, default=ROOT / "work_dirs" / "real-size-sdxl", help="Where the real-size SDXL is kept."
+    )
+    parser.add_argument(
+        "--memory_variant", choices=(*VARIANTS, *PRIOR_VARIANTS, "script-floor"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
+    if args.memory_variant == "script-floor":
+        return script_floor_one(args.real_dir)
     if args.memory_variant:
         return memory_one(args.memory_variant)
     print(f"torch threads: {torch.get_num_threads()}")
@@ -193,6 +302,8 @@ def main() -> None:
         unet(max(1, args.repeats // 2))
     if args.only in (None, "wuerstchen"):
         wuerstchen(max(1, args.repeats // 2))
+    if args.only in (None, "script"):
+        script(args.real_dir, args.script_steps)
 
 
 if __name__ == "__main__":

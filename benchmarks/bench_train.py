@@ -10,6 +10,9 @@ and optimizer; peak RSS (and peak CUDA memory on a GPU); and step time / floor, 
 a bare forward + backward of the adapted UNet (or prior) on the same inputs, measured right before
 each step (and taken out of that step's time) so that both see the same machine load. It also
 times that forward + backward with a LoKr adapter, a LoRA adapter and no adapter (full fine-tuning).
+With --frozen_floor, each step is also paired with a forward + backward of the frozen denoiser (adapters
+off, its noisy input requiring grad): the cost of training no adapter at all. --no_comparison skips the
+adapter copies (at real size they do not fit). Peak RSS is also given from the loaded models on (Linux).
 Runs with --gradient_accumulation_steps 1 (the paired floor clears gradients).
 """
 
@@ -38,6 +41,8 @@ def parse() -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--cached", action="store_true", help="Cache the image and text encodings first.")
     parser.add_argument("--assets", type=Path, default=None, help="Tiny assets dir (default: built in a temp dir).")
+    parser.add_argument("--frozen_floor", action="store_true", help="Also pair each step with the frozen denoiser.")
+    parser.add_argument("--no_comparison", action="store_true", help="Skip the LoKr / LoRA / full comparison.")
     args, extra = parser.parse_known_args()
     return args, [a for a in extra if a != "--"]
 
@@ -85,6 +90,37 @@ def time_forward_backward(model, inputs: tuple, kwargs: dict, repeats: int, warm
     return statistics.median(once() for _ in range(repeats))
 
 
+def time_frozen_forward_backward(model, inputs: tuple, kwargs: dict) -> float:
+    """Seconds of one forward + backward of the denoiser with its adapters off and its noisy input requiring
+    grad (what the backward through a frozen model costs: the floor of any adapter)."""
+    import torch
+
+    noisy = inputs[0].detach().clone().requires_grad_(True)
+    start = time.perf_counter()
+    with model.disable_adapter():
+        out = model(noisy, *inputs[1:], **kwargs)
+        out = out.sample if hasattr(out, "sample") else out
+        out.float().pow(2).mean().backward()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def reset_peak_rss() -> bool:
+    """Restart the process's peak RSS count from now (Linux); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_mib() -> float:
+    """Peak RSS since the last reset_peak_rss() (Linux VmHWM), in MiB."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
 def adapter_comparison(base_model, inputs: tuple, kwargs: dict, repeats: int) -> dict[str, float]:
     """Forward + backward of a fresh copy of the denoiser with LoKr, LoRA, or no adapter (all weights trained)."""
     import copy
@@ -124,7 +160,7 @@ def main() -> None:
         subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_assets.py"), str(assets)], check=True)
     module = __import__("train_sdxl_lokr" if args.script == "sdxl" else "train_wuerstchen_lora")
     denoiser = "unet" if args.script == "sdxl" else "prior"
-    captured: dict = {"floors": []}
+    captured: dict = {"floors": [], "frozen": []}
     real_train = training.train
 
     def spy(accelerator, run_args, **kwargs):
@@ -139,16 +175,23 @@ def main() -> None:
                 k: ({n: v.detach() for n, v in v.items()} if isinstance(v, dict) else v) for k, v in kw.items()
             }
 
-        def paired(batch, models):
+        def paired(batch, models, **loss_kwargs):
             if "inputs" in captured:
                 start = time.perf_counter()
                 floor = time_forward_backward(model, captured["inputs"], captured["kwargs"], 1, 0)
+                if args.frozen_floor:
+                    frozen = time_frozen_forward_backward(model, captured["inputs"], captured["kwargs"])
+                    captured["frozen"].append(frozen)
+                    model.zero_grad(set_to_none=False)
                 # (floor, all the time the measurement took, gradient clearing included)
                 captured["floors"].append((floor, time.perf_counter() - start))
-            return compute_loss(batch, models)
+            return compute_loss(batch, models, **loss_kwargs)
 
         hook = model.register_forward_pre_hook(keep_inputs, with_kwargs=True)
+        captured["rss_at_start"] = peak_rss_mib()
+        captured["rss_reset"] = reset_peak_rss()  # the models are loaded and the caches built
         result = real_train(accelerator, run_args, **{**kwargs, "compute_loss": paired})
+        captured["rss_training"] = peak_rss_mib()
         hook.remove()
         captured["model"], captured["result"] = model, result
         return result
@@ -179,9 +222,19 @@ def main() -> None:
     print(f"floor: fwd+bwd {denoiser:<8} {floor * 1e3:.1f} ms")
     print(f"step time / floor       {ratio:.3f}   (median of per-step ratios, each step against its own floor)")
     print(f"data wait share         {100 * mean['data'] / mean['total']:.2f} %")
+    if args.frozen_floor:
+        frozen = statistics.median(captured["frozen"][args.warmup :])
+        ratios = [s["total"] / f for s, f in zip(steps, captured["frozen"][args.warmup :], strict=True)]
+        print(f"frozen {denoiser} fwd+bwd    {frozen * 1e3:.1f} ms")
+        print(f"step time / frozen      {statistics.median(ratios):.3f}   (median of per-step ratios)")
     print(f"peak RSS                {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    if captured["rss_reset"]:
+        print(f"peak RSS, training      {captured['rss_training']:.0f} MiB   (from the loaded models on)")
+        print(f"peak RSS, set-up        {captured['rss_at_start']:.0f} MiB   (loading, caching)")
     if torch.cuda.is_available():
         print(f"peak CUDA memory        {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    if args.no_comparison:
+        return
     print(f"\nforward + backward of the {denoiser} on the same inputs:")
     bare = model.unload()  # the denoiser without the trained adapter, for fresh copies
     for name, seconds in adapter_comparison(bare, captured["inputs"], captured["kwargs"], 10).items():

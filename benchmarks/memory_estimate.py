@@ -29,17 +29,13 @@ def count(model: nn.Module) -> int:
 
 def saved_activation_bytes(model: nn.Module, run) -> int:
     """Bytes autograd saves for backward during run() (meta tensors; parameters not counted)."""
-    parameters = {id(p) for p in model.parameters()}
-    total = 0
+    return sum(SavedTensors(model, run).per_block.values())
 
-    def pack(tensor):
-        nonlocal total
-        total += saved_bytes(tensor, parameters)
-        return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
-    return total
+def storage_of(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor owning the memory (a view's base): ops save views such as a weight's transpose, or the
+    same input several times (to_q, to_k, to_v), and those cost nothing more."""
+    return tensor if tensor._base is None else tensor._base
 
 
 def is_attention_map(tensor: torch.Tensor) -> bool:
@@ -47,41 +43,48 @@ def is_attention_map(tensor: torch.Tensor) -> bool:
     return tensor.dim() >= 3 and tensor.shape[-1] == tensor.shape[-2] and tensor.shape[-1] >= 256
 
 
-def saved_bytes(tensor: torch.Tensor, parameters: set[int]) -> int:
-    if id(tensor) in parameters or is_attention_map(tensor):
-        return 0
-    return tensor.numel() * tensor.element_size()
+class SavedTensors:
+    """The memory autograd keeps for backward during run(): each storage once, parameters' not at all,
+    attributed to the innermost of `blocks` running when it was first saved (-1: outside them)."""
+
+    def __init__(self, model: nn.Module, run, blocks: list[nn.Module] = ()) -> None:
+        parameters = {id(p) for p in model.parameters()}
+        self.per_block: dict[int, int] = {}
+        self.block_inputs: dict[int, int] = {}
+        seen: dict[int, torch.Tensor] = {}  # keeps the saved tensors alive, so ids stay unique
+        current = [-1]
+
+        def pack(tensor):
+            base = storage_of(tensor)
+            if id(base) not in parameters and id(base) not in seen and not is_attention_map(tensor):
+                seen[id(base)] = base
+                self.per_block[current[-1]] = self.per_block.get(current[-1], 0) + base.untyped_storage().nbytes()
+            return tensor
+
+        handles = []
+        for i, block in enumerate(blocks):
+
+            def pre(module, args, kwargs, i=i):
+                current.append(i)
+                self.block_inputs[i] = sum(a.numel() * a.element_size() for a in args if torch.is_tensor(a))
+
+            def post(module, args, kwargs, out, i=i):
+                current.pop()
+
+            handles += [
+                block.register_forward_pre_hook(pre, with_kwargs=True),
+                block.register_forward_hook(post, with_kwargs=True),
+            ]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run()
+        for handle in handles:
+            handle.remove()
 
 
 def block_peak(model: nn.Module, blocks: list[nn.Module], run) -> tuple[int, int]:
     """(largest single block's saved bytes, sum of the blocks' input bytes) during one forward."""
-    per_block, block_inputs, current = {}, {}, []
-    parameters = {id(p) for p in model.parameters()}
-
-    def pack(tensor):
-        if current:
-            per_block[current[-1]] = per_block.get(current[-1], 0) + saved_bytes(tensor, parameters)
-        return tensor
-
-    handles = []
-    for i, block in enumerate(blocks):
-
-        def pre(module, args, kwargs, i=i):
-            current.append(i)
-            block_inputs[i] = sum(a.numel() * a.element_size() for a in args if torch.is_tensor(a))
-
-        def post(module, args, kwargs, out, i=i):
-            current.pop()
-
-        handles += [
-            block.register_forward_pre_hook(pre, with_kwargs=True),
-            block.register_forward_hook(post, with_kwargs=True),
-        ]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
-    for handle in handles:
-        handle.remove()
-    return max(per_block.values()), sum(block_inputs.values())
+    saved = SavedTensors(model, run, blocks)
+    return max(v for k, v in saved.per_block.items() if k >= 0), sum(saved.block_inputs.values())
 
 
 def add_adapter(model: nn.Module, kind: str, rank: int) -> tuple[int, nn.Module]:
@@ -152,7 +155,8 @@ def sdxl_models() -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
     return unet, te1, te2, vae
 
 
-def sdxl() -> dict:
+def sdxl(resolution: int = 1024, dtype: torch.dtype = torch.bfloat16, adapter: bool = True) -> dict:
+    """Parameter counts and saved bytes for SDXL LoKr r8 (or the frozen UNet) at batch 1, input requiring grad."""
     from accelerate import init_empty_weights
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
@@ -160,32 +164,36 @@ def sdxl() -> dict:
     with init_empty_weights():
         unet, te1, te2, vae = sdxl_models()
     frozen = count(unet)
-    adapter, peft_unet = add_adapter(unet, "lokr", 8)
+    trained, model = add_adapter(unet, "lokr", 8) if adapter else (0, unet.requires_grad_(False))
     blocks = [m for m in unet.modules() if isinstance(m, (BasicTransformerBlock, ResnetBlock2D))]
+    side = resolution // 8
 
     def run():
-        x = torch.zeros(1, 4, 128, 128, device="meta", dtype=torch.bfloat16)
-        out = peft_unet(
-            x,
-            torch.zeros(1, device="meta", dtype=torch.long),
-            torch.zeros(1, 77, 2048, device="meta", dtype=torch.bfloat16),
-            added_cond_kwargs={
-                "text_embeds": torch.zeros(1, 1280, device="meta", dtype=torch.bfloat16),
-                "time_ids": torch.zeros(1, 6, device="meta", dtype=torch.bfloat16),
-            },
-        ).sample
-        return out
+        def meta(*shape):
+            return torch.zeros(*shape, device="meta", dtype=dtype)
 
-    unet.to(torch.bfloat16)
-    activations = saved_activation_bytes(unet, run)
-    largest, inputs = block_peak(unet, blocks, run)
+        x = meta(1, 4, side, side).requires_grad_(not adapter)
+        embeds = {"text_embeds": meta(1, 1280), "time_ids": meta(1, 6)}
+        return model(x, meta(1).long(), meta(1, 77, 2048), added_cond_kwargs=embeds).sample
+
+    unet.to(dtype)
+    saved = SavedTensors(unet, run, blocks)
     return {
-        "name": "SDXL LoKr r8, 1024 px, batch 1",
+        "name": f"SDXL LoKr r8, {resolution} px, batch 1",
         "denoiser": frozen,
-        "adapter": adapter,
+        "adapter": trained,
         "encoders": count(te1) + count(te2) + count(vae),
-        "activations": activations,
-        "checkpointed": inputs + largest,
+        **totals(saved),
+    }
+
+
+def totals(saved: SavedTensors) -> dict:
+    """Saved bytes without and with gradient checkpointing of the blocks (outside the blocks, every block's
+    input, and the largest block's activations while it is recomputed)."""
+    inside = {k: v for k, v in saved.per_block.items() if k >= 0}
+    return {
+        "activations": sum(saved.per_block.values()),
+        "checkpointed": saved.per_block.get(-1, 0) + sum(saved.block_inputs.values()) + max(inside.values()),
     }
 
 
@@ -202,34 +210,31 @@ def wuerstchen_models() -> tuple[nn.Module, nn.Module, nn.Module]:
     return prior, text, EfficientNetEncoder()
 
 
-def wuerstchen() -> dict:
+def wuerstchen(resolution: int = 768, batch: int = 4, dtype: torch.dtype = torch.bfloat16, adapter: bool = True):
+    """Parameter counts and saved bytes for the Wuerstchen prior with LoRA r8 (or frozen, input requiring grad)."""
     from accelerate import init_empty_weights
     from diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_common import AttnBlock, ResBlock, TimestepBlock
 
     with init_empty_weights():
         prior, text, effnet = wuerstchen_models()
     frozen = count(prior)
-    adapter, peft_prior = add_adapter(prior, "lora", 8)
+    trained, model = add_adapter(prior, "lora", 8) if adapter else (0, prior.requires_grad_(False))
     blocks = [m for m in prior.modules() if isinstance(m, (AttnBlock, ResBlock, TimestepBlock))]
-    prior.to(torch.bfloat16)
-    batch = 4
+    prior.to(dtype)
+    side = resolution // 32  # EfficientNet latents: stride 32
 
     def run():
-        return peft_prior(
-            torch.zeros(batch, 16, 24, 24, device="meta", dtype=torch.bfloat16),
-            torch.zeros(batch, device="meta", dtype=torch.bfloat16),
-            torch.zeros(batch, 77, 1280, device="meta", dtype=torch.bfloat16),
-        )
+        x = torch.zeros(batch, 16, side, side, device="meta", dtype=dtype).requires_grad_(not adapter)
+        r = torch.zeros(batch, device="meta", dtype=dtype)
+        return model(x, r, torch.zeros(batch, 77, 1280, device="meta", dtype=dtype))
 
-    activations = saved_activation_bytes(prior, run)
-    largest, inputs = block_peak(prior, blocks, run)
+    saved = SavedTensors(prior, run, blocks)
     return {
-        "name": f"Wuerstchen prior LoRA r8, 768 px, batch {batch}",
+        "name": f"Wuerstchen prior LoRA r8, {resolution} px, batch {batch}",
         "denoiser": frozen,
-        "adapter": adapter,
+        "adapter": trained,
         "encoders": count(text) + count(effnet),
-        "activations": activations,
-        "checkpointed": inputs + largest,
+        **totals(saved),
     }
 
 
