@@ -75,6 +75,23 @@ def test_factored_lokr_matches_peft(in_features, out_features, layout):
         factored.zero_grad()
 
 
+@pytest.mark.parametrize("layout", ["w1 full, w2 split", "w1 split, w2 split"])
+def test_factored_lokr_under_bf16_autocast_matches_peft(layout):
+    # What --mixed_precision bf16 runs: fp32 adapter weights, the matmuls in bf16. Both paths round
+    # differently, so they agree to bf16's precision (8 bits of mantissa), not to fp32's.
+    reference, factored = peft_pair(640, 640, LAYOUTS[layout])
+    x = torch.randn(2, 16, 640)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, g_ref, _ = run(reference, x, 1)
+        y_fac, g_fac, _ = run(factored, x, 1)
+    assert y_fac.dtype == y_ref.dtype == x.dtype  # peft casts the result back to the input's dtype
+    for name, expected in {"output": y_ref, **g_ref}.items():
+        actual = y_fac if name == "output" else g_fac[name]
+        assert actual.dtype == expected.dtype, name
+        error = (actual.float() - expected.float()).abs().max() / expected.float().abs().max()
+        assert error <= 2e-2, (name, error.item())
+
+
 def test_factored_lokr_eval_merge_and_save_are_peft_s():
     reference, factored = peft_pair(640, 640, LAYOUTS["w1 full, w2 split"])
     x = torch.randn(4, 640)
