@@ -273,12 +273,14 @@ def dataset_from_args(
         *columns,
         args.max_train_samples,
         args.seed,
-    ).select_columns(columns)
+    )
     held_out = None
     if getattr(args, "eval_data_dir", None):
         evaluation = load_captioned_images(None, None, args.eval_data_dir, *columns, None, args.seed, "--eval_data_dir")
         held_out = list(range(len(images), len(images) + len(evaluation)))
-        images = append_rows(images, evaluation.select_columns(columns), f"--eval_data_dir {args.eval_data_dir}")
+        images = append_rows(
+            images.select_columns(columns), evaluation.select_columns(columns), f"--eval_data_dir {args.eval_data_dir}"
+        )
     dataset = CaptionedImageDataset(images, *columns, transform, tokenize, args.resolution, args.seed)
     dataset.empty_prompt_share = getattr(args, "proportion_empty_prompts", 0.0)
     dataset.held_out_indices = held_out
