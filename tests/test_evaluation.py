@@ -10,6 +10,41 @@ from helpers import wuerstchen_args
 
 from difftune import checkpoints, data, evaluation, training
 
+REAL_GETITEM = data.CaptionedImageDataset.__getitem__
+
+
+class ReadSpy:
+    """Record which samples training and the held-out loss read (`indices["train" | "eval"]`), and how many
+    images each decodes (`opened`): wraps the data set's __getitem__, open_image and the loss."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.indices, self.opened, self.phase = {"train": [], "eval": []}, {"train": 0, "eval": 0}, "train"
+        self.dataset = None
+        real_loss, real_open = training.evaluation_loss, data.open_image
+
+        def getitem(dataset, index):
+            self.dataset = dataset
+            self.indices[self.phase].append(index)
+            return REAL_GETITEM(dataset, index)
+
+        def held_out_loss(*args, **kwargs):
+            self.phase = "eval"
+            try:
+                return real_loss(*args, **kwargs)
+            finally:
+                self.phase = "train"
+
+        def open_image(record):
+            self.opened[self.phase] += 1
+            return real_open(record)
+
+        monkeypatch.setattr(data.CaptionedImageDataset, "__getitem__", getitem)
+        monkeypatch.setattr(training, "evaluation_loss", held_out_loss)
+        monkeypatch.setattr(data, "open_image", open_image)
+
+    def path(self, index: int) -> Path:
+        return Path(self.dataset.rows[index]["image"]["path"])
+
 
 def independent_eval_loss(assets: Path, checkpoint: Path, samples: list[dict]) -> float:
     """The held-out loss of a Wuerstchen checkpoint: the prior with the peft adapter, the diffusers prior
@@ -47,24 +82,7 @@ def independent_eval_loss(assets: Path, checkpoint: Path, samples: list[dict]) -
 def test_held_out_loss_never_leaks_and_equals_a_peft_computation(assets, tmp_path, run_main, monkeypatch):
     from safetensors.torch import load_file
 
-    fetched = {"train": [], "eval": []}
-    phase, datasets = ["train"], []
-    real_getitem, real_loss = data.CaptionedImageDataset.__getitem__, training.evaluation_loss
-
-    def getitem(self, index):
-        datasets.append(self)
-        fetched[phase[0]].append(index)
-        return real_getitem(self, index)
-
-    def held_out_loss(*args, **kwargs):
-        phase[0] = "eval"
-        try:
-            return real_loss(*args, **kwargs)
-        finally:
-            phase[0] = "train"
-
-    monkeypatch.setattr(data.CaptionedImageDataset, "__getitem__", getitem)
-    monkeypatch.setattr(training, "evaluation_loss", held_out_loss)
+    reads = ReadSpy(monkeypatch)
     out = tmp_path / "out"
     argv = wuerstchen_args(
         assets, out, "--validation_split", "0.2", "--checkpoints_total_limit", "1", "--lr_scheduler", "constant",
@@ -73,9 +91,9 @@ def test_held_out_loss_never_leaks_and_equals_a_peft_computation(assets, tmp_pat
     assert run_main("train_wuerstchen_lora", argv) == 0
 
     # 20 images: 4 held out and evaluated, never trained on; 12 of the other 16 trained on in 6 steps of 2.
-    held_out = sorted(set(fetched["eval"]))
-    assert len(held_out) == 4 and not set(fetched["train"]) & set(held_out)
-    assert len(set(fetched["train"])) == 12
+    held_out = sorted(set(reads.indices["eval"]))
+    assert len(held_out) == 4 and not set(reads.indices["train"]) & set(held_out)
+    assert len(set(reads.indices["train"])) == 12
 
     # Every checkpoint records its loss, and the model card lists it.
     states = {
@@ -86,9 +104,9 @@ def test_held_out_loss_never_leaks_and_equals_a_peft_computation(assets, tmp_pat
     assert f"| step6 | {states[6]['eval_loss']:.6f} |" in card
 
     # The loss of step6 computed independently, on the held-out samples as the data set reads them in epoch 0.
-    dataset = datasets[0]
+    dataset = reads.dataset
     dataset.set_epoch(0)
-    samples = [real_getitem(dataset, index) for index in held_out]
+    samples = [REAL_GETITEM(dataset, index) for index in held_out]
     expected = independent_eval_loss(assets, out / "step6", samples)
     assert abs(states[6]["eval_loss"] - expected) <= 1e-5 * max(1.0, expected)
     assert load_file(out / "step6" / "prior" / "adapter_model.safetensors")  # the adapter was really loaded
@@ -125,32 +143,7 @@ def split_image_folder(source: Path, root: Path, held: int) -> tuple[Path, Path]
 
 def test_eval_data_dir_is_held_out_cached_and_equals_a_peft_computation(assets, tmp_path, run_main, monkeypatch):
     train_dir, eval_dir = split_image_folder(assets / "data", tmp_path, held=3)
-    fetched, phase, datasets, opened = {"train": [], "eval": []}, ["train"], [], {"train": 0, "eval": 0}
-    real_getitem, real_loss, real_open = (
-        data.CaptionedImageDataset.__getitem__,
-        training.evaluation_loss,
-        data.open_image,
-    )
-
-    def getitem(self, index):
-        datasets.append(self)
-        fetched[phase[0]].append(Path(self.rows[index]["image"]["path"]))
-        return real_getitem(self, index)
-
-    def held_out_loss(*args, **kwargs):
-        phase[0] = "eval"
-        try:
-            return real_loss(*args, **kwargs)
-        finally:
-            phase[0] = "train"
-
-    def open_image(record):
-        opened[phase[0]] += 1
-        return real_open(record)
-
-    monkeypatch.setattr(data.CaptionedImageDataset, "__getitem__", getitem)
-    monkeypatch.setattr(training, "evaluation_loss", held_out_loss)
-    monkeypatch.setattr(data, "open_image", open_image)
+    reads = ReadSpy(monkeypatch)
     out = tmp_path / "out"
     argv = wuerstchen_args(
         assets, out, "--eval_data_dir", eval_dir, "--center_crop", "--cache_image_embeddings",
@@ -160,13 +153,14 @@ def test_eval_data_dir_is_held_out_cached_and_equals_a_peft_computation(assets, 
     assert run_main("train_wuerstchen_lora", argv) == 0
 
     # Evaluated on exactly the folder's images, read from the caches; trained only on the training folder.
-    assert {p.parent for p in fetched["train"]} == {train_dir} and len(fetched["train"]) == 4
-    assert sorted({p.name for p in fetched["eval"]}) == sorted(p.name for p in eval_dir.glob("*.png"))
-    assert {p.parent for p in fetched["eval"]} == {eval_dir} and opened["eval"] == 0
+    paths = {phase: [reads.path(i) for i in indices] for phase, indices in reads.indices.items()}
+    assert {p.parent for p in paths["train"]} == {train_dir} and len(paths["train"]) == 4
+    assert sorted({p.name for p in paths["eval"]}) == sorted(p.name for p in eval_dir.glob("*.png"))
+    assert {p.parent for p in paths["eval"]} == {eval_dir} and reads.opened["eval"] == 0
 
     state = checkpoints.read_json(out / "step2" / checkpoints.STATE_FILE)
-    dataset = datasets[0]
-    held_out = [i for i in range(len(dataset)) if Path(dataset.rows[i]["image"]["path"]).parent == eval_dir]
+    dataset = reads.dataset
+    held_out = [i for i in range(len(dataset)) if reads.path(i).parent == eval_dir]
     samples = [{**dataset.load(index, flip=False), **dataset.tokenize(dataset.caption(index))} for index in held_out]
     expected = independent_eval_loss(assets, out / "step2", samples)
     assert abs(state["eval_loss"] - expected) <= 1e-5 * max(1.0, expected)
