@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import reset_peak_rss, rss_mib
 
 # (in, out, tokens) at 256 px (32x32 latents): self-attention at 640 (16x16) and 1280 (8x8) channels,
 # cross-attention k/v from the 77 text tokens of width 2048, CLIP-L and OpenCLIP-bigG projections at 77 tokens.
@@ -161,12 +162,6 @@ def wuerstchen(repeats: int) -> None:
     report("Wuerstchen prior", interleaved(real_prior(), prior_inputs, repeats, PRIOR_VARIANTS))
 
 
-def peak_rss_gib() -> float:
-    """The process's peak RSS (Linux VmHWM) in GiB."""
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
-    return int(line.split()[1]) / 2**20
-
-
 def save_real_sdxl(directory: Path) -> None:
     """A random real-size SDXL in the Hub layout (sdxl/, sdxl-vae-fp16-fix/), the toy data in data/; tokenizers,
     scheduler and model_index.json come from the tiny assets (the same files as the real repos' in kind)."""
@@ -195,7 +190,7 @@ def save_real_sdxl(directory: Path) -> None:
 def script(real_dir: Path, steps: int) -> None:
     print("train_sdxl_lokr.py on a random real-size SDXL from disk, cached encodings, 256 px, batch 1, LoKr r8")
     save_real_sdxl(real_dir)
-    floor = memory_script_floor(real_dir)
+    (floor,) = measured_in_child("script-floor", "--real_dir", str(real_dir))
     command = [
         sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--script", "sdxl", "--assets", str(real_dir),
         "--cached", "--resolution", "256", "--batch_size", "1", "--steps", str(steps), "--warmup", "2",
@@ -211,11 +206,6 @@ def script(real_dir: Path, steps: int) -> None:
     )
 
 
-def memory_script_floor(real_dir: Path) -> float:
-    command = [sys.executable, __file__, "--memory_variant", "script-floor", "--real_dir", str(real_dir)]
-    return float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
-
-
 def script_floor_one(real_dir: Path) -> None:
     """Load the SDXL components as train_sdxl_lokr.py does, then the frozen UNet's fwd+bwd (peak RSS, GiB)."""
     from difftune import sdxl
@@ -228,25 +218,27 @@ def script_floor_one(real_dir: Path) -> None:
             # script's caching (encoders) and steps (UNet) do, so that both count the same weights.
             for parameter in model.parameters():
                 parameter.sum()
-    Path("/proc/self/clear_refs").write_text("5")
+    reset_peak_rss()
     for _ in range(2):
         args, kwargs = unet_inputs()
         sd.unet(*args, **kwargs).sample.square().mean().backward()
-    print(peak_rss_gib())
-
-
-def rss_gib() -> float:
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
-    return int(line.split()[1]) / 2**20
+    print(rss_mib() / 1024)
 
 
 def memory_one(variant: str) -> None:
     model, inputs = (real_prior(), prior_inputs) if variant in PRIOR_VARIANTS else (real_unet(), unet_inputs)
     # Building the model peaks above what training holds: count from the built model on (Linux resets VmHWM).
-    Path("/proc/self/clear_refs").write_text("5")
-    built = rss_gib()
+    reset_peak_rss()
+    built = rss_mib("VmRSS") / 1024
     step(model, variant.removeprefix("prior-"), inputs)
-    print(built, peak_rss_gib())
+    print(built, rss_mib() / 1024)
+
+
+def measured_in_child(variant: str, *extra: str) -> list[float]:
+    """Run `--memory_variant variant` in a fresh process; the numbers it prints last (GiB)."""
+    command = [sys.executable, __file__, "--memory_variant", variant, *extra]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return [float(x) for x in out.splitlines()[-1].split()]
 
 
 def estimated_activations(variant: str) -> float | None:
@@ -268,10 +260,7 @@ def memory(variants=VARIANTS) -> None:
     print("above the built model's RSS, beside memory_estimate.py's saved activations for the same setting")
     peaks = {}
     for variant in variants:
-        command = [sys.executable, __file__, "--memory_variant", variant]
-        built, peaks[variant] = map(
-            float, subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-2:]
-        )
+        built, peaks[variant] = measured_in_child(variant)
         ratio = peaks[variant] / peaks[variants[0]]
         estimate = estimated_activations(variant)
         estimated = "" if estimate is None else f", estimated {estimate:5.2f} GiB"

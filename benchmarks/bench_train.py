@@ -115,9 +115,9 @@ def reset_peak_rss() -> bool:
     return True
 
 
-def peak_rss_mib() -> float:
-    """Peak RSS since the last reset_peak_rss() (Linux VmHWM), in MiB."""
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+def rss_mib(field: str = "VmHWM") -> float:
+    """The process's peak RSS since the last reset_peak_rss() (VmHWM), or its RSS now (VmRSS), in MiB (Linux)."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(f"{field}:"))
     return int(line.split()[1]) / 1024
 
 
@@ -188,10 +188,10 @@ def main() -> None:
             return compute_loss(batch, models, **loss_kwargs)
 
         hook = model.register_forward_pre_hook(keep_inputs, with_kwargs=True)
-        captured["rss_at_start"] = peak_rss_mib()
+        captured["rss_at_start"] = rss_mib()
         captured["rss_reset"] = reset_peak_rss()  # the models are loaded and the caches built
         result = real_train(accelerator, run_args, **{**kwargs, "compute_loss": paired})
-        captured["rss_training"] = peak_rss_mib()
+        captured["rss_training"] = rss_mib()
         hook.remove()
         captured["model"], captured["result"] = model, result
         return result

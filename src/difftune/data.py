@@ -303,6 +303,10 @@ def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {key: torch.stack([e[key] for e in examples]) for key in examples[0]}
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def make_buckets(
     resolution: int, multiple: int = 64, max_ratio: float = 4.0, min_area: float = 0.75
 ) -> list[tuple[int, int]]:

@@ -11,10 +11,12 @@ Samples are read as in epoch 0 (fixed crops and flips, no caption dropout), adap
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from difftune.data import collate, to_device
 from difftune.errors import UserError
 
 EVAL_TIMESTEPS = 4
@@ -58,20 +60,24 @@ def evaluation_loss(
 ) -> float:
     """The mean held-out loss of the adapters as they are now (see the module docstring); `dataset` is the
     training data's evaluation_view()."""
-    from difftune.data import collate
-
-    for model in adapters.values():
-        model.eval()
-    try:
-        total = 0.0
+    total = 0.0
+    with eval_mode(adapters):
         for j, index in enumerate(indices):
-            batch = collate([dataset[index]])
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = to_device(collate([dataset[index]]), device)
             for k, fraction in enumerate(timestep_fractions()):
                 torch.manual_seed(seed + j * EVAL_TIMESTEPS + k)
                 fractions = torch.tensor([fraction], device=device)
                 total += compute_loss(batch, adapters, fractions=fractions).float().item()
-        return total / (len(indices) * EVAL_TIMESTEPS)
+    return total / (len(indices) * EVAL_TIMESTEPS)
+
+
+@contextmanager
+def eval_mode(adapters: dict[str, nn.Module]):
+    """The adapters in eval mode (no dropout) for a while, then back in training mode."""
+    for model in adapters.values():
+        model.eval()
+    try:
+        yield
     finally:
         for model in adapters.values():
             model.train()

@@ -54,7 +54,7 @@ def write_model_card(
 
 
 def evaluation_table(output_dir: Path) -> list[str]:
-    """The held-out loss of each checkpoint (--validation_split), as Markdown lines; none without it."""
+    """The held-out loss of each checkpoint (--validation_split, --eval_data_dir), as Markdown lines; none without."""
     rows = []
     for _, path in list_checkpoints(output_dir):
         state = read_json(path / STATE_FILE)

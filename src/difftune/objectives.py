@@ -164,7 +164,7 @@ class Objective:
         return Draw(objective, noise, timesteps, objective.noisy_input(x0, noise, timesteps))
 
     def at_fractions(self, fractions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Timesteps at fractions of the schedule (the held-out loss's fixed spread)."""
+        """Timesteps at fractions of the schedule (the held-out loss's fixed spread, cubic sampling)."""
         if self.continuous:
             return fractions.to(dtype)
         return (fractions * self.num_timesteps).long().clamp(0, self.num_timesteps - 1)
@@ -189,10 +189,7 @@ class Objective:
                 return index
             return (index + torch.rand(batch_size, device=device)).div(self.num_timesteps).to(dtype)
         if self.args.timestep_sampling == "cubic":
-            u = torch.rand(batch_size, device=device)
-            if self.continuous:
-                return (1 - u**3).to(dtype)
-            return ((1 - u**3) * self.num_timesteps).long().clamp(0, self.num_timesteps - 1)
+            return self.at_fractions(1 - torch.rand(batch_size, device=device) ** 3, dtype)
         if self.continuous:
             return torch.rand(batch_size, device=device, dtype=dtype)
         return torch.randint(0, self.num_timesteps, (batch_size,), device=device)

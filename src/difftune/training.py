@@ -28,10 +28,10 @@ from torch import nn
 from difftune import adapters as adapter_io
 from difftune import checkpoints, deepspeed_zero
 from difftune.args import DTYPES
-from difftune.data import EpochBatchSampler, collate, num_update_steps_per_epoch
+from difftune.data import EpochBatchSampler, collate, num_update_steps_per_epoch, to_device
 from difftune.ema import make_ema
 from difftune.errors import UserError
-from difftune.evaluation import evaluation_loss, held_out_split
+from difftune.evaluation import eval_mode, evaluation_loss, held_out_split
 from difftune.updates import check_distributed_optimizer, make_update
 
 logger = logging.getLogger("difftune")
@@ -175,10 +175,6 @@ def on_device(modules: list[nn.Module], device: torch.device):
 def micro_batch_seed(seed: int, step: int, micro_batch: int, process_index: int) -> int:
     digest = hashlib.sha256(f"{seed}:{step}:{micro_batch}:{process_index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 PHASES = ("data", "forward", "backward", "optimizer")
@@ -515,16 +511,13 @@ class TrainingRun:
         if accelerator.is_main_process:
             self.evaluate(step)
             if self.validate is not None and self.args.validation_prompt:
-                for model in self.adapters.values():
-                    model.eval()
-                if self.ema is None:
-                    self.validate(step, self.adapters)
-                else:
-                    logger.info("validation images at step %d use the EMA weights", step)
-                    with self.ema.applied():
+                with eval_mode(self.adapters):
+                    if self.ema is None:
                         self.validate(step, self.adapters)
-                for model in self.adapters.values():
-                    model.train()
+                    else:
+                        logger.info("validation images at step %d use the EMA weights", step)
+                        with self.ema.applied():
+                            self.validate(step, self.adapters)
         accelerator.wait_for_everyone()
 
     def write_checkpoint(self, step: int) -> Path:

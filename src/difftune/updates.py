@@ -55,8 +55,12 @@ def flatten_param_groups(param_groups: list[dict]) -> list[dict]:
 
 def build_optimizer(args: argparse.Namespace, param_groups: list[dict]) -> torch.optim.Optimizer:
     """The --optimizer over the adapter parameters."""
-    adam = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
-    adam["weight_decay"] = args.adam_weight_decay
+    adam = {
+        "lr": args.learning_rate,
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "eps": args.adam_epsilon,
+        "weight_decay": args.adam_weight_decay,
+    }
     if args.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
