@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from difftune import export, wuerstchen
+from difftune import export, integrity, wuerstchen
 from difftune.args import DTYPES, ErrorOnlyParser
 from difftune.checkpoints import ARGS_FILE, read_json
 from difftune.ema import adapter_dir
@@ -79,6 +79,7 @@ def export_wuerstchen_diffusers(args: argparse.Namespace) -> tuple[dict, dict[st
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     family = checkpoint_family(args.checkpoint)
+    integrity.check_checkpoint(args.checkpoint, "--checkpoint")
     if args.out.suffix != ".safetensors":
         raise UserError(f"--out {args.out} must end in .safetensors")
     if (family, args.format) == ("sdxl", "kohya"):

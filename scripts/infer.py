@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from difftune import inference
+from difftune import inference, integrity
 from difftune.args import DTYPES, ErrorOnlyParser
 from difftune.checkpoints import ARGS_FILE, read_json
 from difftune.ema import adapter_dir
@@ -136,6 +136,7 @@ def save_grid(rows: list[list[Image.Image]], path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     family = inference.checkpoint_family(args.checkpoint)
+    integrity.check_checkpoint(args.checkpoint, "--checkpoint")
     if not (args.checkpoint / ARGS_FILE).is_file():
         raise UserError(f"--checkpoint {args.checkpoint} has no {ARGS_FILE}: was it written by difftune?")
     run = read_json(args.checkpoint / ARGS_FILE)

@@ -69,6 +69,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    objectives.check_timestep_range(
+        args, lambda: sdxl.num_train_timesteps(args.pretrained_model_name_or_path, args.revision)
+    )
     accelerator = training.setup_run(args)
     device, dtype = accelerator.device, training.weight_dtype(accelerator)
 

@@ -139,6 +139,12 @@ def build_pipeline(
     return StableDiffusionXLPipeline(**parts)
 
 
+def num_train_timesteps(path: str, revision: str | None = None) -> int:
+    """The length of the training noise schedule, from the repo's scheduler config (no model loaded)."""
+    config_path = fetch_file(path, "scheduler/scheduler_config.json", revision, "--pretrained_model_name_or_path")
+    return json.loads(config_path.read_text()).get("num_train_timesteps", 1000)
+
+
 def inference_scheduler(path: str, revision: str | None = None):
     """The scheduler class and config the repo ships for sampling (EulerDiscrete for SDXL base)."""
     import diffusers
