@@ -3,6 +3,7 @@
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
@@ -63,8 +64,9 @@ def test_latest_skips_a_damaged_checkpoint_and_resumes_exactly(reference, assets
     bad = out / "step4" / "unet" / "adapter_model.safetensors"
     truncate(bad)
     argv = sdxl_args(assets, out, *RESUME_FLAGS, "--resume_from_checkpoint", "latest", steps=6)
+    caplog.set_level(logging.INFO, logger="difftune")
     assert run_main("train_sdxl_lokr", argv) == 0
-    warnings = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and f"skipping damaged checkpoint {out / 'step4'}" in warnings[0]
     assert str(bad) in warnings[0] and "bytes" in warnings[0]
     assert any(f"resumed from {out / 'step2'} at step 2" in r.getMessage() for r in caplog.records)
@@ -192,7 +194,7 @@ def test_a_damaged_cache_shard_is_rebuilt(tmp_path, caplog, damage):
     calls.clear()
     build_cache(path, calls)
     assert calls == [44]  # shard 1 (samples 256..299) only, encoded again
-    (warning,) = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert f"cache {path} is damaged ({shard}" in warning and "rebuilding it" in warning
     read_all(path)
     calls.clear()

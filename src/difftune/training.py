@@ -407,7 +407,7 @@ class TrainingRun:
         gc.collect()
         gc.freeze()
         epoch, step_in_epoch = divmod(self.global_step, self.steps_per_epoch)
-        with StopRequest() as stop:
+        with StopRequest() as stop, progress:  # an error closes the bar first: its message gets a line
             while self.global_step < self.max_steps and not stopped_by:
                 self.sampler.set_epoch(epoch, start=step_in_epoch * self.accum)
                 if hasattr(self.dataset, "set_epoch"):
