@@ -46,12 +46,12 @@ def test_checkpoint_manifest_lists_every_file_with_size_and_checksum(reference):
     on_disk = sorted(p.relative_to(step).as_posix() for p in step.rglob("*") if p.is_file())
     assert sorted(manifest) == [name for name in on_disk if name != integrity.MANIFEST]
     assert {"unet/adapter_model.safetensors", checkpoints.OPTIMIZER_FILE, checkpoints.STATE_FILE} <= set(manifest)
-    import hashlib
+    import xxhash
 
     weights = (step / "unet/adapter_model.safetensors").read_bytes()
     assert manifest["unet/adapter_model.safetensors"] == {
         "size": len(weights),
-        "sha256": hashlib.sha256(weights).hexdigest(),
+        "xxh3_128": xxhash.xxh3_128(weights).hexdigest(),
     }
 
 
@@ -158,6 +158,22 @@ def test_disk_full_while_caching_stops_with_one_line(assets, tmp_path, run_main,
         "the shards written before it are kept; free space and resume with --resume_from_checkpoint latest"
     )
     assert [p.name for p in folder.iterdir()] == [runlock.BUILD_LOCK]  # no partial shard, not marked complete
+
+
+def test_training_rebuilds_a_damaged_text_cache(assets, tmp_path, run_main, caplog):
+    from safetensors.torch import load_file
+
+    common = ("--center_crop", "--cache_text_embeddings", "--cache_dir", tmp_path / "cache")
+    assert run_main("train_sdxl_lokr", sdxl_args(assets, tmp_path / "a", *common, steps=1)) == 0
+    (shard,) = (tmp_path / "cache").glob("*/shard-*.safetensors")
+    built = load_file(shard)
+    flip_byte(shard, offset=-2)  # the sign and exponent of the last float: a wrong embedding, not a crash
+    damaged = load_file(shard)
+    assert any(not torch.equal(damaged[k], built[k]) for k in built)
+    assert run_main("train_sdxl_lokr", sdxl_args(assets, tmp_path / "b", *common, steps=1)) == 0
+    assert any(f"cache {shard.parent} is damaged" in r.getMessage() for r in caplog.records)
+    rebuilt = load_file(shard)
+    assert all(torch.equal(rebuilt[k], built[k]) for k in built)
 
 
 class OneProcess:

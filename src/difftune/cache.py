@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 SHARD_SIZE = 256
 COMPLETE = "complete.json"
-SHARDS = "shards"  # in complete.json: shard file -> size and sha256
+SHARDS = "shards"  # in complete.json: shard file -> size and checksum
 
 
 def cache_path(cache_dir: Path, kind: str, fields: dict) -> Path:
