@@ -54,6 +54,10 @@ def hold_output_dir(output_dir: Path) -> None:
             f"--output_dir {output_dir} is in use by another run ({holder}): "
             "wait for it to finish, stop it, or pick another --output_dir"
         ) from None
+    except OSError as error:  # a file system without flock (Lustre mounted noflock, some FUSE ones)
+        os.close(descriptor)
+        logger.warning("cannot lock %s (%s): a second run on this folder will not be detected", output_dir, error)
+        return
     _sign(descriptor)
     _held[output_dir] = descriptor
 
@@ -75,10 +79,13 @@ def building(path: Path, enabled: bool = True):
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _sign(descriptor)
         except BlockingIOError:
             logger.warning("%s is being built by another run (%s): waiting for it", path, _holder(descriptor))
             fcntl.flock(descriptor, fcntl.LOCK_EX)
-        _sign(descriptor)
+            _sign(descriptor)
+        except OSError as error:  # no flock on this file system: build without the lock
+            logger.warning("cannot lock %s (%s): two runs may build it at once", path, error)
         yield
     finally:
         os.close(descriptor)
