@@ -166,7 +166,7 @@ def test_training_rebuilds_a_damaged_text_cache(assets, tmp_path, run_main, capl
     common = ("--center_crop", "--cache_text_embeddings", "--cache_dir", tmp_path / "cache")
     assert run_main("train_sdxl_lokr", sdxl_args(assets, tmp_path / "a", *common, steps=1)) == 0
     (shard,) = (tmp_path / "cache").glob("*/shard-*.safetensors")
-    built = load_file(shard)
+    built = {k: v.clone() for k, v in load_file(shard).items()}  # not a view of the file's map
     flip_byte(shard, offset=-2)  # the sign and exponent of the last float: a wrong embedding, not a crash
     damaged = load_file(shard)
     assert any(not torch.equal(damaged[k], built[k]) for k in built)
@@ -284,6 +284,17 @@ def test_the_lock_names_the_holder_and_is_released(tmp_path):
         runlock.release_all()
     with open(tmp_path / runlock.RUN_LOCK) as handle:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_file_system_without_flock_warns_and_goes_on(tmp_path, monkeypatch, caplog):
+    def unsupported(descriptor, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    runlock.hold_output_dir(tmp_path)
+    runlock.release_all()
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warning.startswith(f"cannot lock {tmp_path} (") and "will not be detected" in warning
 
 
 def test_timestep_bias_end_beyond_the_schedule_stops_before_models_load(
