@@ -53,9 +53,6 @@ def setup_run(args: argparse.Namespace):
         except ImportError:
             raise UserError("--report_to wandb needs wandb: pip install wandb (or use tensorboard)") from None
     output_dir = Path(args.output_dir)
-    if os.environ.get("RANK", "0") == "0":  # the main process, before anything reads or tidies the folder
-        runlock.hold_output_dir(output_dir)
-    checkpoints.check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     # SDXL conditions on the penultimate hidden states, so a text encoder's last layer gets no
     # gradient: DDP must be told that some adapter weights may go unused.
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=bool(getattr(args, "train_text_encoder", False)))]
@@ -63,6 +60,9 @@ def setup_run(args: argparse.Namespace):
     if deepspeed_zero.requested():
         deepspeed_zero.check_installed()
         handlers += deepspeed_zero.process_group_kwargs()
+    if os.environ.get("RANK", "0") == "0":  # the main process, before it reads or tidies the folder
+        runlock.hold_output_dir(output_dir)
+    checkpoints.check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     accelerator = Accelerator(
         mixed_precision=precision,
         kwargs_handlers=handlers,
