@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -34,6 +35,8 @@ def load_sdxl(
     read_model_index(path, revision, "--pretrained_model_name_or_path", SDXL_PIPELINE)
     if vae_path is None:
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant)
+    elif (Path(vae_path) / "vae" / "config.json").is_file():  # a pipeline folder: its VAE
+        vae = AutoencoderKL.from_pretrained(vae_path, subfolder="vae")
     else:
         fetch_file(vae_path, "config.json", None, "--pretrained_vae_model_name_or_path")
         vae = AutoencoderKL.from_pretrained(vae_path)
