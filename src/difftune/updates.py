@@ -108,9 +108,10 @@ class OptimizerLayout:
                 param_groups.append({**group_settings, "params": [index]})
                 index += 1
                 continue
-            for name, shape in members:
+            for offset, (name, shape) in enumerate(members):
                 if by_name[name]:
-                    state[index] = {k: v.view(shape) if is_elementwise(v) else v for k, v in by_name[name].items()}
+                    values = by_name[name].items()
+                    state[index + offset] = {k: v.view(shape) if is_elementwise(v) else v for k, v in values}
             param_groups.append({**group_settings, "params": list(range(index, index + len(members)))})
             index += len(members)
         return {"state": state, "param_groups": param_groups}
