@@ -18,7 +18,7 @@ import torch
 from difftune import adapters, data, objectives, training, validation, wuerstchen
 from difftune import args as cli
 from difftune.errors import run_cli
-from difftune.modelcard import write_model_card
+from difftune.modelcard import literal, write_model_card
 
 PROJECT = "wuerstchen-prior-lora"
 LOADING = """
@@ -31,7 +31,7 @@ from diffusers import DDPMWuerstchenScheduler, WuerstchenCombinedPipeline
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
 from transformers import AutoTokenizer, CLIPTextModel
 
-prior_repo, decoder_repo, checkpoint = "{prior}", "{decoder}", "{checkpoint}"
+prior_repo, decoder_repo, checkpoint = {prior}, {decoder}, {checkpoint}
 pipe = WuerstchenCombinedPipeline(
     prior_prior=WuerstchenPrior.from_pretrained(prior_repo, subfolder="prior"),
     prior_text_encoder=CLIPTextModel.from_pretrained(prior_repo, subfolder="text_encoder"),
@@ -64,7 +64,7 @@ Then:
 ```python
 from diffusers.pipelines.deprecated.wuerstchen import DEFAULT_STAGE_C_TIMESTEPS
 
-image = pipe("{prompt}", prior_timesteps=DEFAULT_STAGE_C_TIMESTEPS, height=1024, width=1024).images[0]
+image = pipe({prompt}, prior_timesteps=DEFAULT_STAGE_C_TIMESTEPS, height=1024, width=1024).images[0]
 ```
 """
 TE_PEFT = """pipe.prior_pipe.text_encoder = PeftModel.from_pretrained(
@@ -90,6 +90,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     adapters.add_lora_args(parser)
     objectives.add_objective_args(parser)
     return cli.parse(parser, argv, image_cache_flag="cache_image_embeddings")
+
+
+def write_card(args: argparse.Namespace, checkpoint: Path) -> Path:
+    """The run's README.md; its snippets load `checkpoint` as written (values pasted as Python literals)."""
+    prior, decoder = args.pretrained_prior_model_name_or_path, args.pretrained_decoder_model_name_or_path
+    loading = LOADING.format(
+        prior=literal(prior),
+        decoder=literal(decoder),
+        checkpoint=literal(checkpoint),
+        te_and=" and text encoder" if args.train_text_encoder else "",
+        te_peft=TE_PEFT.format(checkpoint="{checkpoint}") if args.train_text_encoder else "",
+        prompt=literal((args.validation_prompt or ["a photo"])[0]),
+    )
+    return write_model_card(
+        args.output_dir,
+        args,
+        title="Wuerstchen prior LoRA adapter",
+        base_models=[prior, decoder],
+        adapter="LoRA",
+        loading=loading,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -170,22 +191,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )  # fmt: skip
 
     if accelerator.is_main_process:
-        loading = LOADING.format(
-            prior=base,
-            decoder=args.pretrained_decoder_model_name_or_path,
-            checkpoint=result.final_checkpoint,
-            te_and=" and text encoder" if args.train_text_encoder else "",
-            te_peft=TE_PEFT.format(checkpoint="{checkpoint}") if args.train_text_encoder else "",
-            prompt=(args.validation_prompt or ["a photo"])[0],
-        )
-        write_model_card(
-            args.output_dir,
-            args,
-            title="Wuerstchen prior LoRA adapter",
-            base_models=[base, args.pretrained_decoder_model_name_or_path],
-            adapter="LoRA",
-            loading=loading,
-        )
+        write_card(args, result.final_checkpoint)
         print(f"done: {result.global_step} steps, final checkpoint {result.final_checkpoint}")
 
 
