@@ -442,8 +442,8 @@ def test_infer_bad_checkpoint(run_main, capsys, tmp_path, argv, message):
     assert message in capsys.readouterr().err
 
 
-# A prompt a user may well type: quotes of both kinds and a backslash must reach the pipeline unchanged.
-AWKWARD_PROMPT = 'a "red" circle, it\'s \\ not blue'
+# A prompt a user may type: quotes of both kinds and a backslash (before an "n": pasted raw, a newline).
+AWKWARD_PROMPT = 'a "red" circle, it\'s \\not blue'
 
 
 def run_card_snippets(card: str, prompt: str, cpu_swaps: dict[str, str]) -> list[dict]:
