@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from difftune.errors import run_cli
 from difftune.modelcard import literal, write_model_card
 
 PROJECT = "wuerstchen-prior-lora"
+logger = logging.getLogger("difftune")
 LOADING = """
 Wuerstchen lives in diffusers' deprecated corner: `from_pretrained` on the Hub repos fails in
 diffusers 0.42 ("wuerstchen is not one of the libraries..."), so load each part by subfolder:
@@ -168,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     def validate(step: int, peft_models: dict) -> None:
         from diffusers.pipelines.deprecated.wuerstchen import DEFAULT_STAGE_C_TIMESTEPS
 
-        if not decoder_parts:
+        first = not decoder_parts
+        if first:
             decoder_parts.update(wuerstchen.load_decoder(args.pretrained_decoder_model_name_or_path, args.revision))
             for part in decoder_parts.values():
                 if isinstance(part, torch.nn.Module):
@@ -178,11 +181,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.train_text_encoder:
             adapted.text_encoder = peft_models["text_encoder"].get_base_model()
         pipe = wuerstchen.build_combined_pipeline(adapted, decoder_parts)
-        with training.on_device(idle, device):
+        size = wuerstchen.decodable_size(pipe, args.resolution)
+        if first and size != args.resolution:
+            logger.warning(
+                "validation images are %dx%d: the Wuerstchen decoder cannot generate %dx%d", size, size,
+                args.resolution, args.resolution,
+            )  # fmt: skip
+        # The decoder, its text encoder and the VQGAN are on the device only while they generate.
+        decoder_modules = [part for part in decoder_parts.values() if isinstance(part, torch.nn.Module)]
+        with training.on_device(idle + decoder_modules, device):
             validation.run_validation(
                 accelerator, args, pipe, step, dtype,
                 prior_timesteps=DEFAULT_STAGE_C_TIMESTEPS, num_inference_steps=args.validation_inference_steps,
-                height=args.resolution, width=args.resolution,
+                height=size, width=size,
             )  # fmt: skip
 
     result = training.train(
