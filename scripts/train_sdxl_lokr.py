@@ -91,9 +91,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     device, dtype = accelerator.device, training.weight_dtype(accelerator)
 
     # Models: frozen in the weight dtype; the VAE in fp32 unless it is made for fp16 (force_upcast off).
-    vae_path = (
-        None if args.pretrained_vae_model_name_or_path.lower() == "none" else args.pretrained_vae_model_name_or_path
-    )
+    vae_path = sdxl.vae_location(args.pretrained_vae_model_name_or_path)
+    args.pretrained_vae_model_name_or_path = vae_path or "none"  # recorded as loaded (infer.py, the card)
     sd = sdxl.load_sdxl(args.pretrained_model_name_or_path, vae_path, args.revision, args.variant)
     if args.prediction_type is not None:
         sd.noise_scheduler.register_to_config(prediction_type=args.prediction_type)

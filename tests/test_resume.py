@@ -216,6 +216,8 @@ def test_a_pipeline_folder_as_vae_uses_its_vae(assets, tmp_path, run_main):
     argv = sdxl_args(assets, tmp_path / "out", steps=1)
     argv[argv.index("--pretrained_vae_model_name_or_path") + 1] = str(assets / "sdxl")
     assert run_main("train_sdxl_lokr", argv) == 0
+    recorded = json.loads((tmp_path / "out" / "step1" / checkpoints.ARGS_FILE).read_text())
+    assert recorded["pretrained_vae_model_name_or_path"] == str(assets / "sdxl" / "vae")  # infer.py loads that
 
 
 @pytest.mark.slow

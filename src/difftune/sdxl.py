@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from torch import nn
 from difftune.hub import fetch_file, read_model_index
 
 SDXL_PIPELINE = "StableDiffusionXLPipeline"
+logger = logging.getLogger("difftune")
 
 
 @dataclass
@@ -25,6 +27,17 @@ class SDXLComponents:
     noise_scheduler: object
 
 
+def vae_location(value: str) -> str | None:
+    """--pretrained_vae_model_name_or_path as a VAE model: None for "none" (the base's own), a local
+    pipeline folder's vae/ subfolder, else as given."""
+    if value.lower() == "none":
+        return None
+    if (Path(value) / "vae" / "config.json").is_file() and not (Path(value) / "config.json").is_file():
+        logger.info("--pretrained_vae_model_name_or_path %s is a pipeline folder: using its vae/", value)
+        return str(Path(value) / "vae")
+    return value
+
+
 def load_sdxl(
     path: str, vae_path: str | None = None, revision: str | None = None, variant: str | None = None
 ) -> SDXLComponents:
@@ -35,8 +48,6 @@ def load_sdxl(
     read_model_index(path, revision, "--pretrained_model_name_or_path", SDXL_PIPELINE)
     if vae_path is None:
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant)
-    elif (Path(vae_path) / "vae" / "config.json").is_file():  # a pipeline folder: its VAE
-        vae = AutoencoderKL.from_pretrained(vae_path, subfolder="vae")
     else:
         fetch_file(vae_path, "config.json", None, "--pretrained_vae_model_name_or_path")
         vae = AutoencoderKL.from_pretrained(vae_path)
