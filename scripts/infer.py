@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from difftune import inference, integrity
+from difftune import inference, integrity, wuerstchen
 from difftune.args import DTYPES, ErrorOnlyParser
 from difftune.checkpoints import ARGS_FILE, read_json
 from difftune.ema import adapter_dir
@@ -106,6 +106,15 @@ def pipeline_kwargs(args: argparse.Namespace, family: str, run: dict) -> dict:
     }
 
 
+def fit_decodable_size(pipe, kwargs: dict) -> None:
+    """Move a height or width the Wuerstchen decoder cannot generate to the nearest one it can, and say so."""
+    for side in ("height", "width"):
+        size = wuerstchen.decodable_size(pipe, kwargs[side])
+        if size != kwargs[side]:
+            print(f"generating at {side} {size}: the Wuerstchen decoder cannot generate {side} {kwargs[side]}")
+            kwargs[side] = size
+
+
 def generate(pipe, prompts: list[str], count: int, seed: int, kwargs: dict, desc: str) -> list[list[Image.Image]]:
     pipe.set_progress_bar_config(disable=True)
     rows = []
@@ -150,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     pipe = build_pipeline(args, family, run, dtype).to(device)
     kwargs = pipeline_kwargs(args, family, run)
+    if family == "wuerstchen":
+        fit_decodable_size(pipe, kwargs)
     base_rows = None
     if args.compare_base:
         base_rows = generate(pipe, prompts, args.num_images_per_prompt, args.seed, kwargs, "base")

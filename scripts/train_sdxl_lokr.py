@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from difftune import adapters, data, objectives, sdxl, training, validation
 from difftune import args as cli
 from difftune.errors import run_cli
-from difftune.modelcard import write_model_card
+from difftune.modelcard import literal, write_model_card
 
 PROJECT = "sdxl-lokr"
 LOADING = """
@@ -25,11 +26,11 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 from peft import PeftModel
 
-checkpoint = "{checkpoint}"
-vae = AutoencoderKL.from_pretrained("{vae}", torch_dtype=torch.float16)
-pipe = DiffusionPipeline.from_pretrained("{base}", vae=vae, torch_dtype=torch.float16).to("cuda")
+checkpoint = {checkpoint}
+vae = AutoencoderKL.from_pretrained({vae}, torch_dtype=torch.float16)
+pipe = DiffusionPipeline.from_pretrained({base}, vae=vae, torch_dtype=torch.float16).to("cuda")
 {scheduler}pipe.unet = PeftModel.from_pretrained(pipe.unet, f"{{checkpoint}}/unet", adapter_name="default")
-{text_encoders}image = pipe("{prompt}", num_inference_steps=50).images[0]
+{text_encoders}image = pipe({prompt}, num_inference_steps=50).images[0]
 ```
 """
 TEXT_ENCODERS = """pipe.text_encoder = PeftModel.from_pretrained(
@@ -67,6 +68,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return cli.parse(parser, argv, image_cache_flag="cache_latents")
 
 
+def write_card(args: argparse.Namespace, checkpoint: Path) -> Path:
+    """The run's README.md; its snippet loads `checkpoint` as written (values pasted as Python literals)."""
+    base = args.pretrained_model_name_or_path
+    vae_path = args.pretrained_vae_model_name_or_path
+    loading = LOADING.format(
+        checkpoint=literal(checkpoint),
+        vae=literal(base) + ', subfolder="vae"' if vae_path.lower() == "none" else literal(vae_path),
+        base=literal(base),
+        scheduler=SCHEDULER.format(prediction_type=args.prediction_type) if args.prediction_type else "",
+        text_encoders=TEXT_ENCODERS if args.train_text_encoder else "",
+        prompt=literal((args.validation_prompt or ["a photo"])[0]),
+    )
+    return write_model_card(
+        args.output_dir, args, title="SDXL LoKr adapter", base_models=[base], adapter="LoKr", loading=loading
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     objectives.check_timestep_range(
@@ -76,9 +94,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     device, dtype = accelerator.device, training.weight_dtype(accelerator)
 
     # Models: frozen in the weight dtype; the VAE in fp32 unless it is made for fp16 (force_upcast off).
-    vae_path = (
-        None if args.pretrained_vae_model_name_or_path.lower() == "none" else args.pretrained_vae_model_name_or_path
-    )
+    vae_path = sdxl.vae_location(args.pretrained_vae_model_name_or_path)
+    args.pretrained_vae_model_name_or_path = vae_path or "none"  # recorded as loaded (infer.py, the card)
     sd = sdxl.load_sdxl(args.pretrained_model_name_or_path, vae_path, args.revision, args.variant)
     if args.prediction_type is not None:
         sd.noise_scheduler.register_to_config(prediction_type=args.prediction_type)
@@ -149,17 +166,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )  # fmt: skip
 
     if accelerator.is_main_process:
-        loading = LOADING.format(
-            checkpoint=result.final_checkpoint,
-            vae=vae_path or base,
-            base=base,
-            scheduler=SCHEDULER.format(prediction_type=args.prediction_type) if args.prediction_type else "",
-            text_encoders=TEXT_ENCODERS if args.train_text_encoder else "",
-            prompt=(args.validation_prompt or ["a photo"])[0],
-        )
-        write_model_card(
-            args.output_dir, args, title="SDXL LoKr adapter", base_models=[base], adapter="LoKr", loading=loading
-        )
+        write_card(args, result.final_checkpoint)
         print(f"done: {result.global_step} steps, final checkpoint {result.final_checkpoint}")
 
 

@@ -54,7 +54,9 @@ def load_captioned_images(
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         hint = (
             "the Hub is offline (HF_HUB_OFFLINE=1): use a cached data set or --train_data_dir"
-            if is_offline() and dataset_name and not Path(dataset_name).exists()
+            if is_offline() and train_data_dir is None and dataset_name and not Path(dataset_name).exists()
+            else f"check that {folder_flag} is an image folder with a metadata.jsonl (file_name, text)"
+            if train_data_dir is not None
             else "check the name, or use --train_data_dir for a local image folder"
         )
         raise UserError(f"cannot load {source}: {first_line} ({hint})") from None
@@ -393,13 +395,8 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
 
 
 def num_update_steps_per_epoch(batches_per_epoch: int, gradient_accumulation_steps: int) -> int:
-    steps = batches_per_epoch // gradient_accumulation_steps
-    if steps == 0:
-        raise UserError(
-            f"one epoch has {batches_per_epoch} batches, fewer than --gradient_accumulation_steps "
-            f"{gradient_accumulation_steps}: lower it or add images"
-        )
-    return steps
+    """Optimizer steps per epoch: the last one accumulates what is left (as diffusers' scripts count)."""
+    return math.ceil(batches_per_epoch / gradient_accumulation_steps)
 
 
 def epochs_for(max_train_steps: int, steps_per_epoch: int) -> int:

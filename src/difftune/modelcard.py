@@ -53,6 +53,11 @@ def write_model_card(
     return path
 
 
+def literal(value: object) -> str:
+    """`value` as a Python string literal for the card's code (quotes, backslashes and all survive a paste)."""
+    return repr(str(value))
+
+
 def evaluation_table(output_dir: Path) -> list[str]:
     """The held-out loss of each checkpoint (--validation_split, --eval_data_dir), as Markdown lines; none without."""
     rows = []

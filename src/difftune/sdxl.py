@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -11,6 +13,7 @@ from torch import nn
 from difftune.hub import fetch_file, read_model_index
 
 SDXL_PIPELINE = "StableDiffusionXLPipeline"
+logger = logging.getLogger("difftune")
 
 
 @dataclass
@@ -22,6 +25,17 @@ class SDXLComponents:
     vae: nn.Module
     unet: nn.Module
     noise_scheduler: object
+
+
+def vae_location(value: str) -> str | None:
+    """--pretrained_vae_model_name_or_path as a VAE model: None for "none" (the base's own), a local
+    pipeline folder's vae/ subfolder, else as given."""
+    if value.lower() == "none":
+        return None
+    if (Path(value) / "vae" / "config.json").is_file() and not (Path(value) / "config.json").is_file():
+        logger.info("--pretrained_vae_model_name_or_path %s is a pipeline folder: using its vae/", value)
+        return str(Path(value) / "vae")
+    return value
 
 
 def load_sdxl(
