@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from difftune import export, wuerstchen
+from difftune import export, single_file, wuerstchen
 from difftune.args import DTYPES, ErrorOnlyParser
 from difftune.checkpoints import ARGS_FILE, read_json
 from difftune.ema import adapter_dir
@@ -47,7 +47,10 @@ def export_sdxl_kohya(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
     for model, (config, _) in adapters.items():
         if config.get("peft_type") != "LOKR":
             raise UserError(f"{weights / model} is a {config.get('peft_type')} adapter, not LoKr")
-    unet_config, shapes = export.module_shapes(base, run.get("revision"), models)
+    configs = base
+    if single_file.is_single_file(base):  # its configs come from the run's --single_file_config
+        configs = str(single_file.config_dir(run.get("single_file_config")))
+    unet_config, shapes = export.module_shapes(configs, run.get("revision"), models)
     state = export.lokr_to_kohya(adapters, unet_config, shapes, DTYPES[args.dtype], args.allow_large_factor)
     return state, export.kohya_metadata(adapters["unet"][0], base)
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from difftune import adapters, data, objectives, sdxl, training, validation
+from difftune import adapters, data, objectives, sdxl, single_file, training, validation
 from difftune import args as cli
 from difftune.errors import run_cli
 from difftune.modelcard import write_model_card
@@ -22,12 +22,12 @@ PROJECT = "sdxl-lokr"
 LOADING = """
 ```python
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionXLPipeline
 from peft import PeftModel
 
 checkpoint = "{checkpoint}"
 vae = AutoencoderKL.from_pretrained("{vae}", torch_dtype=torch.float16)
-pipe = DiffusionPipeline.from_pretrained("{base}", vae=vae, torch_dtype=torch.float16).to("cuda")
+pipe = {pipeline}vae=vae, torch_dtype=torch.float16).to("cuda")
 {scheduler}pipe.unet = PeftModel.from_pretrained(pipe.unet, f"{{checkpoint}}/unet", adapter_name="default")
 {text_encoders}image = pipe("{prompt}", num_inference_steps=50).images[0]
 ```
@@ -38,13 +38,21 @@ pipe.text_encoder_2 = PeftModel.from_pretrained(
     pipe.text_encoder_2, f"{checkpoint}/text_encoder_two", adapter_name="default")
 """
 # Trained with --prediction_type: sample with it too (as diffusers' SDXL training script does).
-SCHEDULER = """pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, prediction_type="{prediction_type}")
-"""
+SCHEDULER = (
+    'pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, prediction_type="{prediction_type}"{zsnr})\n'
+)
+FROM_FOLDER = 'DiffusionPipeline.from_pretrained("{base}", '
+FROM_FILE = 'StableDiffusionXLPipeline.from_single_file("{base}", config="{config}", '
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = cli.ErrorOnlyParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrained_model_name_or_path", default="stabilityai/stable-diffusion-xl-base-1.0")
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        default="stabilityai/stable-diffusion-xl-base-1.0",
+        help="A diffusers folder, a Hub id, or one SDXL .safetensors file (original layout, as community models ship).",
+    )
+    single_file.add_single_file_args(parser)
     parser.add_argument(
         "--pretrained_vae_model_name_or_path",
         default="madebyollin/sdxl-vae-fp16-fix",
@@ -76,7 +84,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     vae_path = (
         None if args.pretrained_vae_model_name_or_path.lower() == "none" else args.pretrained_vae_model_name_or_path
     )
-    sd = sdxl.load_sdxl(args.pretrained_model_name_or_path, vae_path, args.revision, args.variant)
+    sd = sdxl.load_sdxl(
+        args.pretrained_model_name_or_path, vae_path, args.revision, args.variant, args.single_file_config
+    )
+    single_file.record(args)  # a single-file base: its name and sha256 in args.json, the card and cache keys
+    if args.prediction_type is None and sd.inference_scheduler is not None:
+        args.prediction_type = sd.noise_scheduler.config.prediction_type  # the file's v_pred marker, if any
     if args.prediction_type is not None:
         sd.noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     vae_dtype = torch.float32 if sd.vae.config.force_upcast else dtype
@@ -146,17 +159,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     )  # fmt: skip
 
     if accelerator.is_main_process:
+        from_file = single_file.is_single_file(base)
+        zsnr = from_file and sd.noise_scheduler.config.get("rescale_betas_zero_snr", False)
         loading = LOADING.format(
             checkpoint=result.final_checkpoint,
-            vae=vae_path or base,
-            base=base,
-            scheduler=SCHEDULER.format(prediction_type=args.prediction_type) if args.prediction_type else "",
+            vae=vae_path or (args.single_file_config if from_file else base),
+            pipeline=(FROM_FILE if from_file else FROM_FOLDER).format(base=base, config=args.single_file_config),
+            scheduler=SCHEDULER.format(
+                prediction_type=args.prediction_type, zsnr=", rescale_betas_zero_snr=True" if zsnr else ""
+            )
+            if args.prediction_type
+            else "",
             text_encoders=TEXT_ENCODERS if args.train_text_encoder else "",
             prompt=(args.validation_prompt or ["a photo"])[0],
         )
         write_model_card(
-            args.output_dir, args, title="SDXL LoKr adapter", base_models=[base], adapter="LoKr", loading=loading
-        )
+            args.output_dir, args, title="SDXL LoKr adapter", base_models=[getattr(args, "base_model_file", base)],
+            adapter="LoKr", loading=loading,
+        )  # fmt: skip
         print(f"done: {result.global_step} steps, final checkpoint {result.final_checkpoint}")
 
 
