@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from difftune import adapters, data, objectives, sdxl, single_file, training, validation
+from difftune import adapters, data, init_adapter, objectives, sdxl, single_file, training, validation
 from difftune import args as cli
 from difftune.errors import run_cli
 from difftune.modelcard import write_model_card
@@ -65,6 +65,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     cli.add_training_args(parser, output_dir="work_dirs/stable_diffusion_xl_lokr_pokemon_blip")
     adapters.add_lokr_args(parser)
+    init_adapter.add_init_adapter_args(parser)
     group = objectives.add_objective_args(parser)
     group.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"])
     group.add_argument(
@@ -77,6 +78,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    start = init_adapter.prepare(args, argv, ["unet", "text_encoder_one", "text_encoder_two"])
     accelerator = training.setup_run(args)
     device, dtype = accelerator.device, training.weight_dtype(accelerator)
 
@@ -112,11 +114,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     idle += [sd.text_encoder_one, sd.text_encoder_two] if args.cache_text_embeddings else []
     training.offload(idle)
 
-    # Adapters: LoKr on the UNet, and on both text encoders when asked.
+    # Adapters: LoKr on the UNet, and on both text encoders when asked; from --init_adapter's weights if given.
     base = args.pretrained_model_name_or_path
-    trained, param_groups = adapters.attach_all(
+    trained, param_groups = init_adapter.attach_all(
         args, adapters.lokr_config, base, ("unet", sd.unet),
-        {"text_encoder_one": sd.text_encoder_one, "text_encoder_two": sd.text_encoder_two},
+        {"text_encoder_one": sd.text_encoder_one, "text_encoder_two": sd.text_encoder_two}, start, argv,
     )  # fmt: skip
 
     scheduler = sd.noise_scheduler
