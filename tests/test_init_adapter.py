@@ -177,3 +177,39 @@ def test_lycoris_factor_layouts_load_with_comfyuis_deltas(assets, tmp_path, layo
         if hasattr(x, "lokr_w1") and "default" in x.scaling
     }  # fmt: skip
     assert adapted == {KOHYA_TO_MODULE[n] for n in modules}  # exactly the file's modules, nothing fresh besides
+
+
+def lora_deltas(checkpoint, assets) -> dict[str, torch.Tensor]:
+    from peft import PeftModel
+
+    from difftune import wuerstchen
+
+    prior = wuerstchen.load_prior(str(assets / "wuerstchen-prior"))
+    out = {}
+    for name, base in (("prior", prior.prior), ("text_encoder", prior.text_encoder)):
+        if not (checkpoint / name).is_dir():
+            continue
+        model = PeftModel.from_pretrained(base, checkpoint / name)
+        for module_name, module in model.base_model.model.named_modules():
+            if hasattr(module, "lora_A") and "default" in module.scaling:
+                out[f"{name}/{module_name}"] = module.get_delta_weight("default")
+    return out
+
+
+def test_wuerstchen_starts_from_its_diffusers_file_and_prior_folder(assets, tmp_path):
+    from helpers import wuerstchen_args
+
+    flags = ("--train_text_encoder", "--rank", "4", "--lora_alpha", "16")
+    argv = wuerstchen_args(assets, tmp_path / "run", *flags, steps=1, lr="1e-2", checkpointing_steps=1)
+    assert run_script("train_wuerstchen_lora", argv) == 0
+    step = tmp_path / "run" / "step1"
+    exported = tmp_path / "lora.safetensors"
+    assert run_script("export", ["--checkpoint", step, "--out", exported, "--format", "diffusers"]) == 0
+    expected = lora_deltas(step, assets)
+    assert {k.split("/")[0] for k in expected} == {"prior", "text_encoder"}
+    for name, source in (("file", exported), ("folder", step / "prior")):
+        out = tmp_path / name
+        argv = wuerstchen_args(assets, out, "--init_adapter", source, steps=1, lr="1e-30", checkpointing_steps=1)
+        assert run_script("train_wuerstchen_lora", argv) == 0
+        want = expected if name == "file" else {k: v for k, v in expected.items() if k.startswith("prior/")}
+        assert_same_deltas(want, lora_deltas(out / "step1", assets))
