@@ -142,3 +142,18 @@ def test_pickles_and_offline_configs_are_one_line_errors(assets, tmp_path, run_m
     assert run_main("train_sdxl_lokr", argv) == 2
     error = one_line_error(capsys)
     assert "--single_file_config stabilityai/stable-diffusion-xl-base-1.0" in error and "offline" in error
+
+
+def test_a_changed_file_at_the_same_path_never_reuses_old_encodings(assets, tmp_path, run_main):
+    path = marked_copy(assets, tmp_path)
+    caches = tmp_path / "cache"
+    flags = ("--cache_latents", "--center_crop", "--cache_text_embeddings", "--cache_dir", caches)
+    for run in ("a", "b"):
+        argv = file_args(assets, tmp_path / run, *flags, steps=1, checkpointing_steps=1)
+        argv[argv.index("--pretrained_model_name_or_path") + 1] = str(path)
+        assert run_main("train_sdxl_lokr", argv) == 0
+        # The same path, other weights (as when a user re-downloads a newer version under the same name).
+        state = load_file(path)
+        state["conditioner.embedders.0.transformer.text_model.final_layer_norm.bias"] += 0.1
+        save_file(state, path)
+    assert len(list(caches.glob("sdxl-text-*"))) == 2 and len(list(caches.glob("sdxl-latents-*"))) == 2
