@@ -148,6 +148,7 @@ def test_a_changed_file_at_the_same_path_never_reuses_old_encodings(assets, tmp_
     path = marked_copy(assets, tmp_path)
     caches = tmp_path / "cache"
     flags = ("--cache_latents", "--center_crop", "--cache_text_embeddings", "--cache_dir", caches)
+    flags += ("--max_train_samples", "2")
     for run in ("a", "b"):
         argv = file_args(assets, tmp_path / run, *flags, steps=1, checkpointing_steps=1)
         argv[argv.index("--pretrained_model_name_or_path") + 1] = str(path)
