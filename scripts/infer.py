@@ -50,6 +50,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--pretrained_decoder_model_name_or_path",
         "--revision",
         "--variant",
+        "--single_file_config",
     ):
         parser.add_argument(flag, default=None, help="Default: the training run's.")
     return parser.parse_args(argv)
@@ -76,6 +77,7 @@ def build_pipeline(args: argparse.Namespace, family: str, run: dict, dtype: torc
         return inference.sdxl_pipeline(
             setting("pretrained_model_name_or_path"), vae, setting("revision"), setting("variant"), dtype,
             run.get("prediction_type"),  # sample what the run trained
+            setting("single_file_config"),
         )  # fmt: skip
     return inference.wuerstchen_pipeline(
         setting("pretrained_prior_model_name_or_path"),

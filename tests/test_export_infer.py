@@ -518,3 +518,17 @@ def test_wuerstchen_model_card_snippets_run_as_written(wuerstchen_checkpoint, as
     if text_encoder:  # the diffusers file holds the text encoder's LoRA too: with it, both routes load the same
         images = [np.asarray(space["image"], dtype=np.int16) for space in (diffusers_route, peft_route)]
         assert np.abs(images[0] - images[1]).max() <= 1
+
+
+def test_decompose_factor_is_checked_against_the_adapted_modules_only(assets, tmp_path, run_main):
+    """--decompose_factor 4 fits every attention projection (dims 32..80); the untargeted conv_in (4 input
+    channels, 4 > sqrt(4)) must not make the export refuse it."""
+    from peft import LoKrConfig
+
+    config = LoKrConfig(r=4, alpha=6, target_modules=["to_q", "to_k"], decompose_factor=4)
+    checkpoint, peft_unet = random_unet_checkpoint(assets, tmp_path, config)
+    exported = run_export(run_main, checkpoint, tmp_path / "f4.safetensors")
+    unet_config = json.loads((assets / "sdxl" / "unet" / "config.json").read_text())
+    assert assert_kohya_equals_peft(exported, {"unet": peft_unet}, unet_config) == len(
+        {k.rsplit(".", 1)[0] for k in exported}
+    )
