@@ -484,13 +484,19 @@ SDXL_CPU = {
 
 @pytest.mark.parametrize(
     "extra",
-    [("--pretrained_vae_model_name_or_path", "none"), ("--train_text_encoder",), ("--prediction_type", "v_prediction")],
-    ids=["base_vae", "text_encoders", "v_prediction"],
+    [
+        ("--pretrained_vae_model_name_or_path", "none"),
+        ("--train_text_encoder",),
+        ("--prediction_type", "v_prediction"),
+        ("--pretrained_model_name_or_path", "{assets}/sdxl.safetensors", "--single_file_config", "{assets}/sdxl"),
+    ],
+    ids=["base_vae", "text_encoders", "v_prediction", "single_file"],
 )
 def test_sdxl_model_card_snippet_runs_as_written(sdxl_checkpoint, assets, tmp_path, extra):
     from peft import PeftModel
 
     script = load_script("train_sdxl_lokr")
+    extra = [flag.format(assets=assets) for flag in extra]
     argv = sdxl_args(assets, tmp_path, "--validation_prompt", AWKWARD_PROMPT, *extra)
     args = script.parse_args([str(a) for a in argv])
     (namespace,) = run_card_snippets(script.write_card(args, sdxl_checkpoint).read_text(), AWKWARD_PROMPT, SDXL_CPU)

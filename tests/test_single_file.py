@@ -42,7 +42,7 @@ def test_training_on_the_file_equals_training_on_the_folder(runs, assets):
     assert (run["base_model_file"], run["base_model_sha256"]) == ("sdxl.safetensors", digest)
     card = (file.parent / "README.md").read_text()
     assert f"| base model sha256 | {digest} |" in card
-    assert f'StableDiffusionXLPipeline.from_single_file("{assets / "sdxl.safetensors"}"' in card
+    assert f"StableDiffusionXLPipeline.from_single_file({str(assets / 'sdxl.safetensors')!r}, config=" in card
 
 
 def png(path) -> np.ndarray:
