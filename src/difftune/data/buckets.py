@@ -1,0 +1,33 @@
+"""Aspect-ratio buckets: the bucket sizes and each image's bucket."""
+
+from __future__ import annotations
+
+import math
+
+from PIL import Image
+
+from difftune.data.images import image_source
+
+
+def make_buckets(
+    resolution: int, multiple: int = 64, max_ratio: float = 4.0, min_area: float = 0.75
+) -> list[tuple[int, int]]:
+    """(height, width) buckets with sides in steps of `multiple`, between min_area and 1 times resolution^2 pixels."""
+    area = resolution * resolution
+    buckets = set()
+    for side in range(multiple, int(resolution * max_ratio) + 1, multiple):
+        other = (area // side) // multiple * multiple
+        if other >= multiple and max(side, other) / min(side, other) <= max_ratio and side * other >= min_area * area:
+            buckets.update({(side, other), (other, side)})
+    return sorted(buckets)
+
+
+def assign_buckets(dataset, buckets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Each image's bucket: the closest aspect ratio (log scale), then the larger area."""
+    sizes = []
+    for index in range(len(dataset)):
+        record = dataset.rows[index][dataset.image_column]
+        with Image.open(image_source(record)) as image:  # reads the header only
+            ratio = math.log(image.height / image.width)
+        sizes.append(min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1])))
+    return sizes

@@ -1,0 +1,118 @@
+"""Where the data comes from: a Hub data set or an image folder, checked, unreadable images dropped."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from difftune.data.dataset import CaptionedImageDataset
+from difftune.data.images import ImageTransform, image_name, image_source
+from difftune.errors import UserError
+from difftune.hub import is_offline, looks_like_hub_id
+
+logger = logging.getLogger(__name__)
+
+
+def load_captioned_images(
+    dataset_name: str | None,
+    dataset_config_name: str | None,
+    train_data_dir: str | None,
+    image_column: str,
+    caption_column: str,
+    max_train_samples: int | None,
+    seed: int,
+    folder_flag: str = "--train_data_dir",
+):
+    """A datasets.Dataset with undecoded images, checked columns, and unreadable images dropped."""
+    import datasets
+
+    if train_data_dir is not None:
+        if not Path(train_data_dir).is_dir():
+            raise UserError(f"{folder_flag} {train_data_dir} does not exist: pass a folder of images")
+        source, kwargs = f"{folder_flag} {train_data_dir}", {"path": "imagefolder", "data_dir": train_data_dir}
+    elif dataset_name is not None:
+        if not Path(dataset_name).exists() and not looks_like_hub_id(dataset_name):
+            raise UserError(f"--dataset_name {dataset_name} does not exist: pass a Hub data set id or a local path")
+        source, kwargs = f"--dataset_name {dataset_name}", {"path": dataset_name, "name": dataset_config_name}
+    else:
+        raise UserError("no training data: pass --dataset_name or --train_data_dir")
+    try:
+        dataset = datasets.load_dataset(**kwargs, split="train")
+    except Exception as error:  # noqa: BLE001 - every loading failure becomes one clear line
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        hint = (
+            "the Hub is offline (HF_HUB_OFFLINE=1): use a cached data set or --train_data_dir"
+            if is_offline() and dataset_name and not Path(dataset_name).exists()
+            else "check the name, or use --train_data_dir for a local image folder"
+        )
+        raise UserError(f"cannot load {source}: {first_line} ({hint})") from None
+
+    columns = list(dataset.column_names)
+    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if column not in columns:
+            raise UserError(f"{flag} {column!r} is not a column of {source}; its columns are {columns}")
+    dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    if max_train_samples is not None:
+        dataset = dataset.shuffle(seed=seed).select(range(min(max_train_samples, len(dataset))))
+    dataset = drop_unreadable_images(dataset, image_column)
+    if len(dataset) == 0:
+        raise UserError(f"{source} has no readable images")
+    return dataset
+
+
+def drop_unreadable_images(dataset, image_column: str):
+    """Skip images that PIL cannot decode, with a warning naming each one."""
+    good = []
+    for index, row in enumerate(dataset.select_columns([image_column])):
+        record = row[image_column]
+        try:
+            with Image.open(image_source(record)) as image:
+                image.load()  # a full decode: a header check misses truncated files
+        except Exception as error:  # noqa: BLE001 - any decode failure means unreadable
+            logger.warning("skipping unreadable image %s (%s)", image_name(record), error)
+            continue
+        good.append(index)
+    return dataset if len(good) == len(dataset) else dataset.select(good)
+
+
+def dataset_from_args(
+    args, transform: ImageTransform, tokenize: Callable[[str], dict[str, torch.Tensor]]
+) -> CaptionedImageDataset:
+    """The training data set described by the data flags (see difftune.args.add_data_args). The images of
+    --eval_data_dir come after the training images, as `held_out_indices`: transformed and cached alike."""
+    columns = [args.image_column, args.caption_column]
+    images = load_captioned_images(
+        args.dataset_name,
+        args.dataset_config_name,
+        args.train_data_dir,
+        *columns,
+        args.max_train_samples,
+        args.seed,
+    )
+    held_out = None
+    if getattr(args, "eval_data_dir", None):
+        evaluation = load_captioned_images(None, None, args.eval_data_dir, *columns, None, args.seed, "--eval_data_dir")
+        held_out = list(range(len(images), len(images) + len(evaluation)))
+        images = append_rows(
+            images.select_columns(columns), evaluation.select_columns(columns), f"--eval_data_dir {args.eval_data_dir}"
+        )
+    dataset = CaptionedImageDataset(images, *columns, transform, tokenize, args.resolution, args.seed)
+    dataset.empty_prompt_share = getattr(args, "proportion_empty_prompts", 0.0)
+    dataset.held_out_indices = held_out
+    return dataset
+
+
+def append_rows(rows, more, source: str):
+    """`rows` then `more`, one datasets.Dataset (its fingerprint covers both, so caches tell it apart)."""
+    import datasets
+
+    try:
+        return datasets.concatenate_datasets([rows, more])
+    except ValueError as error:
+        raise UserError(
+            f"{source} does not match the training data's columns ({error}): give it the same caption format"
+        ) from None
