@@ -155,8 +155,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             prompt=(args.validation_prompt or ["a photo"])[0],
         )
         write_model_card(
-            args.output_dir, args, title="SDXL LoKr adapter", base_models=[base], adapter="LoKr", loading=loading
-        )
+            args.output_dir, args, title="SDXL LoKr adapter", base_models=[base], adapter="LoKr", loading=loading,
+            samples_per_epoch=dataset.samples_per_epoch(),
+        )  # fmt: skip
         print(f"done: {result.global_step} steps, final checkpoint {result.final_checkpoint}")
 
 

@@ -185,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             base_models=[base, args.pretrained_decoder_model_name_or_path],
             adapter="LoRA",
             loading=loading,
+            samples_per_epoch=dataset.samples_per_epoch(),
         )
         print(f"done: {result.global_step} steps, final checkpoint {result.final_checkpoint}")
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from difftune.data.captions import add_caption_args, check_caption_args
 from difftune.errors import UserError
 from difftune.objectives import check_objective_args
 
@@ -44,7 +45,10 @@ def add_data_args(parser: argparse.ArgumentParser, *, resolution: int) -> None:
     )
     group.add_argument("--dataset_config_name", default=None)
     group.add_argument(
-        "--train_data_dir", default=None, help="A folder of images with a metadata.jsonl (file_name, text)."
+        "--train_data_dir",
+        default=None,
+        help="A folder of images with a metadata.jsonl (file_name, text), or with caption files beside them "
+        "and kohya '<repeats>_<class tokens>' subfolders (see the README).",
     )
     group.add_argument("--image_column", default="image")
     group.add_argument("--caption_column", default="text")
@@ -53,6 +57,7 @@ def add_data_args(parser: argparse.ArgumentParser, *, resolution: int) -> None:
     group.add_argument("--center_crop", action="store_true", help="Crop the centre (default: a random crop).")
     group.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
     group.add_argument("--dataloader_num_workers", type=int, default=0)
+    add_caption_args(parser)
 
 
 def add_cache_args(parser: argparse.ArgumentParser, image_flag: str, image_help: str) -> None:
@@ -185,6 +190,7 @@ def check_common_args(args: argparse.Namespace) -> None:
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit <= 0:
         raise UserError("--checkpoints_total_limit must be positive")
     check_optimizer_args(args)
+    check_caption_args(args)
     if not 0.0 <= args.validation_split < 1.0:
         raise UserError(f"--validation_split must be in [0, 1), got {args.validation_split}")
     if args.validation_split and args.eval_data_dir:

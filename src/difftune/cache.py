@@ -105,7 +105,7 @@ def cache_images(
         out = {}
         for flip in flips:
             prefix = "flip." if flip else ""
-            items = [(i, dataset.load(i, flip=flip)) for i in indices]
+            items = [(i, dataset.load_row(i, flip=flip)) for i in indices]
             groups: dict[tuple, list] = {}  # bucketed images differ in size: encode each size apart
             for item in items:
                 groups.setdefault(tuple(item[1]["pixel_values"].shape), []).append(item)
@@ -118,7 +118,7 @@ def cache_images(
 
     fields = {**fields, **data_fields(args, dataset)}
     path = cache_path(args.cache_dir, kind, fields)
-    build(accelerator, path, len(dataset), encode_indices, args.train_batch_size, fields, desc)
+    build(accelerator, path, dataset.num_rows, encode_indices, args.train_batch_size, fields, desc)
     dataset.image_cache = CacheReader(path, [*names, "time_ids"], flips=len(flips) > 1)
 
 
@@ -131,24 +131,23 @@ def cache_texts(
     encode: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
     names: list[str],
 ) -> None:
-    """Encode every caption once and point the dataset at the cache; `encode` maps a batch of the
-    dataset's token tensors to batched embeddings named as in `names`."""
+    """Encode every text the data set can train on (dataset.texts()) once and point the dataset at the
+    cache; `encode` maps a batch of the dataset's token tensors to batched embeddings named as in `names`.
+    The key covers the texts themselves: the caption column or files, class tokens, processing, variants."""
+    texts = dataset.texts()
 
     def encode_indices(indices: list[int]) -> dict[str, torch.Tensor]:
-        tokens = [dataset.tokenize(dataset.caption(i)) for i in indices]
+        tokens = [dataset.tokenize(texts[i]) for i in indices]
         batch = {key: torch.stack([t[key] for t in tokens]).to(accelerator.device) for key in tokens[0]}
         encoded = encode(batch)
         return {f"{i}.{name}": encoded[name][row] for name in names for row, i in enumerate(indices)}
 
-    fields = {**fields, "data": dataset.fingerprint}
+    digest = hashlib.sha256(json.dumps(texts).encode()).hexdigest()
+    fields = {**fields, "texts": digest}
     path = cache_path(args.cache_dir, kind, fields)
-    build(accelerator, path, len(dataset), encode_indices, args.train_batch_size, fields, "text embeddings")
+    build(accelerator, path, len(texts), encode_indices, args.train_batch_size, fields, "text embeddings")
     dataset.text_cache = CacheReader(path, names)
-    if dataset.empty_prompt_share:  # --proportion_empty_prompts: the empty caption is encoded once too
-        tokens = dataset.tokenize("")
-        with torch.no_grad():
-            encoded = encode({key: value[None].to(accelerator.device) for key, value in tokens.items()})
-        dataset.empty_text = {name: encoded[name][0].cpu() for name in names}
+    dataset.text_ids = {text: i for i, text in enumerate(texts)}
 
 
 class CacheReader:

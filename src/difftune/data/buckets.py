@@ -23,11 +23,11 @@ def make_buckets(
 
 
 def assign_buckets(dataset, buckets: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Each image's bucket: the closest aspect ratio (log scale), then the larger area."""
+    """Each sample's bucket: its image's closest aspect ratio (log scale), then the larger area."""
     sizes = []
-    for index in range(len(dataset)):
-        record = dataset.rows[index][dataset.image_column]
+    for row in range(dataset.num_rows):
+        record = dataset.rows[row][dataset.image_column]
         with Image.open(image_source(record)) as image:  # reads the header only
             ratio = math.log(image.height / image.width)
         sizes.append(min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1])))
-    return sizes
+    return [sizes[dataset.row(index)] for index in range(len(dataset))]

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from difftune.data import folders
+from difftune.data.captions import CaptionOptions, options_from_args
 from difftune.data.dataset import CaptionedImageDataset
 from difftune.data.images import ImageTransform, image_name, image_source
 from difftune.errors import UserError
@@ -26,14 +28,28 @@ def load_captioned_images(
     max_train_samples: int | None,
     seed: int,
     folder_flag: str = "--train_data_dir",
+    caption_extension: str = ".txt",
 ):
-    """A datasets.Dataset with undecoded images, checked columns, and unreadable images dropped."""
+    """A datasets.Dataset with undecoded images, checked columns, and unreadable images dropped. A folder
+    without a metadata file is read with its caption files and kohya subfolders (difftune.data.folders):
+    then the data set has "repeats" and "subset" columns too."""
     import datasets
 
     if train_data_dir is not None:
         if not Path(train_data_dir).is_dir():
             raise UserError(f"{folder_flag} {train_data_dir} does not exist: pass a folder of images")
-        source, kwargs = f"{folder_flag} {train_data_dir}", {"path": "imagefolder", "data_dir": train_data_dir}
+        source = f"{folder_flag} {train_data_dir}"
+        metadata = folders.metadata_file(train_data_dir)
+        if metadata is None:
+            subsets = folders.kohya_subsets(Path(train_data_dir), caption_extension, folder_flag)
+            rows = folders.read_subsets(subsets, source)
+            dataset = folders.folder_dataset(rows, image_column, caption_column)
+            return checked_selection(dataset, image_column, max_train_samples, seed, source)
+        ignored = folders.caption_files_beside(Path(train_data_dir), caption_extension)
+        if ignored:
+            logger.warning("%s has %s: its captions win, the %d %s files are ignored", source, metadata.name,
+                           ignored, caption_extension)  # fmt: skip
+        kwargs = {"path": "imagefolder", "data_dir": train_data_dir}
     elif dataset_name is not None:
         if not Path(dataset_name).exists() and not looks_like_hub_id(dataset_name):
             raise UserError(f"--dataset_name {dataset_name} does not exist: pass a Hub data set id or a local path")
@@ -56,6 +72,11 @@ def load_captioned_images(
         if column not in columns:
             raise UserError(f"{flag} {column!r} is not a column of {source}; its columns are {columns}")
     dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    return checked_selection(dataset, image_column, max_train_samples, seed, source)
+
+
+def checked_selection(dataset, image_column: str, max_train_samples: int | None, seed: int, source: str):
+    """At most `max_train_samples` rows (a seeded choice), without the unreadable images."""
     if max_train_samples is not None:
         dataset = dataset.shuffle(seed=seed).select(range(min(max_train_samples, len(dataset))))
     dataset = drop_unreadable_images(dataset, image_column)
@@ -83,8 +104,10 @@ def dataset_from_args(
     args, transform: ImageTransform, tokenize: Callable[[str], dict[str, torch.Tensor]]
 ) -> CaptionedImageDataset:
     """The training data set described by the data flags (see difftune.args.add_data_args). The images of
-    --eval_data_dir come after the training images, as `held_out_indices`: transformed and cached alike."""
+    --eval_data_dir come after the training images, as `held_out_indices`: transformed and cached alike,
+    each once (repeats count for training only)."""
     columns = [args.image_column, args.caption_column]
+    extension = getattr(args, "caption_extension", ".txt")
     images = load_captioned_images(
         args.dataset_name,
         args.dataset_config_name,
@@ -92,17 +115,26 @@ def dataset_from_args(
         *columns,
         args.max_train_samples,
         args.seed,
+        caption_extension=extension,
     )
-    held_out = None
+    repeats = list(images["repeats"]) if "repeats" in images.column_names else [1] * len(images)
+    held_out = 0
     if getattr(args, "eval_data_dir", None):
-        evaluation = load_captioned_images(None, None, args.eval_data_dir, *columns, None, args.seed, "--eval_data_dir")
-        held_out = list(range(len(images), len(images) + len(evaluation)))
+        evaluation = load_captioned_images(
+            None, None, args.eval_data_dir, *columns, None, args.seed, "--eval_data_dir", extension
+        )
+        held_out = len(evaluation)
         images = append_rows(
             images.select_columns(columns), evaluation.select_columns(columns), f"--eval_data_dir {args.eval_data_dir}"
         )
     dataset = CaptionedImageDataset(images, *columns, transform, tokenize, args.resolution, args.seed)
     dataset.empty_prompt_share = getattr(args, "proportion_empty_prompts", 0.0)
-    dataset.held_out_indices = held_out
+    if any(count > 1 for count in repeats):
+        dataset.repeat_rows(repeats + [1] * held_out)
+        logger.info("%d images, %d samples per epoch with their repeats", len(repeats), len(dataset) - held_out)
+    dataset.held_out_indices = list(range(len(dataset) - held_out, len(dataset))) if held_out else None
+    dataset.caption_options = [options_from_args(args)] if hasattr(args, "caption_prefix") else [CaptionOptions()]
+    dataset.caption_variants = getattr(args, "caption_variants", 0)
     return dataset
 
 
