@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         data.ImageTransform(args.center_crop, args.random_flip),
         data.Tokenize({"one": sd.tokenizer_one, "two": sd.tokenizer_two}),
     )
-    if args.aspect_ratio_buckets:
+    if args.aspect_ratio_buckets and dataset.target_sizes is None:  # (a --dataset_config sets its own)
         dataset.target_sizes = data.assign_buckets(dataset, data.make_buckets(args.resolution))
 
     # Caches: encode once; the frozen encoders then leave the accelerator (until validation).

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import adapter_weights, max_difference, one_line_error, resumed_copy, sdxl_args, wuerstchen_args
+from helpers import (
+    adapter_weights,
+    max_difference,
+    one_line_error,
+    resumed_copy,
+    sdxl_args,
+    spy_on_training,
+    wuerstchen_args,
+)
 from PIL import Image
 from test_cache_buckets import losses_of
 
@@ -207,3 +215,96 @@ def test_cached_and_live_losses_agree_with_caption_variants(assets, tmp_path, ru
     cached = losses_of(run_main, monkeypatch, "train_sdxl_lokr", argv)
     assert len(live) == len(cached) == 4
     assert torch.allclose(torch.tensor(live), torch.tensor(cached), rtol=1e-4), (live, cached)
+
+
+CONFIG = """
+[general]
+shuffle_caption = true
+keep_tokens = 1
+caption_extension = ".txt"
+batch_size = 2
+
+[[datasets]]
+resolution = 64
+
+  [[datasets.subsets]]
+  image_dir = "{small}"
+  num_repeats = 2
+  class_tokens = "sks dog"
+  caption_prefix = "photo of"
+
+[[datasets]]
+resolution = [128, 128]
+shuffle_caption = false
+
+  [[datasets.subsets]]
+  image_dir = "{large}"
+  class_tokens = "big cat"
+"""
+
+
+def config_folders(root: Path) -> Path:
+    for i in range(2):
+        image(root / "small" / f"{i}.png", i)
+        image(root / "large" / f"{i}.png", 5 + i, (128, 160))
+    (root / "small" / "0.txt").write_text("a, b, c")
+    path = root / "data.toml"
+    path.write_text(CONFIG.format(small=root / "small", large=root / "large"))
+    return path
+
+
+def test_dataset_config_levels_override_and_each_batch_is_one_data_set(assets, tmp_path, run_main, monkeypatch):
+    config = config_folders(tmp_path)
+    groups = []
+
+    def record(compute_loss):
+        def recorded(batch, models):
+            groups.append(tuple(tuple(t.tolist()[-2:]) for t in batch["time_ids"]))
+            return compute_loss(batch, models)
+
+        return recorded
+
+    spy_on_training(monkeypatch.setattr, wrap_loss=record)
+    argv = sdxl_args(assets, tmp_path / "out", "--train_batch_size", "1", steps=6)
+    argv = [*argv[: argv.index("--train_data_dir")], *argv[argv.index("--train_data_dir") + 2 :]]
+    assert run_main("train_sdxl_lokr", [*argv, "--dataset_config", config]) == 0
+    # batch_size 2 from [general]; 4 small samples (2 repeats) + 2 large per epoch: 3 steps, each one data set.
+    assert len(groups) == 6 and all(len(g) == 2 and len(set(g)) == 1 for g in groups)
+    assert {g[0] for g in groups} == {(64.0, 64.0), (128.0, 128.0)}
+    assert "6 samples per epoch" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_dataset_config_caption_options_per_subset(tmp_path):
+    from difftune.data.config import load_dataset_config
+
+    args = types.SimpleNamespace(caption_extension=None, resolution=64, train_batch_size=1, caption_prefix="",
+                                 caption_suffix="", caption_dropout_rate=0.0, caption_separator=",", keep_tokens=0,
+                                 shuffle_caption=False, caption_tag_dropout_rate=0.0)  # fmt: skip
+    small, large = load_dataset_config(config_folders(tmp_path), args)
+    assert args.train_batch_size == 2 and small.resolution == (64, 64) and large.resolution == (128, 128)
+    assert small.subsets[0].repeats == 2 and small.subsets[0].class_tokens == "sks dog"
+    assert small.subsets[0].options == CaptionOptions(prefix="photo of", keep_tokens=1, shuffle=True)
+    assert large.subsets[0].options == CaptionOptions(keep_tokens=1, shuffle=False)  # the data set overrides [general]
+    assert large.subsets[0].repeats == 1 and large.subsets[0].caption_extension == ".txt"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[general]\nflip_aug = true\n", "[general] key 'flip_aug' is not supported; supported keys: batch_size,"),
+        ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\ncolor_aug = 1\n", "key 'color_aug' is not supported"),
+    ],
+)
+def test_dataset_config_unknown_key_is_one_line(assets, tmp_path, run_main, capsys, text, message):
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    earlier = tmp_path / "out" / "step2"
+    earlier.mkdir(parents=True)
+    (earlier / "marker").write_text("an earlier checkpoint")
+    argv = sdxl_args(assets, tmp_path / "out", "--resume_from_checkpoint", "latest")
+    argv = [*argv[: argv.index("--train_data_dir")], *argv[argv.index("--train_data_dir") + 2 :]]
+    assert run_main("train_sdxl_lokr", [*argv, "--dataset_config", config]) == 2
+    assert message in one_line_error(capsys)
+    assert (earlier / "marker").read_text() == "an earlier checkpoint"
+    assert run_main("train_sdxl_lokr", [*sdxl_args(assets, tmp_path / "o2"), "--dataset_config", config]) == 2
+    assert "--dataset_config and --train_data_dir both name the training data" in one_line_error(capsys)

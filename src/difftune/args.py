@@ -50,6 +50,11 @@ def add_data_args(parser: argparse.ArgumentParser, *, resolution: int) -> None:
         help="A folder of images with a metadata.jsonl (file_name, text), or with caption files beside them "
         "and kohya '<repeats>_<class tokens>' subfolders (see the README).",
     )
+    group.add_argument(
+        "--dataset_config",
+        default=None,
+        help="A kohya data-set config (TOML: [general], [[datasets]], [[datasets.subsets]]); see the README.",
+    )
     group.add_argument("--image_column", default="image")
     group.add_argument("--caption_column", default="text")
     group.add_argument("--max_train_samples", type=int, default=None, help="Train on this many samples at most.")
@@ -221,6 +226,9 @@ def check_optimizer_args(args: argparse.Namespace) -> None:
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, image_cache_flag: str) -> argparse.Namespace:
     """Parse a training script's flags and refuse impossible combinations."""
     args = parser.parse_args(argv)
+    if args.dataset_config and (args.train_data_dir or args.dataset_name != parser.get_default("dataset_name")):
+        given = "--train_data_dir" if args.train_data_dir else "--dataset_name"
+        raise UserError(f"--dataset_config and {given} both name the training data: pass one of them")
     check_common_args(args)
     check_cache_args(args, image_cache_flag)
     check_objective_args(args)

@@ -20,7 +20,7 @@ def write_model_card(
     samples_per_epoch: int | None = None,
 ) -> Path:
     """README.md with the base model, adapter settings, data, steps and how to load the result."""
-    data = args.train_data_dir or args.dataset_name
+    data = args.train_data_dir or getattr(args, "dataset_config", None) or args.dataset_name
     if samples_per_epoch is not None:
         data += f" ({samples_per_epoch} samples per epoch, repeats counted)"
     targets = ", ".join(args.target_modules)

@@ -22,12 +22,21 @@ def make_buckets(
     return sorted(buckets)
 
 
+def closest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket of the closest aspect ratio (log scale), then the larger area."""
+    ratio = math.log(height / width)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+def image_size(record: dict) -> tuple[int, int]:
+    """(height, width) of an undecoded image record, from its header."""
+    with Image.open(image_source(record)) as image:
+        return image.height, image.width
+
+
 def assign_buckets(dataset, buckets: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Each sample's bucket: its image's closest aspect ratio (log scale), then the larger area."""
-    sizes = []
-    for row in range(dataset.num_rows):
-        record = dataset.rows[row][dataset.image_column]
-        with Image.open(image_source(record)) as image:  # reads the header only
-            ratio = math.log(image.height / image.width)
-        sizes.append(min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1])))
+    """Each sample's bucket: its image's closest_bucket."""
+    sizes = [
+        closest_bucket(*image_size(dataset.rows[row][dataset.image_column]), buckets) for row in range(dataset.num_rows)
+    ]
     return [sizes[dataset.row(index)] for index in range(len(dataset))]

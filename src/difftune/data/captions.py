@@ -106,7 +106,9 @@ def add_caption_args(parser) -> None:
     """Caption files and kohya's caption processing (also the keys of a --dataset_config subset)."""
     group = parser.add_argument_group("captions (kohya's semantics, in this order)")
     group.add_argument(
-        "--caption_extension", default=".txt", help="Caption files beside the images: <stem><ext> (kohya: .caption)."
+        "--caption_extension",
+        default=None,
+        help="Caption files beside the images: <stem><ext>; default .txt (.caption in a --dataset_config, as kohya).",
     )
     group.add_argument("--caption_prefix", default="", help="Put before every caption (with a space).")
     group.add_argument("--caption_suffix", default="", help="Put after every caption (with a space).")
@@ -130,5 +132,5 @@ def check_caption_args(args) -> None:
             raise UserError(f"--{name} must be in [0, 1], got {getattr(args, name)}")
     if args.keep_tokens < 0 or args.caption_variants < 0:
         raise UserError("--keep_tokens and --caption_variants must be >= 0")
-    if not args.caption_extension.startswith("."):
+    if args.caption_extension is not None and not args.caption_extension.startswith("."):
         raise UserError(f"--caption_extension {args.caption_extension} must start with a dot, e.g. .txt")

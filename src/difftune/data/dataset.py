@@ -39,6 +39,7 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         self.resolution, self.seed = resolution, seed
         self.epoch = 0
         self.target_sizes: list[tuple[int, int]] | None = None  # per sample, when bucketing
+        self.batch_groups: list | None = None  # per sample: what a batch shares (--dataset_config: data set, size)
         self.image_cache = None  # a difftune.cache.CacheReader of per-orientation image encodings, by row
         self.text_cache = None  # a difftune.cache.CacheReader of caption encodings, by position in texts()
         self.text_ids: dict[str, int] = {}  # a cached text's position

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,7 +12,9 @@ import torch
 from PIL import Image
 
 from difftune.data import folders
+from difftune.data.buckets import closest_bucket, image_size, make_buckets
 from difftune.data.captions import CaptionOptions, options_from_args
+from difftune.data.config import DatasetSpec, load_dataset_config
 from difftune.data.dataset import CaptionedImageDataset
 from difftune.data.images import ImageTransform, image_name, image_source
 from difftune.errors import UserError
@@ -107,17 +111,26 @@ def dataset_from_args(
     --eval_data_dir come after the training images, as `held_out_indices`: transformed and cached alike,
     each once (repeats count for training only)."""
     columns = [args.image_column, args.caption_column]
-    extension = getattr(args, "caption_extension", ".txt")
-    images = load_captioned_images(
-        args.dataset_name,
-        args.dataset_config_name,
-        args.train_data_dir,
-        *columns,
-        args.max_train_samples,
-        args.seed,
-        caption_extension=extension,
-    )
+    extension = getattr(args, "caption_extension", None) or ".txt"
+    specs = None
+    if getattr(args, "dataset_config", None):
+        specs = load_dataset_config(args.dataset_config, args)
+        source = f"--dataset_config {args.dataset_config}"
+        rows = folders.read_subsets([subset for spec in specs for subset in spec.subsets], source)
+        images = folders.folder_dataset(rows, *columns)
+        images = checked_selection(images, args.image_column, args.max_train_samples, args.seed, source)
+    else:
+        images = load_captioned_images(
+            args.dataset_name,
+            args.dataset_config_name,
+            args.train_data_dir,
+            *columns,
+            args.max_train_samples,
+            args.seed,
+            caption_extension=extension,
+        )
     repeats = list(images["repeats"]) if "repeats" in images.column_names else [1] * len(images)
+    subsets = list(images["subset"]) if specs else None
     held_out = 0
     if getattr(args, "eval_data_dir", None):
         evaluation = load_captioned_images(
@@ -135,7 +148,35 @@ def dataset_from_args(
     dataset.held_out_indices = list(range(len(dataset) - held_out, len(dataset))) if held_out else None
     dataset.caption_options = [options_from_args(args)] if hasattr(args, "caption_prefix") else [CaptionOptions()]
     dataset.caption_variants = getattr(args, "caption_variants", 0)
+    if specs:
+        apply_dataset_specs(dataset, specs, subsets + [None] * held_out)
     return dataset
+
+
+def apply_dataset_specs(dataset: CaptionedImageDataset, specs: list[DatasetSpec], row_subsets: list) -> None:
+    """Each row's caption options, and each sample's size and batch group (its data set and bucket), from a
+    --dataset_config; rows of no subset (--eval_data_dir) keep the flags' options and --resolution."""
+    subsets = [(number, subset) for number, spec in enumerate(specs) for subset in spec.subsets]
+    flags_options = len(subsets)
+    dataset.caption_options = [subset.options for _, subset in subsets] + dataset.caption_options
+    dataset.row_options = [flags_options if s is None else s for s in row_subsets]
+    sizes, groups = [], []
+    for row, subset in enumerate(row_subsets):
+        if subset is None:
+            size, group = (dataset.resolution, dataset.resolution), None
+        else:
+            spec = specs[subsets[subset][0]]
+            size = spec.resolution
+            if spec.enable_bucket:  # buckets of about the data set's area
+                side = round(math.sqrt(size[0] * size[1]))
+                size = closest_bucket(*image_size(dataset.rows[row][dataset.image_column]), make_buckets(side))
+            group = subsets[subset][0]
+        sizes.append(size)
+        groups.append((group, size))
+    dataset.target_sizes = [sizes[dataset.row(i)] for i in range(len(dataset))]
+    dataset.batch_groups = [groups[dataset.row(i)] for i in range(len(dataset))]
+    described = [(spec.resolution, spec.enable_bucket) for spec in specs]
+    dataset.fingerprint = hashlib.sha256(f"{dataset.fingerprint}:{described}".encode()).hexdigest()[:16]
 
 
 def append_rows(rows, more, source: str):
