@@ -308,3 +308,36 @@ def test_dataset_config_unknown_key_is_one_line(assets, tmp_path, run_main, caps
     assert (earlier / "marker").read_text() == "an earlier checkpoint"
     assert run_main("train_sdxl_lokr", [*sdxl_args(assets, tmp_path / "o2"), "--dataset_config", config]) == 2
     assert "--dataset_config and --train_data_dir both name the training data" in one_line_error(capsys)
+
+
+def test_scan_once_then_warm_and_image_unreadable_after_the_scan(assets, tmp_path, run_main, monkeypatch, caplog):
+    from difftune import training
+    from difftune.data import scan
+
+    folder = tagged_folder(tmp_path / "data")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (folder / "broken.txt").write_text("broken")
+    probed = []
+    real_probe = scan.probe
+    monkeypatch.setattr(scan, "probe", lambda record: probed.append(record["path"]) or real_probe(record))
+    common = ("--cache_dir", tmp_path / "cache", "--aspect_ratio_buckets")
+    with caplog.at_level("WARNING"):
+        assert run_main("train_sdxl_lokr", with_data(sdxl_args(assets, tmp_path / "a", steps=1), folder, *common)) == 0
+    assert len(probed) == 5 and (tmp_path / "cache" / scan.SCAN_FILE).is_file()
+    assert any("skipping unreadable image" in r.message and "broken.png" in r.message for r in caplog.records)
+
+    # A warm start decodes nothing, still skips the broken image; one that breaks after the scan is skipped too.
+    probed.clear()
+    caplog.clear()
+    real_train = training.train
+
+    def break_one_then_train(*args, **kwargs):
+        (folder / "0.png").write_bytes((folder / "0.png").read_bytes()[:100])
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train", break_one_then_train)
+    with caplog.at_level("WARNING"):
+        assert run_main("train_sdxl_lokr", with_data(sdxl_args(assets, tmp_path / "b", steps=2), folder, *common)) == 0
+    assert probed == []
+    assert any("skipping unreadable image" in r.message and "broken.png" in r.message for r in caplog.records)
+    assert any("unreadable since the scan" in r.message and "0.png" in r.message for r in caplog.records)

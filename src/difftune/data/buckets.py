@@ -7,6 +7,7 @@ import math
 from PIL import Image
 
 from difftune.data.images import image_source
+from difftune.data.scan import known_size
 
 
 def make_buckets(
@@ -29,7 +30,10 @@ def closest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> t
 
 
 def image_size(record: dict) -> tuple[int, int]:
-    """(height, width) of an undecoded image record, from its header."""
+    """(height, width) of an undecoded image record: from the scan, else from its header."""
+    known = known_size(record)
+    if known is not None:
+        return known
     with Image.open(image_source(record)) as image:
         return image.height, image.width
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import random
 from collections.abc import Callable
 
@@ -17,6 +18,8 @@ import torch
 from difftune.data.captions import CaptionOptions, pick_caption, variant_rng
 from difftune.data.images import ImageTransform, draw_flip, image_name, open_image, sample_rng
 from difftune.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 class CaptionedImageDataset(torch.utils.data.Dataset):
@@ -49,6 +52,7 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         self.caption_options: list[CaptionOptions] = [CaptionOptions()]
         self.row_options: list[int] | None = None  # each row's entry of caption_options (default: the first)
         self.caption_variants = 0  # --caption_variants: K processed forms per caption, one drawn per sample
+        self.unreadable: set[str] = set()  # images found unreadable after the scan (each warned about once)
 
     def __len__(self) -> int:
         return len(self.rows) if self.sample_rows is None else len(self.sample_rows)
@@ -85,14 +89,25 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
 
     def load(self, index: int, flip: bool | None = None, rng: random.Random | None = None) -> dict[str, torch.Tensor]:
         """One transformed image with its size conditioning (`flip` forced, or drawn from `rng`)."""
-        record = self.rows[self.row(index)][self.image_column]
-        try:
-            image = open_image(record)
-        except Exception as error:  # noqa: BLE001
-            raise UserError(f"cannot read image {image_name(record)}: {error}") from None
-        target = self.target_size(index)
+        image, target = self.open_or_substitute(index), self.target_size(index)
         pixels, original, crop = self.transform(image, target, rng, flip)
         return {"pixel_values": pixels, "time_ids": torch.tensor([*original, *crop, *target], dtype=torch.float32)}
+
+    def open_or_substitute(self, index: int):
+        """Sample `index`'s image; if it became unreadable after the scan, the next readable image of the same
+        target size, with a warning (a batch still gets its images, the run goes on)."""
+        for step in range(len(self)):
+            candidate = (index + step) % len(self)
+            if step and self.target_size(candidate) != self.target_size(index):
+                continue
+            record = self.rows[self.row(candidate)][self.image_column]
+            try:
+                return open_image(record)
+            except Exception as error:  # noqa: BLE001 - any decode failure means unreadable
+                if image_name(record) not in self.unreadable:
+                    self.unreadable.add(image_name(record))
+                    logger.warning("skipping image %s, unreadable since the scan (%s)", image_name(record), error)
+        raise UserError(f"no readable image is left of size {self.target_size(index)}: check the data set's files")
 
     def load_row(self, row: int, flip: bool) -> dict[str, torch.Tensor]:
         """A row's image as every one of its samples sees it with a centre crop (what the image cache holds)."""

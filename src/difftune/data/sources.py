@@ -9,14 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from difftune.data import folders
 from difftune.data.buckets import closest_bucket, image_size, make_buckets
 from difftune.data.captions import CaptionOptions, options_from_args
 from difftune.data.config import DatasetSpec, load_dataset_config
 from difftune.data.dataset import CaptionedImageDataset
-from difftune.data.images import ImageTransform, image_name, image_source
+from difftune.data.images import ImageTransform
+from difftune.data.scan import readable_rows
 from difftune.errors import UserError
 from difftune.hub import is_offline, looks_like_hub_id
 
@@ -33,6 +33,8 @@ def load_captioned_images(
     seed: int,
     folder_flag: str = "--train_data_dir",
     caption_extension: str = ".txt",
+    cache_dir: str | None = None,
+    workers: int = 0,
 ):
     """A datasets.Dataset with undecoded images, checked columns, and unreadable images dropped. A folder
     without a metadata file is read with its caption files and kohya subfolders (difftune.data.folders):
@@ -48,7 +50,7 @@ def load_captioned_images(
             subsets = folders.kohya_subsets(Path(train_data_dir), caption_extension, folder_flag)
             rows = folders.read_subsets(subsets, source)
             dataset = folders.folder_dataset(rows, image_column, caption_column)
-            return checked_selection(dataset, image_column, max_train_samples, seed, source)
+            return checked_selection(dataset, image_column, max_train_samples, seed, source, cache_dir, workers)
         ignored = folders.caption_files_beside(Path(train_data_dir), caption_extension)
         if ignored:
             logger.warning("%s has %s: its captions win, the %d %s files are ignored", source, metadata.name,
@@ -76,31 +78,24 @@ def load_captioned_images(
         if column not in columns:
             raise UserError(f"{flag} {column!r} is not a column of {source}; its columns are {columns}")
     dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    return checked_selection(dataset, image_column, max_train_samples, seed, source)
+    return checked_selection(dataset, image_column, max_train_samples, seed, source, cache_dir, workers)
 
 
-def checked_selection(dataset, image_column: str, max_train_samples: int | None, seed: int, source: str):
+def checked_selection(
+    dataset, image_column: str, max_train_samples: int | None, seed: int, source: str, cache_dir=None, workers: int = 0
+):
     """At most `max_train_samples` rows (a seeded choice), without the unreadable images."""
     if max_train_samples is not None:
         dataset = dataset.shuffle(seed=seed).select(range(min(max_train_samples, len(dataset))))
-    dataset = drop_unreadable_images(dataset, image_column)
+    dataset = drop_unreadable_images(dataset, image_column, cache_dir, workers)
     if len(dataset) == 0:
         raise UserError(f"{source} has no readable images")
     return dataset
 
 
-def drop_unreadable_images(dataset, image_column: str):
-    """Skip images that PIL cannot decode, with a warning naming each one."""
-    good = []
-    for index, row in enumerate(dataset.select_columns([image_column])):
-        record = row[image_column]
-        try:
-            with Image.open(image_source(record)) as image:
-                image.load()  # a full decode: a header check misses truncated files
-        except Exception as error:  # noqa: BLE001 - any decode failure means unreadable
-            logger.warning("skipping unreadable image %s (%s)", image_name(record), error)
-            continue
-        good.append(index)
+def drop_unreadable_images(dataset, image_column: str, cache_dir=None, workers: int = 0):
+    """Skip images that PIL cannot decode, with a warning naming each one (see difftune.data.scan)."""
+    good, _ = readable_rows(dataset, image_column, cache_dir, workers)
     return dataset if len(good) == len(dataset) else dataset.select(good)
 
 
@@ -112,13 +107,13 @@ def dataset_from_args(
     each once (repeats count for training only)."""
     columns = [args.image_column, args.caption_column]
     extension = getattr(args, "caption_extension", None) or ".txt"
-    specs = None
+    specs, scanning = None, (getattr(args, "cache_dir", None), args.dataloader_num_workers)
     if getattr(args, "dataset_config", None):
         specs = load_dataset_config(args.dataset_config, args)
         source = f"--dataset_config {args.dataset_config}"
         rows = folders.read_subsets([subset for spec in specs for subset in spec.subsets], source)
         images = folders.folder_dataset(rows, *columns)
-        images = checked_selection(images, args.image_column, args.max_train_samples, args.seed, source)
+        images = checked_selection(images, args.image_column, args.max_train_samples, args.seed, source, *scanning)
     else:
         images = load_captioned_images(
             args.dataset_name,
@@ -128,13 +123,15 @@ def dataset_from_args(
             args.max_train_samples,
             args.seed,
             caption_extension=extension,
+            cache_dir=scanning[0],
+            workers=scanning[1],
         )
     repeats = list(images["repeats"]) if "repeats" in images.column_names else [1] * len(images)
     subsets = list(images["subset"]) if specs else None
     held_out = 0
     if getattr(args, "eval_data_dir", None):
         evaluation = load_captioned_images(
-            None, None, args.eval_data_dir, *columns, None, args.seed, "--eval_data_dir", extension
+            None, None, args.eval_data_dir, *columns, None, args.seed, "--eval_data_dir", extension, *scanning
         )
         held_out = len(evaluation)
         images = append_rows(
