@@ -341,3 +341,17 @@ def test_scan_once_then_warm_and_image_unreadable_after_the_scan(assets, tmp_pat
     assert probed == []
     assert any("skipping unreadable image" in r.message and "broken.png" in r.message for r in caplog.records)
     assert any("unreadable since the scan" in r.message and "0.png" in r.message for r in caplog.records)
+
+
+def test_validation_split_holds_out_whole_images_with_their_repeats(tmp_path):
+    from difftune.evaluation import held_out_split
+
+    parser = cli.ErrorOnlyParser()
+    cli.add_data_args(parser, resolution=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(["--train_data_dir", str(kohya_folder(tmp_path / "data"))])
+    dataset = data.dataset_from_args(args, data.ImageTransform(True, False), lambda caption: {})
+    train, held = held_out_split(dataset, 0.5, seed=0)
+    train_rows, held_rows = {dataset.row(i) for i in train}, [dataset.row(i) for i in held]
+    assert len(held_rows) == len(set(held_rows)) == 2 and not train_rows & set(held_rows)
+    assert len(train) + sum(dataset.sample_rows.count(r) for r in held_rows) == len(dataset) == 8

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -100,12 +101,25 @@ def cache_images(
     each sample's SDXL size conditioning (time_ids) is kept beside them.
     """
     flips = [False, True] if args.random_flip else [False]
+    # Decoding and resizing run in a thread pool (Pillow and torch release the GIL), the next chunk of the
+    # shard while this one encodes: the encoder, not the JPEG decoder, sets the pace.
+    pool = ThreadPoolExecutor(args.dataloader_num_workers or min(8, os.cpu_count() or 1))
+    pending: dict[tuple[int, bool], object] = {}
+    dataset.first_sample(0)  # built once here, not raced for by the threads
+
+    def submit(rows: range) -> None:
+        for row in rows:
+            for flip in flips:
+                pending.setdefault((row, flip), pool.submit(dataset.load_row, row, flip))
 
     def encode_indices(indices: list[int]) -> dict[str, torch.Tensor]:
+        submit(range(indices[0], indices[-1] + 1))
+        shard_end = min(dataset.num_rows, (indices[0] // SHARD_SIZE + 1) * SHARD_SIZE)
+        submit(range(indices[-1] + 1, min(shard_end, indices[-1] + 1 + len(indices))))
         out = {}
         for flip in flips:
             prefix = "flip." if flip else ""
-            items = [(i, dataset.load_row(i, flip=flip)) for i in indices]
+            items = [(i, pending.pop((i, flip)).result()) for i in indices]
             groups: dict[tuple, list] = {}  # bucketed images differ in size: encode each size apart
             for item in items:
                 groups.setdefault(tuple(item[1]["pixel_values"].shape), []).append(item)
@@ -118,7 +132,8 @@ def cache_images(
 
     fields = {**fields, **data_fields(args, dataset)}
     path = cache_path(args.cache_dir, kind, fields)
-    build(accelerator, path, dataset.num_rows, encode_indices, args.train_batch_size, fields, desc)
+    with pool:
+        build(accelerator, path, dataset.num_rows, encode_indices, args.train_batch_size, fields, desc)
     dataset.image_cache = CacheReader(path, [*names, "time_ids"], flips=len(flips) > 1)
 
 
