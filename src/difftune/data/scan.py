@@ -53,10 +53,11 @@ def file_key(record: dict) -> str | None:
 
 def main_process_first():
     """The main process runs the block first, then the others (when accelerate is running several)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # one process: no accelerate state needed
+        return nullcontext()
     from accelerate import PartialState
 
-    state = PartialState()
-    return state.main_process_first() if state.num_processes > 1 else nullcontext()
+    return PartialState().main_process_first()
 
 
 def scan_images(records: list[dict], cache_dir: str | Path | None, workers: int = 0) -> list[tuple[int, int] | str]:
