@@ -106,7 +106,7 @@ def data_startup(args: argparse.Namespace, data: Path) -> None:
 
 def one_step_seconds(assets: Path, data: Path, work: Path, cache: Path, src: Path, buckets: bool) -> float:
     argv = [
-        sys.executable, str(ROOT / "scripts" / "train_sdxl_lokr.py"),
+        sys.executable, str(src.parent / "scripts" / "train_sdxl_lokr.py"),  # the script of the measured tree
         "--pretrained_model_name_or_path", str(assets / "sdxl"),
         "--pretrained_vae_model_name_or_path", str(assets / "sdxl-vae-fp16-fix"),
         "--train_data_dir", str(data), "--output_dir", str(work / "out"), "--cache_dir", str(cache),
