@@ -6,7 +6,7 @@ import math
 
 from PIL import Image
 
-from difftune.data.images import image_source
+from difftune.data.images import column, image_source
 from difftune.data.scan import known_size
 
 
@@ -40,7 +40,11 @@ def image_size(record: dict) -> tuple[int, int]:
 
 def assign_buckets(dataset, buckets: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Each sample's bucket: its image's closest_bucket."""
-    sizes = [
-        closest_bucket(*image_size(dataset.rows[row][dataset.image_column]), buckets) for row in range(dataset.num_rows)
-    ]
+    by_size: dict[tuple[int, int], tuple[int, int]] = {}  # images share a few sizes: each is matched once
+    sizes = []
+    for record in column(dataset.rows, dataset.image_column):
+        size = image_size(record)
+        if size not in by_size:
+            by_size[size] = closest_bucket(*size, buckets)
+        sizes.append(by_size[size])
     return [sizes[dataset.row(index)] for index in range(len(dataset))]

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from difftune.data.captions import CaptionOptions, pick_caption, variant_rng
-from difftune.data.images import ImageTransform, draw_flip, image_name, open_image, sample_rng
+from difftune.data.images import ImageTransform, column, draw_flip, image_name, open_image, sample_rng
 from difftune.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
                 "--caption_variants K (K processed forms of each caption are cached; try 8)"
             )
         texts = {""} if self.empty_prompt_share > 0 or any(o.dropout_rate > 0 for o in options) else set()
-        for row, value in enumerate(self.rows[self.caption_column]):
+        for row, value in enumerate(column(self.rows, self.caption_column)):
             row_options = self.options(row)
             for caption in [value] if isinstance(value, str) else value:
                 if row_options.is_random:

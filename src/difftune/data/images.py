@@ -15,6 +15,11 @@ import torch
 from PIL import Image
 
 
+def column(dataset, name: str) -> list:
+    """A column of a datasets.Dataset as a list, read through Arrow (iterating rows formats each one: slow)."""
+    return dataset.with_format("arrow")[name].to_pylist()
+
+
 def image_name(record: dict) -> str:
     return record.get("path") or "<image bytes>"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from difftune.data.images import image_name, image_source
+from difftune.data.images import column, image_name, image_source
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def readable_rows(
     dataset, image_column: str, cache_dir=None, workers: int = 0
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """The rows whose images are readable (a warning naming each other one) and their (height, width)."""
-    records = list(dataset[image_column]) if len(dataset) else []
+    records = column(dataset, image_column) if len(dataset) else []
     good, sizes = [], []
     for index, result in enumerate(scan_images(records, cache_dir, workers)):
         if isinstance(result, str):

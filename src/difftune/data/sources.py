@@ -15,7 +15,7 @@ from difftune.data.buckets import closest_bucket, image_size, make_buckets
 from difftune.data.captions import CaptionOptions, options_from_args
 from difftune.data.config import DatasetSpec, load_dataset_config
 from difftune.data.dataset import CaptionedImageDataset
-from difftune.data.images import ImageTransform
+from difftune.data.images import ImageTransform, column
 from difftune.data.scan import readable_rows
 from difftune.errors import UserError
 from difftune.hub import is_offline, looks_like_hub_id
@@ -74,9 +74,9 @@ def load_captioned_images(
         raise UserError(f"cannot load {source}: {first_line} ({hint})") from None
 
     columns = list(dataset.column_names)
-    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
-        if column not in columns:
-            raise UserError(f"{flag} {column!r} is not a column of {source}; its columns are {columns}")
+    for flag, name in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if name not in columns:
+            raise UserError(f"{flag} {name!r} is not a column of {source}; its columns are {columns}")
     dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     return checked_selection(dataset, image_column, max_train_samples, seed, source, cache_dir, workers)
 
@@ -126,8 +126,8 @@ def dataset_from_args(
             cache_dir=scanning[0],
             workers=scanning[1],
         )
-    repeats = list(images["repeats"]) if "repeats" in images.column_names else [1] * len(images)
-    subsets = list(images["subset"]) if specs else None
+    repeats = column(images, "repeats") if "repeats" in images.column_names else [1] * len(images)
+    subsets = column(images, "subset") if specs else None
     held_out = 0
     if getattr(args, "eval_data_dir", None):
         evaluation = load_captioned_images(
