@@ -1,4 +1,6 @@
-"""Captioned image data: sources (Hub data set, image folder), captions, image transforms, buckets, batching.
+"""Captioned image data: sources (Hub data set, metadata folder, caption-file and kohya folders in `folders`,
+a kohya --dataset_config in `config`), the start-up scan (`scan`), captions and their processing, image
+transforms, buckets, batching.
 
 Randomness here (crop position, flip, caption choice, shuffle order) is derived from (seed, epoch,
 sample index), not from a global RNG, so a resumed run sees exactly the batches an uninterrupted run
