@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from difftune import inference
+from difftune import inference, integrity, wuerstchen
 from difftune.args import DTYPES, ErrorOnlyParser
 from difftune.checkpoints import ARGS_FILE, read_json
 from difftune.ema import adapter_dir
@@ -50,6 +50,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--pretrained_decoder_model_name_or_path",
         "--revision",
         "--variant",
+        "--single_file_config",
     ):
         parser.add_argument(flag, default=None, help="Default: the training run's.")
     return parser.parse_args(argv)
@@ -76,6 +77,7 @@ def build_pipeline(args: argparse.Namespace, family: str, run: dict, dtype: torc
         return inference.sdxl_pipeline(
             setting("pretrained_model_name_or_path"), vae, setting("revision"), setting("variant"), dtype,
             run.get("prediction_type"),  # sample what the run trained
+            setting("single_file_config"),
         )  # fmt: skip
     return inference.wuerstchen_pipeline(
         setting("pretrained_prior_model_name_or_path"),
@@ -104,6 +106,15 @@ def pipeline_kwargs(args: argparse.Namespace, family: str, run: dict) -> dict:
         "negative_prompt": args.negative_prompt,
         **size,
     }
+
+
+def fit_decodable_size(pipe, kwargs: dict) -> None:
+    """Move a height or width the Wuerstchen decoder cannot generate to the nearest one it can, and say so."""
+    for side in ("height", "width"):
+        size = wuerstchen.decodable_size(pipe, kwargs[side])
+        if size != kwargs[side]:
+            print(f"generating at {side} {size}: the Wuerstchen decoder cannot generate {side} {kwargs[side]}")
+            kwargs[side] = size
 
 
 def generate(pipe, prompts: list[str], count: int, seed: int, kwargs: dict, desc: str) -> list[list[Image.Image]]:
@@ -136,6 +147,7 @@ def save_grid(rows: list[list[Image.Image]], path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     family = inference.checkpoint_family(args.checkpoint)
+    integrity.check_checkpoint(args.checkpoint, "--checkpoint")
     if not (args.checkpoint / ARGS_FILE).is_file():
         raise UserError(f"--checkpoint {args.checkpoint} has no {ARGS_FILE}: was it written by difftune?")
     run = read_json(args.checkpoint / ARGS_FILE)
@@ -149,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     pipe = build_pipeline(args, family, run, dtype).to(device)
     kwargs = pipeline_kwargs(args, family, run)
+    if family == "wuerstchen":
+        fit_decodable_size(pipe, kwargs)
     base_rows = None
     if args.compare_base:
         base_rows = generate(pipe, prompts, args.num_images_per_prompt, args.seed, kwargs, "base")

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from difftune import adapters, data, objectives, training, validation, wuerstchen
+from difftune import adapters, data, init_adapter, objectives, training, validation, wuerstchen
 from difftune import args as cli
 from difftune.errors import run_cli
-from difftune.modelcard import write_model_card
+from difftune.modelcard import literal, write_model_card
 
 PROJECT = "wuerstchen-prior-lora"
+logger = logging.getLogger("difftune")
 LOADING = """
 Wuerstchen lives in diffusers' deprecated corner: `from_pretrained` on the Hub repos fails in
 diffusers 0.42 ("wuerstchen is not one of the libraries..."), so load each part by subfolder:
@@ -31,7 +33,7 @@ from diffusers import DDPMWuerstchenScheduler, WuerstchenCombinedPipeline
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
 from transformers import AutoTokenizer, CLIPTextModel
 
-prior_repo, decoder_repo, checkpoint = "{prior}", "{decoder}", "{checkpoint}"
+prior_repo, decoder_repo, checkpoint = {prior}, {decoder}, {checkpoint}
 pipe = WuerstchenCombinedPipeline(
     prior_prior=WuerstchenPrior.from_pretrained(prior_repo, subfolder="prior"),
     prior_text_encoder=CLIPTextModel.from_pretrained(prior_repo, subfolder="text_encoder"),
@@ -64,7 +66,7 @@ Then:
 ```python
 from diffusers.pipelines.deprecated.wuerstchen import DEFAULT_STAGE_C_TIMESTEPS
 
-image = pipe("{prompt}", prior_timesteps=DEFAULT_STAGE_C_TIMESTEPS, height=1024, width=1024).images[0]
+image = pipe({prompt}, prior_timesteps=DEFAULT_STAGE_C_TIMESTEPS, height=1024, width=1024).images[0]
 ```
 """
 TE_PEFT = """pipe.prior_pipe.text_encoder = PeftModel.from_pretrained(
@@ -88,12 +90,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     cli.add_cache_args(parser, "--cache_image_embeddings", "Encode the images with EfficientNet once.")
     cli.add_training_args(parser, output_dir="work_dirs/wuerstchen_prior_lora_pokemon_blip")
     adapters.add_lora_args(parser)
+    init_adapter.add_init_adapter_args(parser)
     objectives.add_objective_args(parser)
     return cli.parse(parser, argv, image_cache_flag="cache_image_embeddings")
 
 
+def write_card(args: argparse.Namespace, checkpoint: Path, samples_per_epoch: int | None = None) -> Path:
+    """The run's README.md; its snippets load `checkpoint` as written (values pasted as Python literals)."""
+    prior, decoder = args.pretrained_prior_model_name_or_path, args.pretrained_decoder_model_name_or_path
+    loading = LOADING.format(
+        prior=literal(prior),
+        decoder=literal(decoder),
+        checkpoint=literal(checkpoint),
+        te_and=" and text encoder" if args.train_text_encoder else "",
+        te_peft=TE_PEFT.format(checkpoint="{checkpoint}") if args.train_text_encoder else "",
+        prompt=literal((args.validation_prompt or ["a photo"])[0]),
+    )
+    return write_model_card(
+        args.output_dir,
+        args,
+        title="Wuerstchen prior LoRA adapter",
+        base_models=[prior, decoder],
+        adapter="LoRA",
+        loading=loading,
+        samples_per_epoch=samples_per_epoch,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    start = init_adapter.prepare(args, argv, ["prior", "text_encoder"])
+    objectives.check_timestep_range(args, lambda: objectives.CONTINUOUS_BINS)
     accelerator = training.setup_run(args)
     device, dtype = accelerator.device, training.weight_dtype(accelerator)
 
@@ -117,9 +144,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     idle = [prior.text_encoder] if args.cache_text_embeddings else []
     training.offload(idle)
 
-    # Adapters: LoRA on the prior's attention, and on its text encoder when asked.
-    trained, param_groups = adapters.attach_all(
-        args, adapters.lora_config, base, ("prior", prior.prior), {"text_encoder": prior.text_encoder}
+    # Adapters: LoRA on the prior's attention, and on its text encoder when asked; from --init_adapter if given.
+    trained, param_groups = init_adapter.attach_all(
+        args, adapters.lora_config, base, ("prior", prior.prior), {"text_encoder": prior.text_encoder}, start, argv
     )
 
     objective = objectives.Objective(args, prior.scheduler, continuous=True)
@@ -147,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     def validate(step: int, peft_models: dict) -> None:
         from diffusers.pipelines.deprecated.wuerstchen import DEFAULT_STAGE_C_TIMESTEPS
 
-        if not decoder_parts:
+        first = not decoder_parts
+        if first:
             decoder_parts.update(wuerstchen.load_decoder(args.pretrained_decoder_model_name_or_path, args.revision))
             for part in decoder_parts.values():
                 if isinstance(part, torch.nn.Module):
@@ -157,11 +185,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.train_text_encoder:
             adapted.text_encoder = peft_models["text_encoder"].get_base_model()
         pipe = wuerstchen.build_combined_pipeline(adapted, decoder_parts)
-        with training.on_device(idle, device):
+        size = wuerstchen.decodable_size(pipe, args.resolution)
+        if first and size != args.resolution:
+            logger.warning(
+                "validation images are %dx%d: the Wuerstchen decoder cannot generate %dx%d", size, size,
+                args.resolution, args.resolution,
+            )  # fmt: skip
+        # The decoder, its text encoder and the VQGAN are on the device only while they generate.
+        decoder_modules = [part for part in decoder_parts.values() if isinstance(part, torch.nn.Module)]
+        with training.on_device(idle + decoder_modules, device):
             validation.run_validation(
                 accelerator, args, pipe, step, dtype,
                 prior_timesteps=DEFAULT_STAGE_C_TIMESTEPS, num_inference_steps=args.validation_inference_steps,
-                height=args.resolution, width=args.resolution,
+                height=size, width=size,
             )  # fmt: skip
 
     result = training.train(
@@ -170,23 +206,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )  # fmt: skip
 
     if accelerator.is_main_process:
-        loading = LOADING.format(
-            prior=base,
-            decoder=args.pretrained_decoder_model_name_or_path,
-            checkpoint=result.final_checkpoint,
-            te_and=" and text encoder" if args.train_text_encoder else "",
-            te_peft=TE_PEFT.format(checkpoint="{checkpoint}") if args.train_text_encoder else "",
-            prompt=(args.validation_prompt or ["a photo"])[0],
-        )
-        write_model_card(
-            args.output_dir,
-            args,
-            title="Wuerstchen prior LoRA adapter",
-            base_models=[base, args.pretrained_decoder_model_name_or_path],
-            adapter="LoRA",
-            loading=loading,
-            samples_per_epoch=dataset.samples_per_epoch(),
-        )
+        write_card(args, result.final_checkpoint, dataset.samples_per_epoch())
         print(f"done: {result.global_step} steps, final checkpoint {result.final_checkpoint}")
 
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import load_script, run_script
 from helpers import prior_inputs, sdxl_args, wuerstchen_args
 from PIL import Image
 from safetensors.torch import load_file
@@ -321,6 +321,7 @@ def test_wuerstchen_diffusers_lora_loads_like_peft(wuerstchen_checkpoint, assets
     old = tmp_path / "old" / "step4"
     shutil.copytree(wuerstchen_checkpoint, old)
     save_file(load_file(old / "pytorch_lora_weights.safetensors"), old / "pytorch_lora_weights.safetensors")
+    (old / "manifest.json").unlink()  # nor a manifest, written since
     exported_old = tmp_path / "old.safetensors"
     run_export(run_main, old, exported_old, "--format", "diffusers")
 
@@ -440,3 +441,94 @@ def test_infer_bad_checkpoint(run_main, capsys, tmp_path, argv, message):
     argv = [str(tmp_path) if a == "TMP" else a for a in argv]
     assert run_main("infer", argv) == 2
     assert message in capsys.readouterr().err
+
+
+# A prompt a user may type: quotes of both kinds and a backslash (before an "n": pasted raw, a newline).
+AWKWARD_PROMPT = 'a "red" circle, it\'s \\not blue'
+
+
+def run_card_snippets(card: str, prompt: str, cpu_swaps: dict[str, str]) -> list[dict]:
+    """Run the card's code blocks as a user pastes them: the first block (loading) then each later one in turn,
+    with only `cpu_swaps` edited (CUDA and fp16 to the CPU and fp32, fewer steps, a smaller size: each must be
+    in the card). Every call of `pipe` must receive `prompt` exactly. Returns each run's namespace."""
+    import ast
+    import re
+
+    blocks = re.findall(r"```python\n(.*?)```", card, re.S)
+    assert blocks, card
+    for old, new in cpu_swaps.items():
+        assert old in card, f"{old!r} is not in the card"
+        blocks = [block.replace(old, new) for block in blocks]
+    calls = [node for node in ast.walk(ast.parse(blocks[-1])) if isinstance(node, ast.Call)]
+    prompts = [ast.literal_eval(c.args[0]) for c in calls if isinstance(c.func, ast.Name) and c.func.id == "pipe"]
+    assert prompts == [prompt]
+    # One loading block then the generation: run as is. Several: setup, then each loading route, then generation.
+    routes = [blocks] if len(blocks) <= 2 else [[blocks[0], route, blocks[-1]] for route in blocks[1:-1]]
+    spaces = []
+    for route in routes:
+        namespace: dict = {}
+        for block in route:
+            exec(compile(block, "<model card>", "exec"), namespace)
+        assert namespace["image"].size[0] > 0
+        spaces.append(namespace)
+    return spaces
+
+
+VAE_FILE = "diffusion_pytorch_model.safetensors"
+SDXL_CPU = {
+    '.to("cuda")': '.to("cpu")',
+    "torch.float16": "torch.float32",
+    "num_inference_steps=50": "num_inference_steps=1",
+}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [("--pretrained_vae_model_name_or_path", "none"), ("--train_text_encoder",), ("--prediction_type", "v_prediction")],
+    ids=["base_vae", "text_encoders", "v_prediction"],
+)
+def test_sdxl_model_card_snippet_runs_as_written(sdxl_checkpoint, assets, tmp_path, extra):
+    from peft import PeftModel
+
+    script = load_script("train_sdxl_lokr")
+    argv = sdxl_args(assets, tmp_path, "--validation_prompt", AWKWARD_PROMPT, *extra)
+    args = script.parse_args([str(a) for a in argv])
+    (namespace,) = run_card_snippets(script.write_card(args, sdxl_checkpoint).read_text(), AWKWARD_PROMPT, SDXL_CPU)
+    pipe = namespace["pipe"]
+    assert isinstance(pipe.unet, PeftModel)
+    assert isinstance(pipe.text_encoder, PeftModel) == ("--train_text_encoder" in extra)
+    expected_vae = load_file(assets / ("sdxl/vae" if "none" in extra else "sdxl-vae-fp16-fix") / VAE_FILE)
+    assert all(torch.equal(v, expected_vae[k]) for k, v in pipe.vae.state_dict().items())
+    expected_prediction = "v_prediction" if "v_prediction" in extra else "epsilon"
+    assert pipe.scheduler.config.prediction_type == expected_prediction
+
+
+@pytest.mark.parametrize("text_encoder", [False, True], ids=["prior", "prior_and_text_encoder"])
+def test_wuerstchen_model_card_snippets_run_as_written(wuerstchen_checkpoint, assets, tmp_path, text_encoder):
+    script = load_script("train_wuerstchen_lora")
+    extra = ["--train_text_encoder"] if text_encoder else []
+    argv = wuerstchen_args(assets, tmp_path, "--validation_prompt", AWKWARD_PROMPT, *extra)
+    args = script.parse_args([str(a) for a in argv])
+    swaps = {
+        '.to("cuda", torch.float16)': '.to("cpu", torch.float32)',
+        "height=1024, width=1024": "height=128, width=128, num_inference_steps=2, generator=torch.manual_seed(0)",
+    }
+    card = script.write_card(args, wuerstchen_checkpoint).read_text()
+    diffusers_route, peft_route = run_card_snippets(card, AWKWARD_PROMPT, swaps)
+    if text_encoder:  # the diffusers file holds the text encoder's LoRA too: with it, both routes load the same
+        images = [np.asarray(space["image"], dtype=np.int16) for space in (diffusers_route, peft_route)]
+        assert np.abs(images[0] - images[1]).max() <= 1
+
+
+def test_decompose_factor_is_checked_against_the_adapted_modules_only(assets, tmp_path, run_main):
+    """--decompose_factor 4 fits every attention projection (dims 32..80); the untargeted conv_in (4 input
+    channels, 4 > sqrt(4)) must not make the export refuse it."""
+    from peft import LoKrConfig
+
+    config = LoKrConfig(r=4, alpha=6, target_modules=["to_q", "to_k"], decompose_factor=4)
+    checkpoint, peft_unet = random_unet_checkpoint(assets, tmp_path, config)
+    exported = run_export(run_main, checkpoint, tmp_path / "f4.safetensors")
+    unet_config = json.loads((assets / "sdxl" / "unet" / "config.json").read_text())
+    assert assert_kohya_equals_peft(exported, {"unet": peft_unet}, unet_config) == len(
+        {k.rsplit(".", 1)[0] for k in exported}
+    )

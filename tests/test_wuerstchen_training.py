@@ -195,3 +195,71 @@ def test_bad_input(assets, tmp_path, run_main, capsys, change, message):
     assert run_main("train_wuerstchen_lora", argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0], errors
+
+
+def decoder_pipe_config(levels: int):
+    """What decodable_size reads from a combined pipeline: diffusers' Wuerstchen defaults, `levels` decoder levels."""
+    from types import SimpleNamespace as NS
+
+    return NS(
+        prior_pipe=NS(config=NS(resolution_multiple=42.67)),
+        decoder_pipe=NS(config=NS(latent_dim_scale=10.67), decoder=NS(config=NS(patch_size=2, c_hidden=[1] * levels))),
+    )
+
+
+@pytest.mark.parametrize(
+    ("levels", "size", "expected"),
+    [
+        # The real decoder (4 levels): its latent, int(ceil(size / 42.67) * 10.67), must divide by 2 * 2**3.
+        (4, 1024, 1024), (4, 768, 768), (4, 192, 256), (4, 576, 640), (4, 832, 896), (4, 960, 1024), (4, 168, 128),
+        # The tiny one (1 level): an even latent; 168 -> 4 embeddings -> 42 passes, 192 -> 5 -> 53 does not.
+        (1, 168, 168), (1, 192, 256), (1, 128, 128),
+    ],
+)  # fmt: skip
+def test_decodable_size(levels, size, expected):
+    assert wuerstchen.decodable_size(decoder_pipe_config(levels), size) == expected
+
+
+def test_resolution_192_validates_and_infers_with_the_decoder_offloaded(assets, tmp_path, monkeypatch, caplog, capsys):
+    """192 is an odd multiple of 64: validation and infer.py generate at 256 (the nearest size the tiny decoder
+    accepts; 128 is as near, the larger wins) and say so. Between validations the decoder, its text encoder
+    and the VQGAN are offloaded (on the CPU the device is the CPU: the offloads are recorded)."""
+    from difftune import training
+
+    events = []
+    real_offload, real_validation = training.offload, validation.run_validation
+
+    def spy_offload(modules):
+        events.append(("offload", {id(m) for m in modules}))
+        real_offload(modules)
+
+    def spy_validation(accelerator, args, pipe, step, dtype, **kwargs):
+        parts = (pipe.decoder_pipe.decoder, pipe.decoder_pipe.text_encoder, pipe.decoder_pipe.vqgan)
+        events.append(("validation", {id(m) for m in parts}, (kwargs["height"], kwargs["width"])))
+        return real_validation(accelerator, args, pipe, step, dtype, **kwargs)
+
+    monkeypatch.setattr(training, "offload", spy_offload)
+    monkeypatch.setattr(validation, "run_validation", spy_validation)
+    out = tmp_path / "run"
+    argv = wuerstchen_args(
+        assets, out, "--validation_prompt", "a red circle", "--num_validation_images", "1", "--validation_steps", "1",
+        "--validation_inference_steps", "1", steps=2, resolution=192,
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="difftune"):
+        assert run_script("train_wuerstchen_lora", argv) == 0
+    assert "validation images are 256x256: the Wuerstchen decoder cannot generate 192x192" in caplog.text
+    for step in (1, 2):
+        assert Image.open(out / "validation" / f"step{step:06d}_prompt0_0.png").size == (256, 256)
+
+    validations = [i for i, event in enumerate(events) if event[0] == "validation"]
+    assert len(validations) == 2 and all(events[i][2] == (256, 256) for i in validations)
+    for start, end in zip(validations, [*validations[1:], len(events)], strict=True):
+        offloaded = set().union(*(event[1] for event in events[start + 1 : end] if event[0] == "offload"))
+        assert events[start][1] <= offloaded, "the decoder's models stayed on the device after validation"
+
+    monkeypatch.undo()
+    capsys.readouterr()
+    argv = ["--checkpoint", out / "step2", "--prompt", "x", "--num_inference_steps", "1", "--output_dir", tmp_path]
+    assert run_script("infer", argv) == 0
+    assert "generating at height 256: the Wuerstchen decoder cannot generate height 192" in capsys.readouterr().out
+    assert Image.open(tmp_path / "00_x_00.png").size == (256, 256)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -11,6 +12,8 @@ import torch
 from difftune.data.captions import add_caption_args, check_caption_args
 from difftune.errors import UserError
 from difftune.objectives import check_objective_args
+
+logger = logging.getLogger("difftune")
 
 # --dtype / --mixed_precision values and the torch dtypes they mean ("no" precision: fp32).
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -20,7 +23,11 @@ OPTIMIZERS = {"adamw": None, "adamw8bit": "bitsandbytes", "prodigy": "prodigyopt
 
 
 class ErrorOnlyParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is reported like every other user error (one line, exit 2)."""
+    """argparse, but a bad flag is reported like every other user error (one line, exit 2), and only whole
+    flag names are accepted (argparse would read `--checkpoints 3` as --checkpoints_total_limit 3)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> None:
         raise UserError(f"{message} (see --help)")
@@ -192,10 +199,17 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise UserError(f"--max_train_steps must be positive, got {args.max_train_steps}")
     if args.learning_rate <= 0:
         raise UserError(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        raise UserError(
+            "--overwrite_output_dir deletes the checkpoints that --resume_from_checkpoint would continue from: "
+            "pass only one of them"
+        )
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit <= 0:
         raise UserError("--checkpoints_total_limit must be positive")
     check_optimizer_args(args)
     check_caption_args(args)
+    if getattr(args, "text_encoder_lr", None) is not None and not args.train_text_encoder:
+        logger.warning("--text_encoder_lr is unused without --train_text_encoder")
     if not 0.0 <= args.validation_split < 1.0:
         raise UserError(f"--validation_split must be in [0, 1), got {args.validation_split}")
     if args.validation_split and args.eval_data_dir:

@@ -39,6 +39,7 @@ def write_model_card(
         "| | |",
         "|---|---|",
         f"| base model | {', '.join(base_models)} |",
+        *([f"| base model sha256 | {args.base_model_sha256} |"] if getattr(args, "base_model_sha256", None) else []),
         f"| adapter | {adapter}, rank {args.rank}, alpha {alpha}, on {targets} |",
         f"| text encoder(s) trained | {'yes' if args.train_text_encoder else 'no'} |",
         f"| data | {data} |",
@@ -60,6 +61,11 @@ def write_model_card(
     path = Path(output_dir) / "README.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def literal(value: object) -> str:
+    """`value` as a Python string literal for the card's code (quotes, backslashes and all survive a paste)."""
+    return repr(str(value))
 
 
 def evaluation_table(output_dir: Path) -> list[str]:

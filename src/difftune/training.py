@@ -26,19 +26,22 @@ import torch
 from torch import nn
 
 from difftune import adapters as adapter_io
-from difftune import checkpoints, deepspeed_zero
+from difftune import checkpoints, deepspeed_zero, integrity, runlock
 from difftune.args import DTYPES
 from difftune.data import EpochBatchSampler, collate, num_update_steps_per_epoch, to_device
 from difftune.ema import make_ema
 from difftune.errors import UserError
 from difftune.evaluation import eval_mode, evaluation_loss, held_out_split
+from difftune.resume import apply_optimizer_flags, take_checkpoint_settings
 from difftune.updates import check_distributed_optimizer, make_update
 
 logger = logging.getLogger("difftune")
 
 
 def setup_run(args: argparse.Namespace):
-    """Check the run's settings and output dir, then make its Accelerator; fills in a random seed if none."""
+    """Check the run's settings and output dir, then make its Accelerator. Resolves --resume_from_checkpoint
+    to the checkpoint it names (None: a new run), whose seed and settings a resumed run keeps; a new run
+    without --seed gets a random one."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
@@ -53,7 +56,6 @@ def setup_run(args: argparse.Namespace):
         except ImportError:
             raise UserError("--report_to wandb needs wandb: pip install wandb (or use tensorboard)") from None
     output_dir = Path(args.output_dir)
-    checkpoints.check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     # SDXL conditions on the penultimate hidden states, so a text encoder's last layer gets no
     # gradient: DDP must be told that some adapter weights may go unused.
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=bool(getattr(args, "train_text_encoder", False)))]
@@ -61,6 +63,9 @@ def setup_run(args: argparse.Namespace):
     if deepspeed_zero.requested():
         deepspeed_zero.check_installed()
         handlers += deepspeed_zero.process_group_kwargs()
+    if os.environ.get("RANK", "0") == "0":  # the main process, before it reads or tidies the folder
+        runlock.hold_output_dir(output_dir)
+    checkpoints.check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     accelerator = Accelerator(
         mixed_precision=precision,
         kwargs_handlers=handlers,
@@ -92,6 +97,10 @@ def setup_run(args: argparse.Namespace):
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    resume_dir = main_decides(accelerator, lambda: checkpoints.resolve_resume(output_dir, args.resume_from_checkpoint))
+    args.resume_from_checkpoint = None if resume_dir is None else str(resume_dir)  # recorded as used
+    if resume_dir is not None:
+        take_checkpoint_settings(args, resume_dir, accelerator.num_processes)  # its seed; changed flags
     if args.seed is None:
         args.seed = main_decides(accelerator, lambda: int.from_bytes(os.urandom(4), "little"))
     # Seeds what runs before the loop, the adapters' random init above all: a run is reproducible.
@@ -352,19 +361,19 @@ class TrainingRun:
 
     def resume(self) -> None:
         """Adapters, optimizer, EMA, scheduler and counters from --resume_from_checkpoint (if any)."""
-        args = self.args
-        resume_dir = main_decides(
-            self.accelerator, lambda: checkpoints.resolve_resume(self.output_dir, args.resume_from_checkpoint)
-        )
-        if resume_dir is None:
+        if self.args.resume_from_checkpoint is None:  # setup_run resolved it
             return
+        resume_dir = Path(self.args.resume_from_checkpoint)
         state = checkpoints.read_json(resume_dir / checkpoints.STATE_FILE)
         check_resumable(state, self.update.kind, self.accelerator.num_processes, resume_dir)
         adapter_io.load_adapters(self.adapters, resume_dir)
+        optimizer = self.update.optimizer
+        fresh = [{"initial_lr": g["initial_lr"], "weight_decay": g.get("weight_decay")} for g in optimizer.param_groups]
         self.update.load(resume_dir)
         if self.ema is not None:
             self.ema.load(resume_dir)
         self.lr_scheduler.load_state_dict(checkpoints.load_torch_state(resume_dir / checkpoints.SCHEDULER_FILE))
+        apply_optimizer_flags(optimizer, self.lr_scheduler, fresh)
         self.global_step, self.nonfinite_steps = state["global_step"], state.get("nonfinite_steps", 0)
         if state.get("steps_per_epoch") not in (None, self.steps_per_epoch):
             logger.warning("the data or batch settings changed since %s: the data order will differ", resume_dir)
@@ -378,15 +387,24 @@ class TrainingRun:
         if self.held_out:
             source = args.eval_data_dir or f"{len(self.dataset)} samples"
             logger.info("evaluation loss on %d held-out samples of %s", len(self.held_out), source)
+        per_epoch = len(self.sampler) * args.train_batch_size * accelerator.num_processes
         logger.info(
-            "training: %d samples, %d steps per epoch, %d steps, batch %d x %d processes x %d accumulation",
+            "training: %d samples, %d of them per epoch in %d batches of %d x %d processes; %d steps per epoch "
+            "(accumulation %d), %d steps",
             len(self.train_indices),
-            self.steps_per_epoch,
-            self.max_steps,
+            per_epoch,
+            len(self.sampler),
             args.train_batch_size,
             accelerator.num_processes,
+            self.steps_per_epoch,
             self.accum,
+            self.max_steps,
         )
+        if per_epoch < len(self.train_indices):
+            logger.info(
+                "each epoch leaves out %d samples that do not fill a batch (a different share each epoch)",
+                len(self.train_indices) - per_epoch,
+            )
 
     def loop(self) -> tuple[int, Path]:
         """Steps until --max_train_steps or a stop signal, with checkpoints and validation on their schedule;
@@ -405,14 +423,14 @@ class TrainingRun:
         gc.collect()
         gc.freeze()
         epoch, step_in_epoch = divmod(self.global_step, self.steps_per_epoch)
-        with StopRequest() as stop:
+        with StopRequest() as stop, progress:  # an error closes the bar first: its message gets a line
             while self.global_step < self.max_steps and not stopped_by:
                 self.sampler.set_epoch(epoch, start=step_in_epoch * self.accum)
                 if hasattr(self.dataset, "set_epoch"):
                     self.dataset.set_epoch(epoch)
                 batches = iter(self.loader)
-                for _ in range(step_in_epoch, self.steps_per_epoch):
-                    step_start = self.step(batches)
+                for index in range(step_in_epoch, self.steps_per_epoch):
+                    step_start = self.step(batches, min(self.accum, len(self.sampler) - index * self.accum))
                     lr = self.lr_scheduler.get_last_lr()[0]
                     progress.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
                     progress.update(1)  # redraws at most every 0.1 s
@@ -438,32 +456,33 @@ class TrainingRun:
             accelerator.end_training()
         return stopped_by, final
 
-    def step(self, batches) -> float:
-        """One optimizer step: the micro-batches' forward and backward, then the update (timed by phase);
-        returns when it started."""
+    def step(self, batches, micro_batches: int) -> float:
+        """One optimizer step: the micro-batches' forward and backward (fewer than
+        --gradient_accumulation_steps at an epoch's end), then the update (timed by phase); returns when it
+        started."""
         accelerator, update = self.accelerator, self.update
         step_start = time.perf_counter()
         phase = self.times.start_step()
         losses = []
-        for micro in range(self.accum):
+        for micro in range(micro_batches):
             tick = time.perf_counter()
             batch = to_device(next(batches), accelerator.device)
             phase["data"] += time.perf_counter() - tick
             torch.manual_seed(micro_batch_seed(self.args.seed, self.global_step, micro, accelerator.process_index))
-            with update.micro_batch(last=micro == self.accum - 1):
+            with update.micro_batch(last=micro == micro_batches - 1):
                 tick = time.perf_counter()
                 loss = self.compute_loss(batch, update.models)
                 phase["forward"] += time.perf_counter() - tick
                 tick = time.perf_counter()
-                update.backward(loss)
+                update.backward(loss, micro_batches)
                 phase["backward"] += time.perf_counter() - tick
             losses.append(loss.detach().float())
         tick = time.perf_counter()
         self.last_loss, finite = gathered_losses(accelerator, losses)
         if not finite:
             self.count_nonfinite_step()
-        update.step(finite)
-        if self.ema is not None:
+        stepped = update.step(finite)
+        if self.ema is not None and stepped:  # a skipped update must not advance the EMA's decay schedule
             with update.full_precision_weights():  # all processes: a collective under DeepSpeed
                 self.ema.step()
         self.lr_scheduler.step()
@@ -521,6 +540,14 @@ class TrainingRun:
         accelerator.wait_for_everyone()
 
     def write_checkpoint(self, step: int) -> Path:
+        """The checkpoint of `step`; a full disk stops the run, leaving the earlier checkpoints as they were."""
+        found = checkpoints.list_checkpoints(self.output_dir)
+        intact = f"step {found[-1][0]} is intact" if found else "no earlier checkpoint was written"
+        partial = checkpoints.partial_dir(self.output_dir, step)
+        with integrity.disk_full_stops(partial, self.output_dir, f"step {step}", intact):
+            return self.write_checkpoint_files(step)
+
+    def write_checkpoint_files(self, step: int) -> Path:
         """All processes: each may hold a share of the optimizer state; the main process writes the rest."""
         accelerator, update = self.accelerator, self.update
         accelerator.wait_for_everyone()

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import math
 from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,6 +53,94 @@ def flatten_param_groups(param_groups: list[dict]) -> list[dict]:
         flat_param.grad = grad
         flat_groups.append({**group, "params": [flat_param]})
     return flat_groups
+
+
+@dataclass
+class OptimizerLayout:
+    """How the optimizer sees the adapter parameters: per group, their names and shapes, either one by one
+    or packed into one flat parameter per group (flatten_param_groups)."""
+
+    groups: list[list[tuple[str, tuple[int, ...]]]]
+    flat: bool = False
+
+    @classmethod
+    def of(cls, adapters: dict[str, nn.Module], param_groups: list[dict]) -> OptimizerLayout:
+        names = {id(p): f"{adapter}/{n}" for adapter, model in adapters.items() for n, p in model.named_parameters()}
+        return cls([[(names[id(p)], tuple(p.shape)) for p in group["params"]] for group in param_groups])
+
+    def to_dict(self) -> dict:
+        return {"groups": [[[name, list(shape)] for name, shape in group] for group in self.groups], "flat": self.flat}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> OptimizerLayout:
+        return cls([[(name, tuple(shape)) for name, shape in group] for group in data["groups"]], data["flat"])
+
+    def unpack(self, state_dict: dict) -> tuple[list[dict], dict[str, dict]]:
+        """(the groups' settings, each parameter's state by name) of an optimizer state_dict in this layout."""
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in state_dict["param_groups"]]
+        by_name = {}
+        for group, members in zip(state_dict["param_groups"], self.groups, strict=True):
+            if not self.flat:
+                pairs = zip(group["params"], members, strict=True)
+                by_name.update({name: state_dict["state"].get(i, {}) for i, (name, _) in pairs})
+                continue
+            state = state_dict["state"].get(group["params"][0], {})
+            sizes = [math.prod(shape) for _, shape in members]
+            for name, values in zip([name for name, _ in members], split_state(state, sizes), strict=True):
+                by_name[name] = values
+        return settings, by_name
+
+    def pack(self, unpacked: tuple[list[dict], dict[str, dict]]) -> dict:
+        """An optimizer state_dict in this layout from unpack()'s result (the same parameters by name)."""
+        settings, by_name = unpacked
+        missing = {name for group in self.groups for name, _ in group} - by_name.keys()
+        if missing:
+            raise ValueError(f"the saved optimizer state has no entry for {sorted(missing)[0]}")
+        for name, shape in (member for group in self.groups for member in group):
+            if any(is_elementwise(v) and v.numel() != math.prod(shape) for v in by_name[name].values()):
+                raise ValueError(f"the optimizer state of {name} is not per element and cannot be re-packed")
+        state, param_groups, index = {}, [], 0
+        for group_settings, members in zip(settings, self.groups, strict=True):
+            if self.flat:
+                states = [by_name[name] for name, _ in members]
+                if any(states):
+                    state[index] = {key: join_state([s[key] for s in states]) for key in states[0]}
+                param_groups.append({**group_settings, "params": [index]})
+                index += 1
+                continue
+            for offset, (name, shape) in enumerate(members):
+                if by_name[name]:
+                    values = by_name[name].items()
+                    state[index + offset] = {k: v.view(shape) if is_elementwise(v) else v for k, v in values}
+            param_groups.append({**group_settings, "params": list(range(index, index + len(members)))})
+            index += len(members)
+        return {"state": state, "param_groups": param_groups}
+
+
+def is_elementwise(value: object) -> bool:
+    """A per-element statistic (Adam's moments, ...), as opposed to a scalar such as the step count."""
+    return torch.is_tensor(value) and value.dim() > 0
+
+
+def split_state(state: dict, sizes: list[int]) -> list[dict]:
+    """A packed parameter's state cut into its members' (scalars are shared)."""
+    total = sum(sizes)
+    for key, value in state.items():
+        if is_elementwise(value) and value.numel() != total:
+            raise ValueError(f"the optimizer's {key!r} state is not per element (quantized?) and cannot be re-packed")
+    parts = [{} for _ in sizes]
+    for key, value in state.items():
+        chunks = value.reshape(-1).split(sizes) if is_elementwise(value) else [value] * len(sizes)
+        for part, chunk in zip(parts, chunks, strict=True):
+            part[key] = chunk.clone() if is_elementwise(value) else chunk
+    return parts
+
+
+def join_state(values: list) -> object:
+    """The members' states of one key packed into one (scalars such as the step count are equal: one)."""
+    if not is_elementwise(values[0]):
+        return values[0]
+    return torch.cat([value.reshape(-1) for value in values])
 
 
 def build_optimizer(args: argparse.Namespace, param_groups: list[dict]) -> torch.optim.Optimizer:
@@ -106,10 +196,13 @@ class DataParallelUpdate:
         self.accelerator = accelerator
         self.accum = args.gradient_accumulation_steps
         self.max_grad_norm = args.max_grad_norm
+        self.layout = OptimizerLayout.of(adapters, param_groups)
+        self.quantized_state = args.optimizer == "adamw8bit"
         if accelerator.num_processes == 1 and args.optimizer != "adafactor":
             # Not under DDP: its reducer gives the parameters gradient tensors of its own, cutting the views.
             # Not for Adafactor: it factors each matrix's second moment, which one flat vector has not.
             param_groups = flatten_param_groups(param_groups)
+            self.layout.flat = True
         self.params = [p for group in param_groups for p in group["params"]]
         self.optimizer = build_optimizer(args, param_groups)  # for the lr scheduler and the checkpoint
         *prepared, self.stepper = accelerator.prepare(*adapters.values(), self.optimizer)  # fp16 loss scaling
@@ -123,27 +216,52 @@ class DataParallelUpdate:
                 stack.enter_context(self.accelerator.no_sync(model))
         return stack
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss / self.accum)
+    def backward(self, loss: torch.Tensor, micro_batches: int) -> None:
+        """The step's gradient is the mean over its `micro_batches`."""
+        self.accelerator.backward(loss / micro_batches)
 
-    def step(self, finite: bool) -> None:
-        """Clip and step (not when a loss was non-finite), then zero the gradients for the next step."""
+    def step(self, finite: bool) -> bool:
+        """Clip and step (not when a loss was non-finite), then zero the gradients for the next step;
+        returns whether the weights were updated (fp16 loss scaling also skips steps that overflow)."""
         if finite:
             if self.max_grad_norm > 0:
                 self.accelerator.unscale_gradients()  # no-op unless fp16
                 torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
             self.stepper.step()
         self.stepper.zero_grad(set_to_none=False)  # with one process the gradients are views: keep them
+        return finite and not self.stepper.step_was_skipped
 
     def full_precision_weights(self) -> nullcontext:
         return nullcontext()  # the adapters' weights are fp32 already
 
     def save(self, directory: Path) -> None:
+        """The optimizer state with the names of the parameters it belongs to, so that a run with another
+        number of processes (packed or not) can load it."""
         if self.accelerator.is_main_process:
-            checkpoints.save_torch_state(self.optimizer.state_dict(), directory / checkpoints.OPTIMIZER_FILE)
+            saved = {"state_dict": self.optimizer.state_dict(), "layout": self.layout.to_dict()}
+            checkpoints.save_torch_state(saved, directory / checkpoints.OPTIMIZER_FILE)
 
     def load(self, directory: Path) -> None:
-        self.optimizer.load_state_dict(checkpoints.load_torch_state(directory / checkpoints.OPTIMIZER_FILE))
+        saved = checkpoints.load_torch_state(directory / checkpoints.OPTIMIZER_FILE)
+        if "layout" not in saved:  # written before the layout was recorded: loads into the same packing only
+            self.optimizer.load_state_dict(saved)
+            return
+        state_dict, layout = saved["state_dict"], OptimizerLayout.from_dict(saved["layout"])
+        if layout.flat != self.layout.flat:
+            if self.quantized_state:
+                logger.warning(
+                    "%s: the adamw8bit state is quantized per block of the packed buffer and cannot be re-packed "
+                    "for another number of processes; the optimizer's moments start afresh (the adapter weights "
+                    "are resumed)",
+                    directory,
+                )
+                return
+            try:
+                state_dict = self.layout.pack(layout.unpack(state_dict))
+            except ValueError as error:
+                logger.warning("%s: the optimizer's moments start afresh (the adapter weights are resumed)", error)
+                return
+        self.optimizer.load_state_dict(state_dict)
 
 
 class DeepSpeedUpdate:
@@ -154,6 +272,7 @@ class DeepSpeedUpdate:
     def __init__(self, accelerator, args: argparse.Namespace, adapters: dict[str, nn.Module], param_groups: list[dict]):
         from difftune import deepspeed_zero
 
+        self.accum = args.gradient_accumulation_steps
         trainable = sum(p.numel() for group in param_groups for p in group["params"])
         deepspeed_zero.configure(accelerator, args, trainable)
         # The engine takes one model: the adapted models together. Their forward is called directly,
@@ -175,15 +294,19 @@ class DeepSpeedUpdate:
         self.engine.set_gradient_accumulation_boundary(last)
         return nullcontext()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)  # scales by 1 / gradient_accumulation_steps itself
+    def backward(self, loss: torch.Tensor, micro_batches: int) -> None:
+        """The step's gradient is the mean over its `micro_batches` (the engine divides by
+        gradient_accumulation_steps itself, also on an epoch's shorter last step)."""
+        self.engine.backward(loss * (self.accum / micro_batches))
 
-    def step(self, finite: bool) -> None:
+    def step(self, finite: bool) -> bool:
+        """The engine's step; returns whether it updated the weights."""
         # A non-finite loss makes a non-finite gradient norm, and DeepSpeed then skips the update itself
         # (its config cannot turn that check off here: deepspeed_zero.configure refuses it).
         self.engine.step()
         if not finite and self.engine.was_step_applied():
             raise RuntimeError("DeepSpeed applied an update from a non-finite loss; its overflow check is off")
+        return self.engine.was_step_applied()
 
     @contextmanager
     def full_precision_weights(self):

@@ -8,6 +8,7 @@ Hub repos (warp-ai/wuerstchen-prior, warp-ai/wuerstchen) and for local copies of
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,6 +178,26 @@ def build_combined_pipeline(prior: PriorComponents, decoder: dict[str, object]):
         prior_prior=prior.prior,
         prior_scheduler=prior.scheduler,
     )
+
+
+def decodable_size(pipe, size: int) -> int:
+    """`size` if the combined pipeline can generate it, else the nearest multiple of 64 it can (ties: the larger).
+
+    The prior makes ceil(size / resolution_multiple) embeddings a side and the decoder's latent is int(that *
+    latent_dim_scale), which its patching and down-sampling must divide: at 192 the latent is 53 and the decoder's
+    PixelUnshuffle(2) rejects it (the real decoder needs a multiple of 16, which multiples of 128 give).
+    """
+    decoder = pipe.decoder_pipe.decoder.config
+    divisor = decoder.patch_size * 2 ** (len(decoder.c_hidden) - 1)
+
+    def decodable(side: int) -> bool:
+        embeddings = math.ceil(side / pipe.prior_pipe.config.resolution_multiple)
+        return int(embeddings * pipe.decoder_pipe.config.latent_dim_scale) % divisor == 0
+
+    if decodable(size):
+        return size
+    candidates = [side for side in range(64, 4 * size + 64, 64) if decodable(side)]
+    return min(candidates, key=lambda side: (abs(side - size), -side), default=size)
 
 
 def save_diffusers_lora(directory: Path, adapters: dict[str, tuple[dict, dict[str, torch.Tensor]]]) -> None:

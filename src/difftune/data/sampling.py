@@ -80,13 +80,8 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
 
 
 def num_update_steps_per_epoch(batches_per_epoch: int, gradient_accumulation_steps: int) -> int:
-    steps = batches_per_epoch // gradient_accumulation_steps
-    if steps == 0:
-        raise UserError(
-            f"one epoch has {batches_per_epoch} batches, fewer than --gradient_accumulation_steps "
-            f"{gradient_accumulation_steps}: lower it or add images"
-        )
-    return steps
+    """Optimizer steps per epoch: the last one accumulates what is left (as diffusers' scripts count)."""
+    return math.ceil(batches_per_epoch / gradient_accumulation_steps)
 
 
 def epochs_for(max_train_steps: int, steps_per_epoch: int) -> int:

@@ -68,7 +68,9 @@ def load_captioned_images(
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         hint = (
             "the Hub is offline (HF_HUB_OFFLINE=1): use a cached data set or --train_data_dir"
-            if is_offline() and dataset_name and not Path(dataset_name).exists()
+            if is_offline() and train_data_dir is None and dataset_name and not Path(dataset_name).exists()
+            else f"check that {folder_flag} is an image folder with a metadata.jsonl (file_name, text)"
+            if train_data_dir is not None
             else "check the name, or use --train_data_dir for a local image folder"
         )
         raise UserError(f"cannot load {source}: {first_line} ({hint})") from None
