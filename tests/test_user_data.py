@@ -26,6 +26,7 @@ from test_cache_buckets import losses_of
 from difftune import args as cli
 from difftune import cache, data
 from difftune.data.captions import CaptionOptions
+from difftune.errors import UserError
 
 
 def image(path: Path, seed: int, size: tuple[int, int] = (72, 64)) -> None:
@@ -355,3 +356,20 @@ def test_validation_split_holds_out_whole_images_with_their_repeats(tmp_path):
     train_rows, held_rows = {dataset.row(i) for i in train}, [dataset.row(i) for i in held]
     assert len(held_rows) == len(set(held_rows)) == 2 and not train_rows & set(held_rows)
     assert len(train) + sum(dataset.sample_rows.count(r) for r in held_rows) == len(dataset) == 8
+
+
+def test_cached_shuffling_needs_caption_variants(tmp_path):
+    parser = cli.ErrorOnlyParser()
+    cli.add_data_args(parser, resolution=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(["--train_data_dir", str(tagged_folder(tmp_path / "data", 2)), "--shuffle_caption"])
+    dataset = data.dataset_from_args(args, data.ImageTransform(True, False), lambda caption: {})
+    with pytest.raises(UserError, match="needs --caption_variants K"):
+        dataset.texts()
+    dataset.caption_variants = 3
+    texts = dataset.texts()
+    tag_sets = [{f"sks{i}", "red", "round", "small", "shiny", f"tag{i}"} for i in range(2)]
+    assert 2 < len(texts) <= 6 and all(set(t.split(", ")) in tag_sets for t in texts)  # K orders of each caption
+    for epoch in range(3):  # every caption a sample draws is one of the cached texts
+        dataset.set_epoch(epoch)
+        assert {dataset.caption(i) for i in range(len(dataset))} <= set(texts)
