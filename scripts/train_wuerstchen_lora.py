@@ -95,7 +95,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return cli.parse(parser, argv, image_cache_flag="cache_image_embeddings")
 
 
-def write_card(args: argparse.Namespace, checkpoint: Path) -> Path:
+def write_card(args: argparse.Namespace, checkpoint: Path, samples_per_epoch: int | None = None) -> Path:
     """The run's README.md; its snippets load `checkpoint` as written (values pasted as Python literals)."""
     prior, decoder = args.pretrained_prior_model_name_or_path, args.pretrained_decoder_model_name_or_path
     loading = LOADING.format(
@@ -113,6 +113,7 @@ def write_card(args: argparse.Namespace, checkpoint: Path) -> Path:
         base_models=[prior, decoder],
         adapter="LoRA",
         loading=loading,
+        samples_per_epoch=samples_per_epoch,
     )
 
 
@@ -205,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )  # fmt: skip
 
     if accelerator.is_main_process:
-        write_card(args, result.final_checkpoint)
+        write_card(args, result.final_checkpoint, dataset.samples_per_epoch())
         print(f"done: {result.global_step} steps, final checkpoint {result.final_checkpoint}")
 
 

@@ -340,7 +340,7 @@ class TrainingRun:
         """The held-out split, and the loader of the training share in per-epoch shuffled batches."""
         args, dataset, accelerator = self.args, self.dataset, self.accelerator
         self.train_indices, self.held_out = held_out_split(dataset, args.validation_split, args.seed)
-        sizes = getattr(dataset, "target_sizes", None)
+        sizes = getattr(dataset, "batch_groups", None) or getattr(dataset, "target_sizes", None)  # one per batch
         self.sampler = EpochBatchSampler(
             len(self.train_indices),
             args.train_batch_size,
