@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from difftune import adapters, data, init_adapter, objectives, sdxl, single_file, training, validation
+from difftune import adapters, data, init_adapter, objectives, run_setup, sdxl, single_file, training, validation
 from difftune import args as cli
 from difftune.errors import run_cli
 from difftune.modelcard import literal, write_model_card
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     objectives.check_timestep_range(
         args, lambda: sdxl.num_train_timesteps(args.pretrained_model_name_or_path, args.revision)
     )
-    accelerator = training.setup_run(args)
+    accelerator = run_setup.setup_run(args)
     device, dtype = accelerator.device, training.weight_dtype(accelerator)
 
     # Models: frozen in the weight dtype; the VAE in fp32 unless it is made for fp16 (force_upcast off).

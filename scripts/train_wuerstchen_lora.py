@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from difftune import adapters, data, init_adapter, objectives, training, validation, wuerstchen
+from difftune import adapters, data, init_adapter, objectives, run_setup, training, validation, wuerstchen
 from difftune import args as cli
 from difftune.errors import run_cli
 from difftune.modelcard import literal, write_model_card
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     start = init_adapter.prepare(args, argv, ["prior", "text_encoder"])
     objectives.check_timestep_range(args, lambda: objectives.CONTINUOUS_BINS)
-    accelerator = training.setup_run(args)
+    accelerator = run_setup.setup_run(args)
     device, dtype = accelerator.device, training.weight_dtype(accelerator)
 
     # Models: the prior, its text encoder and the frozen EfficientNet image encoder.
