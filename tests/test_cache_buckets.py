@@ -8,9 +8,8 @@ import pytest
 import torch
 from conftest import launch
 from helpers import sdxl_args, spy_on_training, wuerstchen_args
-from PIL import Image
 
-from difftune.data import EpochBatchSampler, ImageTransform, make_buckets
+from difftune.data import EpochBatchSampler, make_buckets
 
 SDXL_CACHES = ("--cache_latents", "--cache_text_embeddings")
 WUERSTCHEN_CACHES = ("--cache_image_embeddings", "--cache_text_embeddings")
@@ -97,14 +96,6 @@ def test_bucketed_batches_come_from_one_bucket():
         batches = list(sampler)
         assert len(batches) == len(sampler) > 0
         assert all(len({groups[i] for i in batch}) == 1 for batch in batches)
-
-
-def test_time_ids_in_a_landscape_bucket():
-    image = Image.new("RGB", (300, 100))
-    transform = ImageTransform(center_crop=True, random_flip=False)
-    pixels, original, (top, left) = transform(image, (64, 192), None)
-    assert pixels.shape == (3, 64, 192) and original == (100, 300)
-    assert (top, left) == (0, round((192 - 192) / 2))
 
 
 def test_bucketed_run_with_cache_uses_non_square_latents(assets, tmp_path, run_main, monkeypatch):
