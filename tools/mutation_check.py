@@ -442,7 +442,9 @@ def run_mutation(root: Path, mutation: Mutation, assets: Path, timeout: int) -> 
         except subprocess.TimeoutExpired:
             return "timeout", time.monotonic() - start, ""
         seconds = time.monotonic() - start
-        summary = (proc.stdout.strip().splitlines() or [""])[-1]
+        lines = proc.stdout.strip().splitlines() or [""]
+        failed = [line.split(" - ")[0].removeprefix("FAILED ") for line in lines if line.startswith("FAILED ")]
+        summary = lines[-1] + (f"; failed: {failed[0]}" if failed else "")
         status = {0: "MISSED", 1: "caught"}.get(proc.returncode, "error")
         return status, seconds, summary
 
