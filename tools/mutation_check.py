@@ -77,10 +77,12 @@ MUTATIONS = [
         "Wuerstchen LoRA at the wrong strength",
     ),
     Mutation(
-        "adapters: adapter weights not kept fp32",
-        files("src/difftune/adapters.py"), "parameter.data = parameter.data.float()", "parameter.data = parameter.data",
+        "adapters: adapter weights cast to the model's dtype",
+        files("src/difftune/adapters.py"), "parameter.data = parameter.data.float()",
+        "parameter.data = parameter.data.to(model.dtype)",
         ("tests/test_sdxl_training.py::test_text_encoder_training_in_bf16",),
-        "bf16 adapter weights: small updates round away",
+        "bf16 adapter weights (the frozen model's dtype): small updates round away. (peft keeps new adapters "
+        "fp32 itself, so dropping the cast alone changes nothing)",
     ),
     Mutation(
         "adapters: --gradient_checkpointing ignored",
