@@ -4,6 +4,7 @@ tests that should catch it. Prints caught / missed per mutation and the score (`
     python tools/mutation_check.py              # every mutation (tens of minutes on 2 cores)
     python tools/mutation_check.py --only export --only snr   # those whose name contains a word
     python tools/mutation_check.py --check      # only check that every snippet is still found
+    python tools/mutation_check.py --check --root ../main   # ... in another checkout
 
 A mutation names its file by glob patterns (a module may become a package), the exact snippet it replaces
 (found exactly once across those files: else it is reported STALE, to be updated after a merge), the
@@ -463,10 +464,12 @@ def main() -> int:
     parser.add_argument("--only", action="append", default=[], help="Run mutations whose name contains this.")
     parser.add_argument("--check", action="store_true", help="Only check that every snippet is found once.")
     parser.add_argument("--timeout", type=int, default=1200, help="Seconds per mutation's tests.")
+    parser.add_argument("--root", type=Path, default=ROOT, help="The repo to mutate (default: this one).")
     args = parser.parse_args()
+    root = args.root.resolve()
 
     chosen = [m for m in MUTATIONS if not args.only or any(word in m.name for word in args.only)]
-    stale = [(m, why) for m in chosen for path, why in [locate(ROOT, m)] if path is None]
+    stale = [(m, why) for m in chosen for path, why in [locate(root, m)] if path is None]
     for mutation, why in stale:
         print(f"STALE    {mutation.name}: {why}")
     if args.check:
@@ -475,14 +478,14 @@ def main() -> int:
 
     results = []
     with tempfile.TemporaryDirectory(prefix="difftune-mutation-assets-") as assets:
-        build_assets(ROOT, Path(assets))
+        build_assets(root, Path(assets))
         for mutation in chosen:
             if any(mutation is m for m, _ in stale):
                 continue
             if not mutation.tests:
                 print(f"untested {mutation.name}: {mutation.why}", flush=True)
                 continue
-            status, seconds, summary = run_mutation(ROOT, mutation, Path(assets), args.timeout)
+            status, seconds, summary = run_mutation(root, mutation, Path(assets), args.timeout)
             results.append(status)
             print(f"{status:8} {mutation.name} ({seconds:.0f} s; {summary})", flush=True)
     caught = results.count("caught")
