@@ -251,8 +251,6 @@ def test_same_seed_same_weights_whatever_ran_before(assets, tmp_path, run_main):
 
 
 def test_latest_is_the_highest_complete_step(tmp_path):
-    from difftune import training
-
     for step in (2, 10, 9):
         checkpoints.checkpoint_dir(tmp_path, step).mkdir()
         (checkpoints.checkpoint_dir(tmp_path, step) / checkpoints.STATE_FILE).write_text("{}")
@@ -260,6 +258,11 @@ def test_latest_is_the_highest_complete_step(tmp_path):
     (tmp_path / ".partial-step12").mkdir()
     assert [step for step, _ in checkpoints.list_checkpoints(tmp_path)] == [2, 9, 10]
     assert checkpoints.resolve_resume(tmp_path, "latest") == tmp_path / "step10"
-    # Every micro-batch of every step and process draws its own noise and timesteps.
+
+
+def test_every_micro_batch_draws_its_own_noise():
+    from difftune import training
+
+    # The global RNG is re-seeded per (seed, step, micro-batch, process): all distinct, so no two draw alike.
     seeds = {training.micro_batch_seed(0, s, m, p) for s in range(50) for m in range(2) for p in range(2)}
     assert len(seeds) == 200 and training.micro_batch_seed(1, 0, 0, 0) not in seeds

@@ -319,7 +319,7 @@ MUTATIONS = [
         "training: the same noise every step",
         files("src/difftune/training.py"), 'f"{seed}:{step}:{micro_batch}:{process_index}"',
         'f"{seed}:{micro_batch}:{process_index}"',
-        ("tests/test_reliability.py", "-k", "latest_is_the_highest"),
+        ("tests/test_reliability.py", "-k", "own_noise"),
         "every step draws the same noise and timesteps",
     ),
     Mutation(
