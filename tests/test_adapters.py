@@ -70,6 +70,19 @@ def test_lokr_is_a_noop_at_step_zero_and_only_it_trains(assets, init, decompose_
     assert any(".conv1.lokr_" in n for n in trainable)  # Conv2d layers take LoKr too
 
 
+def test_adapters_on_a_bf16_model_are_fp32(assets):
+    """Mixed precision freezes the base in bf16 before the adapters are attached; they must train in fp32 (with
+    one process the optimizer's flat buffer would hide a bf16 adapter, under DDP nothing does)."""
+    from transformers import CLIPTextModelWithProjection
+
+    encoder = CLIPTextModelWithProjection.from_pretrained(assets / "sdxl", subfolder="text_encoder_2")
+    encoder = encoder.to(torch.bfloat16)
+    peft_encoder = adapters.attach(encoder, adapters.lokr_config(lokr_args(), ["q_proj", "fc1"]), "base")
+    dtypes = {name: p.dtype for name, p in peft_encoder.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lokr_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lokr_" not in n} == {torch.bfloat16}
+
+
 def test_lokr_config_has_every_flag_s_value():
     """A distinct value for every LoKr flag, parsed by the SDXL script, lands in the peft field it names."""
     argv = sdxl_args(

@@ -81,9 +81,10 @@ MUTATIONS = [
         "adapters: adapter weights cast to the model's dtype",
         files("src/difftune/adapters.py"), "parameter.data = parameter.data.float()",
         "parameter.data = parameter.data.to(model.dtype)",
-        ("tests/test_sdxl_training.py::test_text_encoder_training_in_bf16",),
-        "bf16 adapter weights (the frozen model's dtype): small updates round away. (peft keeps new adapters "
-        "fp32 itself, so dropping the cast alone changes nothing)",
+        ("tests/test_adapters.py::test_adapters_on_a_bf16_model_are_fp32",),
+        "bf16 adapter weights under DDP (the frozen model's dtype): small updates round away. peft keeps new "
+        "adapters fp32 itself (dropping the cast changes nothing), and with one process the optimizer's flat fp32 "
+        "buffer hides a bf16 adapter, so the in-process bf16 run cannot see this one",
     ),
     Mutation(
         "adapters: --gradient_checkpointing ignored",
