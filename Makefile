@@ -6,7 +6,7 @@ ASSETS := work_dirs/tiny_assets
 DEMO := work_dirs/demo
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv assets demo test test-fast lint clean bench-real
+.PHONY: venv assets demo test test-fast lint clean bench-real mutation-check
 
 venv: $(VENV)/.installed
 
@@ -44,3 +44,8 @@ clean:
 # Real-size SDXL: floor vs peft LoKr vs factored LoKr (minutes, ~20 GB; parts: ARGS="--only layers").
 bench-real: venv
 	PYTHONPATH=src $(BIN)/python benchmarks/bench_real_size.py $(ARGS)
+
+# Realistic one-line bugs, each in a temporary copy, against the tests that should catch them (tens of minutes;
+# not part of `make test`). Some only: ARGS="--only export"; snippets still found after a merge: ARGS="--check".
+mutation-check: venv
+	$(BIN)/python tools/mutation_check.py $(ARGS)

@@ -22,7 +22,10 @@ SCRIPTS = ROOT / "scripts"
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> Path:
-    """Tiny models and toy data, made by the project's own script."""
+    """Tiny models and toy data, made by the project's own script (or, for tools/mutation_check.py, made once
+    by it and named in DIFFTUNE_TEST_ASSETS)."""
+    if os.environ.get("DIFFTUNE_TEST_ASSETS"):
+        return Path(os.environ["DIFFTUNE_TEST_ASSETS"])
     out = tmp_path_factory.mktemp("assets")
     subprocess.run([sys.executable, str(SCRIPTS / "make_tiny_assets.py"), str(out)], check=True, capture_output=True)
     return out

@@ -50,7 +50,8 @@ def test_assets_are_deterministic(assets, tmp_path):
         check=True,
         capture_output=True,
     )
-    for name in ("metadata.jsonl", "000_red_circle.png"):
-        if (assets / "data" / name).exists():
-            assert (tmp_path / "data" / name).read_bytes() == (assets / "data" / name).read_bytes()
-    assert (tmp_path / "data" / "metadata.jsonl").read_text() == (assets / "data" / "metadata.jsonl").read_text()
+    built = sorted(p.relative_to(assets / "data") for p in (assets / "data").rglob("*") if p.is_file())
+    again = sorted(p.relative_to(tmp_path / "data") for p in (tmp_path / "data").rglob("*") if p.is_file())
+    assert built == again and len(built) >= 17  # metadata.jsonl and every image
+    for name in built:
+        assert (tmp_path / "data" / name).read_bytes() == (assets / "data" / name).read_bytes(), name

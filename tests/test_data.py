@@ -52,6 +52,17 @@ def test_center_crop_of_portrait_image():
     assert crop == (round((114 - 64) / 2), 0)
 
 
+def test_time_ids_in_a_landscape_bucket():
+    # 400 x 100 into a 192 x 64 bucket: resized to 256 x 64 (height fits), so the centre crop starts at x = 32.
+    image = gradient_image(400, 100)
+    pixels, original, crop = ImageTransform(center_crop=True, random_flip=False)(image, (64, 192), None)
+    assert original == (100, 400) and crop == (0, 32)
+    resized = F.resize(image, [64, 256], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    expected = F.normalize(F.to_tensor(F.center_crop(resized, [64, 192])), [0.5] * 3, [0.5] * 3)
+    assert torch.allclose(pixels, expected)
+    assert not torch.allclose(pixels, F.normalize(F.to_tensor(F.crop(resized, 0, 0, 64, 192)), [0.5] * 3, [0.5] * 3))
+
+
 def test_sampler_shards_and_reshuffles():
     shards = [EpochBatchSampler(10, 2, seed=3, num_processes=2, process_index=i) for i in range(2)]
     epoch0 = [list(s) for s in shards]

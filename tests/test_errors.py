@@ -29,8 +29,6 @@ def base(assets, tmp_path):
         ("--pretrained_model_name_or_path", "stabilityai/stable-diffusion-xl-base-1.0", "offline"),
         ("--pretrained_vae_model_name_or_path", "/nonexistent/vae", "does not exist"),
         ("--resolution", "100", "--resolution 100 must be a positive multiple of 8"),
-        ("--rank", "0", "--rank must be a positive integer"),
-        ("--alpha", "0", "--alpha must be positive"),
         ("--image_column", "picture", "--image_column 'picture' is not a column"),
         ("--caption_column", "caption", "its columns are ['image', 'text']"),
         ("--mixed_precision", "fp16", "fp16 needs a CUDA GPU"),

@@ -20,11 +20,14 @@ CONV_AND_LINEAR = "to_q,to_k,to_v,to_out.0,conv1,conv2,conv_shortcut,proj_in,ff.
 
 @pytest.fixture(scope="module")
 def sdxl_checkpoint(assets, tmp_path_factory):
-    """A trained SDXL run: split factors (rank 2, decompose_both), alpha != rank, convs, both text encoders."""
+    """A trained SDXL run: split factors (rank 2, decompose_both), alpha != rank, convs, both text encoders,
+    LyCORIS's init, rank and module dropout."""
     out = tmp_path_factory.mktemp("sdxl") / "run"
     argv = sdxl_args(
         assets, out, "--train_text_encoder", "--rank", "2", "--alpha", "6", "--decompose_both",
-        "--target_modules", CONV_AND_LINEAR, "--use_ema", "--ema_decay", "0.5", steps=4, lr="1e-2",
+        "--target_modules", CONV_AND_LINEAR, "--use_ema", "--ema_decay", "0.5", "--lokr_init", "lycoris",
+        "--rank_dropout", "0.25", "--module_dropout", "0.125",
+        steps=4, lr="1e-2",
     )  # fmt: skip
     assert run_script("train_sdxl_lokr", argv) == 0
     return out / "step4"
@@ -132,6 +135,47 @@ def assert_kohya_equals_peft(exported: dict, models: dict, unet_config: dict) ->
     return checked
 
 
+# Real SDXL's SGM module names (layers_per_block 2: input_blocks 1-8, middle_block 0-2, output_blocks 0-8), written
+# out as ComfyUI / kohya name them, for the diffusers module each one is.
+SGM_NAMES = {
+    "down_blocks.0.resnets.0.conv1": "input_blocks.1.0.in_layers.2",
+    "down_blocks.0.resnets.0.conv2": "input_blocks.1.0.out_layers.3",
+    "down_blocks.0.resnets.1.conv1": "input_blocks.2.0.in_layers.2",
+    "down_blocks.0.downsamplers.0.conv": "input_blocks.3.0.op",
+    "down_blocks.2.resnets.0.conv_shortcut": "input_blocks.7.0.skip_connection",
+    "down_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q": "input_blocks.5.1.transformer_blocks.0.attn1.to_q",
+    "down_blocks.1.downsamplers.0.conv": "input_blocks.6.0.op",
+    "down_blocks.2.resnets.1.conv2": "input_blocks.8.0.out_layers.3",
+    "mid_block.resnets.0.conv2": "middle_block.0.out_layers.3",
+    "mid_block.attentions.0.transformer_blocks.0.attn2.to_k": "middle_block.1.transformer_blocks.0.attn2.to_k",
+    "mid_block.resnets.1.conv1": "middle_block.2.in_layers.2",
+    "up_blocks.0.resnets.0.conv_shortcut": "output_blocks.0.0.skip_connection",
+    "up_blocks.0.attentions.2.transformer_blocks.0.ff.net.2": "output_blocks.2.1.transformer_blocks.0.ff.net.2",
+    "up_blocks.0.upsamplers.0.conv": "output_blocks.2.2.conv",
+    "up_blocks.1.resnets.1.conv1": "output_blocks.4.0.in_layers.2",
+    "up_blocks.1.upsamplers.0.conv": "output_blocks.5.2.conv",
+    "up_blocks.2.resnets.2.conv2": "output_blocks.8.0.out_layers.3",
+}
+
+
+def assert_deltas_on_literal_sgm_names(exported: dict, peft_unet, at_least: int) -> None:
+    """Each listed module's peft delta is what a consumer reads from its literal SGM name (and, the deltas being
+    distinct, from no other listed name)."""
+    modules = dict(peft_unet.base_model.model.named_modules())
+    checked = 0
+    for module_name, sgm in SGM_NAMES.items():
+        module = modules[module_name]
+        if not hasattr(module, "lokr_w1") or "default" not in module.scaling:
+            continue
+        shape = module.get_base_layer().weight.shape
+        expected = module.get_delta_weight("default")
+        assert expected.abs().max() > 0, module_name
+        got = comfyui_delta(exported, f"lora_unet_{sgm.replace('.', '_')}", shape)
+        assert (got - expected).abs().max() <= 1e-6 * expected.abs().max(), (module_name, sgm)
+        checked += 1
+    assert checked >= at_least, checked
+
+
 def run_export(run_main, checkpoint, out, *extra) -> dict:
     assert run_main("export", ["--checkpoint", checkpoint, "--out", out, *extra]) == 0
     return load_file(out)
@@ -161,7 +205,29 @@ def test_trained_checkpoint_exports_exact_deltas(sdxl_checkpoint, assets, tmp_pa
         for projection in ("q", "k", "v", "out")
         for suffix in suffixes[encoder]
     }
-    assert any("_in_layers_2." in k for k in exported)  # a resnet conv, by its SGM name
+    # The trained convolutions and attention, by their literal SGM names.
+    assert_deltas_on_literal_sgm_names(exported, models["unet"], at_least=13)
+
+
+def test_every_module_s_delta_lands_on_its_sgm_name(assets, tmp_path, run_main):
+    """Distinct random deltas on resnet convs, shortcuts, down- and upsamplers and transformer blocks of every
+    part of the UNet: each is exported under the SGM name of the module that produced it."""
+    from peft import LoKrConfig
+
+    targets = ["conv1", "conv2", "conv_shortcut", "conv", "to_q", "to_k", "ff.net.2"]
+    checkpoint, peft_unet = random_unet_checkpoint(assets, tmp_path, LoKrConfig(r=4, alpha=3, target_modules=targets))
+    exported = run_export(run_main, checkpoint, tmp_path / "all.safetensors")
+    assert_deltas_on_literal_sgm_names(exported, peft_unet, at_least=len(SGM_NAMES))
+
+
+def test_checkpoint_configs_record_the_flags(sdxl_checkpoint):
+    for name in ("unet", "text_encoder_one", "text_encoder_two"):
+        config = json.loads((sdxl_checkpoint / name / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LOKR"
+        assert (config["r"], config["alpha"], config["decompose_both"], config["decompose_factor"]) == (2, 6, True, -1)
+        assert (config["rank_dropout"], config["module_dropout"], config["init_weights"]) == (0.25, 0.125, "lycoris")
+        targets = CONV_AND_LINEAR if name == "unet" else adapters.TEXT_ENCODER_TARGETS
+        assert sorted(config["target_modules"]) == sorted(targets.split(",")), name
 
 
 def test_ema_exports_the_ema_adapter(sdxl_checkpoint, wuerstchen_checkpoint, assets, tmp_path, run_main, capsys):

@@ -107,9 +107,14 @@ def test_factored_lokr_eval_merge_and_save_are_peft_s():
 
 def test_conv_layers_keep_peft_s_path():
     from peft import LoKrConfig, get_peft_model
+    from peft.tuners.lokr.layer import Conv2d, Linear
 
     model = get_peft_model(nn.Sequential(nn.Conv2d(8, 8, 3), nn.Linear(8, 8)), LoKrConfig(target_modules=["0", "1"]))
     assert lokr.use_factored_forward(model) == 1
+    conv, linear = model.base_model.model
+    assert type(conv) is Conv2d  # peft's own class and forward
+    assert type(linear) is not Linear and type(linear).__bases__ == (Linear,)
+    assert type(linear)._get_delta_activations is not Linear._get_delta_activations
 
 
 def test_tiny_training_run_gives_peft_s_weights(assets, tmp_path, run_main, monkeypatch):

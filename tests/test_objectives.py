@@ -126,6 +126,37 @@ def test_debiased_estimation_matches_kohya(prediction_type):
     assert torch.allclose(objective.loss(pred, target, timesteps), expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_for_both_parameterisations(prediction_type):
+    # Min-SNR-gamma (Hang et al. 2023): min(snr, gamma) / snr for epsilon, min(snr, gamma) / (snr + 1) for v.
+    scheduler = ddpm()
+    scheduler.register_to_config(prediction_type=prediction_type)
+    objective = Objective(objective_args("--snr_gamma", "5"), scheduler)
+    generator = torch.Generator().manual_seed(2)
+    pred, target = torch.randn(4, 4, 5, 5, generator=generator), torch.randn(4, 4, 5, 5, generator=generator)
+    timesteps = torch.tensor([3, 100, 600, 990])  # snr from ~300 down to ~5e-3: gamma clips the first two
+    acp = scheduler.alphas_cumprod[timesteps].double()
+    snr = acp / (1 - acp)
+    assert (snr > 5).sum() == 2
+    weight = torch.clamp(snr, max=5.0) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    expected = ((pred - target) ** 2).mean(dim=[1, 2, 3]).double() @ weight / 4
+    assert objective.loss(pred, target, timesteps).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_noise_offset_adds_one_value_per_sample_and_channel():
+    objective = Objective(objective_args("--noise_offset", "0.1"), ddpm())
+    x0 = torch.zeros(2, 4, 6, 6)
+    torch.manual_seed(4)
+    got = objective.noise(x0)
+    torch.manual_seed(4)
+    plain = torch.randn(2, 4, 6, 6)
+    offset = torch.randn(2, 4, 1, 1)  # drawn after the noise (diffusers' order)
+    assert torch.allclose(got, plain + 0.1 * offset, atol=1e-7)
+    shift = got - plain
+    assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift), atol=1e-7)  # constant over the image
+    assert shift[:, :, 0, 0].unique().numel() == 8  # and distinct per sample and channel
+
+
 def kohya_pyramid_noise_like(noise, iterations, discount):
     """kohya's pyramid_noise_like, its random ratio taken from torch's RNG (difftune's resumable draw)."""
     b, c, w, h = noise.shape

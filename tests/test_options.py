@@ -12,12 +12,42 @@ from difftune import checkpoints, ema
 @pytest.mark.parametrize(
     ("script", "make"), [("train_sdxl_lokr", sdxl_args), ("train_wuerstchen_lora", wuerstchen_args)]
 )
-def test_gradient_checkpointing_gives_the_same_weights(assets, tmp_path, run_main, script, make):
+def test_gradient_checkpointing_gives_the_same_weights(assets, tmp_path, run_main, monkeypatch, script, make):
+    checkpointed_calls = count_checkpointed_calls(monkeypatch)
     plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
     assert run_main(script, make(assets, plain, "--train_text_encoder", steps=2)) == 0
+    assert not checkpointed_calls
     argv = make(assets, checkpointed, "--train_text_encoder", "--gradient_checkpointing", "--allow_tf32", steps=2)
     assert run_main(script, argv) == 0
     assert max_difference(adapter_weights(plain / "step2"), adapter_weights(checkpointed / "step2")) <= 1e-5
+    # It was really on, in the denoiser and the text encoders' layers, at every step.
+    expected = {"train_sdxl_lokr": {"ResnetBlock2D", "BasicTransformerBlock"}, "train_wuerstchen_lora": {"ResBlock"}}
+    assert expected[script] <= set(checkpointed_calls), checkpointed_calls
+    # 2 steps x 2 layers x the text encoders (SDXL's two, Wuerstchen's one).
+    assert checkpointed_calls["text encoder layer"] == 2 * 2 * (2 if script == "train_sdxl_lokr" else 1)
+
+
+def count_checkpointed_calls(monkeypatch) -> dict[str, int]:
+    """Count activation-checkpointed calls: diffusers' by the class of the block they run (it calls
+    torch.utils.checkpoint.checkpoint), transformers' (its own import of it) as "text encoder layer"."""
+    import collections
+
+    import torch.utils.checkpoint
+    import transformers.modeling_utils
+
+    calls = collections.Counter()
+    real = torch.utils.checkpoint.checkpoint
+
+    def counting(label):
+        def checkpoint(function, *args, **kwargs):
+            calls[label or type(getattr(function, "__self__", None)).__name__] += 1
+            return real(function, *args, **kwargs)
+
+        return checkpoint
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting(None))
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counting("text encoder layer"))
+    return calls
 
 
 @pytest.mark.parametrize(

@@ -250,3 +250,21 @@ def test_same_seed_same_weights_whatever_ran_before(assets, tmp_path, run_main):
     torch.randn(7)
     assert run_main("train_sdxl_lokr", sdxl_args(assets, second, "--rank_dropout", "0.2", steps=2)) == 0
     assert max_difference(adapter_weights(first / "step2"), adapter_weights(second / "step2")) == 0
+
+
+def test_latest_is_the_highest_complete_step(tmp_path):
+    for step in (2, 10, 9):
+        checkpoints.checkpoint_dir(tmp_path, step).mkdir()
+        (checkpoints.checkpoint_dir(tmp_path, step) / checkpoints.STATE_FILE).write_text("{}")
+    (tmp_path / "step11").mkdir()  # killed before its state file: incomplete
+    (tmp_path / ".partial-step12").mkdir()
+    assert [step for step, _ in checkpoints.list_checkpoints(tmp_path)] == [2, 9, 10]
+    assert checkpoints.resolve_resume(tmp_path, "latest") == tmp_path / "step10"
+
+
+def test_every_micro_batch_draws_its_own_noise():
+    from difftune import training
+
+    # The global RNG is re-seeded per (seed, step, micro-batch, process): all distinct, so no two draw alike.
+    seeds = {training.micro_batch_seed(0, s, m, p) for s in range(50) for m in range(2) for p in range(2)}
+    assert len(seeds) == 200 and training.micro_batch_seed(1, 0, 0, 0) not in seeds

@@ -126,16 +126,60 @@ def test_accelerate_launch_bf16_checkpoints_validation_and_user_snippet(assets, 
     assert abs(base - tuned).max() > 1e-3
 
 
-def test_text_encoder_training_writes_and_reloads_both_adapters(assets, tmp_path, run_main):
+def test_text_encoder_training_in_bf16(assets, tmp_path, run_main, monkeypatch):
+    """--text_encoder_lr reaches the optimizer; each text encoder's adapter is trained and loads on its own (the
+    second's last layer through the pooled output only); under bf16 the adapters stay fp32, the base is bf16."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from difftune import updates
+
+    optimizers = []
+    real_build = updates.build_optimizer
+    monkeypatch.setattr(updates, "build_optimizer", lambda *a: optimizers.append(real_build(*a)) or optimizers[-1])
+    record = spy_on_training(monkeypatch.setattr, adapter="text_encoder_two")
     out = tmp_path / "run"
-    argv = sdxl_args(assets, out, "--train_text_encoder", "--text_encoder_lr", "1e-2")
+    argv = sdxl_args(assets, out, "--train_text_encoder", "--text_encoder_lr", "1e-2", "--mixed_precision", "bf16")
     assert run_main("train_sdxl_lokr", argv) == 0
+
+    # One group per learning rate: the UNet's adapter at --learning_rate, both text encoders' at --text_encoder_lr.
     checkpoint = out / "step4"
-    for name in ("unet", "text_encoder_one", "text_encoder_two"):
-        assert (checkpoint / name / "adapter_model.safetensors").is_file(), name
+    sizes = {name: sum(v.numel() for v in load_file(checkpoint / name / "adapter_model.safetensors").values())
+             for name in ("unet", "text_encoder_one", "text_encoder_two")}  # fmt: skip
+    groups = optimizers[0].param_groups
+    assert [g["lr"] for g in groups] == [1e-3, 1e-2]
+    numel = [sum(p.numel() for p in g["params"]) for g in groups]
+    assert numel == [sizes["unet"], sizes["text_encoder_one"] + sizes["text_encoder_two"]]
+
+    # bf16: frozen weights in bf16, adapter weights trained and saved in fp32 (not bf16 values widened).
+    dtypes = {name: p.dtype for name, p in record["after"].items()}
+    assert {d for n, d in dtypes.items() if "lokr_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lokr_" not in n} == {torch.bfloat16}
+    saved = load_file(checkpoint / "text_encoder_two" / "adapter_model.safetensors")
+    assert {v.dtype for v in saved.values()} == {torch.float32}
+    assert any((v - v.bfloat16().float()).abs().max() > 0 for v in saved.values())
+
+    # SDXL conditions on the penultimate hidden states: a text encoder's last layer learns only through the
+    # second one's pooled output. peft's init starts w1 at zero, so a non-zero w1 was trained.
+    for name, trained in (("text_encoder_one", False), ("text_encoder_two", True)):
+        weights = load_file(checkpoint / name / "adapter_model.safetensors")
+        w1 = {k: v for k, v in weights.items() if "layers.1." in k and k.endswith(("lokr_w1", "lokr_w1_a"))}
+        assert w1 and all(bool(v.any()) == trained for v in w1.values()), (name, trained)
+        w1 = {k: v for k, v in weights.items() if "layers.0." in k and k.endswith(("lokr_w1", "lokr_w1_a"))}
+        assert w1 and all(v.any() for v in w1.values()), name
+
+    # Each adapter loaded on its own changes what its encoder contributes, and only that.
+    base = load_user_pipeline(assets, None)
+    base_embeds, _, base_pooled, _ = base.encode_prompt("a red circle", do_classifier_free_guidance=False)
+    width = base.text_encoder.config.hidden_size
+    for name, attribute in (("text_encoder_one", "text_encoder"), ("text_encoder_two", "text_encoder_2")):
+        pipe = load_user_pipeline(assets, None)
+        setattr(pipe, attribute, PeftModel.from_pretrained(getattr(pipe, attribute), checkpoint / name))
+        embeds, _, pooled, _ = pipe.encode_prompt("a red circle", do_classifier_free_guidance=False)
+        own, other = (slice(0, width), slice(width, None))[:: 1 if name == "text_encoder_one" else -1]
+        assert (embeds[..., own] - base_embeds[..., own]).abs().max() > 1e-4, name
+        assert torch.equal(embeds[..., other], base_embeds[..., other]), name
+        assert torch.equal(pooled, base_pooled) != (name == "text_encoder_two"), name
     full = load_user_pipeline(assets, checkpoint, text_encoders=True)
     unet_only = load_user_pipeline(assets, checkpoint)
-    embeds_full = full.encode_prompt("a red circle", do_classifier_free_guidance=False)[0]
-    embeds_unet_only = unet_only.encode_prompt("a red circle", do_classifier_free_guidance=False)[0]
-    assert not torch.allclose(embeds_full, embeds_unet_only)
     assert abs(sdxl_pipeline_image(full) - sdxl_pipeline_image(unet_only)).max() > 1e-4

@@ -11,6 +11,10 @@ from PIL import Image
 
 from difftune import validation, wuerstchen
 
+# A random tiny prior's output hardly depends on its attention: LoRA on the feed-forwards and the
+# output layer too gives it the reach to overfit the toy images.
+TARGETS = "to_q,to_k,to_v,to_out.0,channelwise.0,channelwise.4,out.1"
+
 
 @pytest.fixture(scope="module")
 def trained(assets, tmp_path_factory):
@@ -19,13 +23,10 @@ def trained(assets, tmp_path_factory):
     patch = pytest.MonkeyPatch()
     captured = spy_on_training(patch.setattr, adapter="prior")
 
-    # A random tiny prior's output hardly depends on its attention: LoRA on the feed-forwards and the
-    # output layer too gives it the reach to overfit the toy images.
-    targets = "to_q,to_k,to_v,to_out.0,channelwise.0,channelwise.4,out.1"
     argv = wuerstchen_args(
         assets, out, "--validation_prompt", "a red circle", "--num_validation_images", "1",
         "--validation_steps", "100", "--validation_inference_steps", "2", "--center_crop",
-        "--target_modules", targets, "--max_train_samples", "4", steps=40, lr="3e-3",
+        "--target_modules", TARGETS, "--max_train_samples", "4", steps=40, lr="3e-3",
     )  # fmt: skip
     try:
         assert run_script("train_wuerstchen_lora", argv) == 0
@@ -41,13 +42,35 @@ def test_only_lora_weights_change(trained):
 
 
 def test_checkpoint_layout(trained):
-    out, _ = trained
+    """Each file of a checkpoint holds what it should: the flags, the step, the optimizer and scheduler state,
+    the same LoRA weights in peft's and diffusers' files."""
+    from safetensors.torch import load_file
+
+    from difftune import checkpoints
+
+    out, captured = trained
     step = out / "step40"
-    assert (step / "prior" / "adapter_config.json").is_file()
-    assert json.loads((step / "prior" / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    assert (step / "pytorch_lora_weights.safetensors").is_file()
-    for name in ("optimizer.pt", "lr_scheduler.pt", "args.json", "training_state.json"):
-        assert (step / name).is_file()
+    config = json.loads((step / "prior" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"], config["lora_dropout"]) == ("LORA", 8, 8, 0.0)
+    assert sorted(config["target_modules"]) == sorted(TARGETS.split(","))
+    peft_weights = load_file(step / "prior" / "adapter_model.safetensors")
+    diffusers_weights = load_file(step / "pytorch_lora_weights.safetensors")
+    live = {n.replace(".default", ""): p for n, p in captured["after"].items() if "lora_" in n}
+    assert peft_weights.keys() == live.keys() and all(torch.equal(peft_weights[k], live[k]) for k in live)
+    # diffusers' file: the same tensors under prior.<module>.lora_A / lora_B.weight.
+    assert {k.removeprefix("base_model.model.") for k in peft_weights} == {
+        k.removeprefix("prior.") for k in diffusers_weights
+    }
+    for key, value in peft_weights.items():
+        assert torch.equal(diffusers_weights["prior." + key.removeprefix("base_model.model.")], value)
+    assert json.loads((step / "args.json").read_text())["target_modules"] == TARGETS.split(",")
+    state = checkpoints.read_json(step / checkpoints.STATE_FILE)
+    assert (state["global_step"], state["num_processes"], state["distributed"]) == (40, 1, "ddp")
+    scheduler = checkpoints.load_torch_state(step / "lr_scheduler.pt")
+    assert scheduler["last_epoch"] == 40 and scheduler["_last_lr"] == [3e-3]
+    optimizer = checkpoints.load_torch_state(step / "optimizer.pt")
+    moments = optimizer["state"][0]
+    assert moments["step"].item() == 40 and moments["exp_avg"].numel() == sum(v.numel() for v in peft_weights.values())
     card = (out / "README.md").read_text()
     assert "load_lora_weights(checkpoint)" in card and "PeftModel.from_pretrained(pipe.prior_pipe.prior" in card
 
@@ -176,8 +199,6 @@ def test_accelerate_launch_end_to_end_with_text_encoder(assets, tmp_path):
         (("--image_encoder_path", "WRONG_KEYS"), "is not an EfficientNetV2-S Wuerstchen image encoder"),
         (("--pretrained_prior_model_name_or_path", "SDXL"), "not a WuerstchenPriorPipeline"),
         (("--resolution", "129"), "multiple of 8"),
-        (("--rank", "-4"), "--rank must be a positive integer"),
-        (("--lora_alpha", "0"), "--lora_alpha must be positive"),
         (("--train_data_dir", "/nonexistent"), "does not exist"),
     ],
 )

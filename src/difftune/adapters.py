@@ -59,11 +59,19 @@ def _check(args: argparse.Namespace, alpha_flag: str) -> None:
         raise UserError(f"--text_encoder_lr must be positive, got {args.text_encoder_lr}")
 
 
+def check_decompose_factor(factor: int) -> None:
+    """-1 or a positive factor: peft reads 0 and values below -1 as "no factor" and splits every
+    dimension as 1 x n, a LoKr with a full-size second factor."""
+    if factor == 0 or factor < -1:
+        raise UserError(f"--decompose_factor must be -1 (factors near sqrt(dim)) or a positive integer, got {factor}")
+
+
 def lokr_config(args: argparse.Namespace, target_modules: list[str]):
     """A peft LoKrConfig from the LoKr flags."""
     from peft import LoKrConfig
 
     _check(args, "alpha")
+    check_decompose_factor(args.decompose_factor)
     return LoKrConfig(
         r=args.rank,
         alpha=args.alpha,
@@ -90,17 +98,13 @@ def lora_config(args: argparse.Namespace, target_modules: list[str]):
     )
 
 
-def attach(model: nn.Module, config, base_model_name_or_path: str | None = None) -> nn.Module:
-    """Freeze `model`, wrap it in a PeftModel with `config`, keep adapter weights in fp32."""
-    from peft import get_peft_model
-
+def attach(
+    model: nn.Module, config, base_model_name_or_path: str | None = None, flag: str = "--target_modules"
+) -> nn.Module:
+    """Freeze `model`, wrap it in a PeftModel with `config`, keep adapter weights in fp32; `flag` names the
+    option that chose the target modules, for the error."""
     model.requires_grad_(False)
-    try:
-        peft_model = get_peft_model(model, config)
-    except ValueError as error:
-        raise UserError(
-            f"cannot attach the adapter to {type(model).__name__}: {error} (check --target_modules)"
-        ) from None
+    peft_model = _wrap(model, config, flag)
     # Recorded in adapter_config.json, so a checkpoint names the base model it belongs to.
     peft_model.peft_config["default"].base_model_name_or_path = base_model_name_or_path
     lokr.use_factored_forward(peft_model)  # LoKr Linear layers only; a no-op for LoRA
@@ -109,6 +113,21 @@ def attach(model: nn.Module, config, base_model_name_or_path: str | None = None)
             # Under mixed precision the frozen weights go low-precision; the trained ones stay fp32.
             parameter.data = parameter.data.float()
     return peft_model
+
+
+def _wrap(model: nn.Module, config, flag: str) -> nn.Module:
+    """get_peft_model, its refusals as a one-line UserError naming `flag`: ValueError for names that match
+    nothing, TypeError for names that match a module peft cannot adapt (a norm, an attention block)."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, config)
+    except (ValueError, TypeError) as error:
+        reason = " ".join(str(error).split())
+        raise UserError(
+            f"{flag} {','.join(sorted(config.target_modules))} cannot be adapted in {type(model).__name__}: "
+            f"{reason} (name Linear or Conv2d layers)"
+        ) from None
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -137,7 +156,8 @@ def attach_all(
     trained = {name: attach(model, make_config(args, args.target_modules), base)}
     if args.train_text_encoder:
         for te_name, te_model in text_encoders.items():
-            trained[te_name] = attach(te_model, make_config(args, args.text_encoder_target_modules), base)
+            config = make_config(args, args.text_encoder_target_modules)
+            trained[te_name] = attach(te_model, config, base, "--text_encoder_target_modules")
     adapted_text_encoders = [trained[n] for n in text_encoders if n in trained]
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model, adapted_text_encoders)

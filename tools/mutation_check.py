@@ -1,0 +1,499 @@
+"""Mutation check: realistic one-line bugs, each applied in a temporary copy of the repo, run against the
+tests that should catch it. Prints caught / missed per mutation and the score (`make mutation-check`).
+
+    python tools/mutation_check.py              # every mutation (tens of minutes on 2 cores)
+    python tools/mutation_check.py --only export --only snr   # those whose name contains a word
+    python tools/mutation_check.py --check      # only check that every snippet is still found
+    python tools/mutation_check.py --check --root ../main   # ... in another checkout
+
+A mutation names its file by glob patterns (a module may become a package), the exact snippet it replaces
+(found exactly once across those files: else it is reported STALE, to be updated after a merge), the
+replacement, the pytest arguments that should catch it, and why the bug is realistic. A mutation with no
+tests is one that no cheap test catches: listed with the reason, reported, and left out of the score.
+Exit code: 0 when every tested mutation is caught and none is stale, else 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ("src/difftune/data.py", "src/difftune/data/*.py")  # issue 18 makes data a package
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    files: tuple[str, ...]  # glob patterns, relative to the repo root
+    original: str
+    replacement: str
+    tests: tuple[str, ...]  # pytest arguments (node ids, -k expressions); () = not caught cheaply
+    why: str
+
+
+def files(*patterns: str) -> tuple[str, ...]:
+    return patterns
+
+
+MUTATIONS = [
+    # adapters: the flags that build the peft config and the optimizer groups
+    Mutation(
+        "adapters: LoKr alpha from --rank",
+        files("src/difftune/adapters.py"), "alpha=args.alpha,", "alpha=args.rank,",
+        ("tests/test_adapters.py::test_lokr_config_has_every_flag_s_value",),
+        "every LoKr trained at strength 1 instead of alpha / rank; a copy-paste slip",
+    ),
+    Mutation(
+        "adapters: --text_encoder_lr ignored",
+        files("src/difftune/adapters.py"), '"lr": args.text_encoder_lr or args.learning_rate',
+        '"lr": args.learning_rate',
+        ("tests/test_adapters.py::test_text_encoder_lr_sets_the_text_encoders_group",),
+        "the flag silently does nothing",
+    ),
+    Mutation(
+        "adapters: --decompose_both dropped",
+        files("src/difftune/adapters.py"), "decompose_both=args.decompose_both,", "decompose_both=False,",
+        ("tests/test_adapters.py::test_lokr_config_has_every_flag_s_value",),
+        "a flag not passed on to peft",
+    ),
+    Mutation(
+        "adapters: --lokr_init ignored",
+        files("src/difftune/adapters.py"),
+        'init_weights="lycoris" if args.lokr_init == "lycoris" else True,', "init_weights=True,",
+        ("tests/test_adapters.py::test_lokr_config_has_every_flag_s_value",),
+        "LyCORIS init silently replaced by peft's",
+    ),
+    Mutation(
+        "adapters: LoRA lora_alpha from --rank",
+        files("src/difftune/adapters.py"), "lora_alpha=args.lora_alpha,", "lora_alpha=args.rank,",
+        ("tests/test_adapters.py::test_lora_config_has_every_flag_s_value",),
+        "Wuerstchen LoRA at the wrong strength",
+    ),
+    Mutation(
+        "adapters: adapter weights cast to the model's dtype",
+        files("src/difftune/adapters.py"), "parameter.data = parameter.data.float()",
+        "parameter.data = parameter.data.to(model.dtype)",
+        ("tests/test_adapters.py::test_adapters_on_a_bf16_model_are_fp32",),
+        "bf16 adapter weights under DDP (the frozen model's dtype): small updates round away. peft keeps new "
+        "adapters fp32 itself (dropping the cast changes nothing), and with one process the optimizer's flat fp32 "
+        "buffer hides a bf16 adapter, so the in-process bf16 run cannot see this one",
+    ),
+    Mutation(
+        "adapters: --gradient_checkpointing ignored",
+        files("src/difftune/adapters.py"), "    if args.gradient_checkpointing:\n", "    if False:\n",
+        ("tests/test_options.py::test_gradient_checkpointing_gives_the_same_weights[train_sdxl_lokr-sdxl_args]",),
+        "the flag silently does nothing: the memory saving is lost",
+    ),
+    Mutation(
+        "adapters: text encoders not checkpointed",
+        files("src/difftune/adapters.py"),
+        'model.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})', "pass",
+        ("tests/test_options.py::test_gradient_checkpointing_gives_the_same_weights[train_sdxl_lokr-sdxl_args]",),
+        "only the denoiser checkpointed",
+    ),
+    # export: SGM names and the scale ComfyUI / A1111 apply
+    Mutation(
+        "export: resnet conv1 / conv2 swapped",
+        files("src/difftune/export.py"),
+        '"conv1": "in_layers.2",\n    "time_emb_proj": "emb_layers.1",\n    "norm2": "out_layers.0",\n'
+        '    "conv2": "out_layers.3",',
+        '"conv1": "out_layers.3",\n    "time_emb_proj": "emb_layers.1",\n    "norm2": "out_layers.0",\n'
+        '    "conv2": "in_layers.2",',
+        ("tests/test_export_infer.py::test_every_module_s_delta_lands_on_its_sgm_name",),
+        "ComfyUI applies conv deltas to the wrong layer (both names exist, so sets of names agree)",
+    ),
+    Mutation(
+        "export: downsampler one block early",
+        files("src/difftune/export.py"),
+        'f"input_blocks.{per_block * (int(m[1]) + 1)}.0.op{m[2]}"',
+        'f"input_blocks.{per_block * int(m[1]) + 1}.0.op{m[2]}"',
+        ("tests/test_export_infer.py::test_every_module_s_delta_lands_on_its_sgm_name",),
+        "an off-by-one in the block index",
+    ),
+    Mutation(
+        "export: upsampler slot ignores the attention",
+        files("src/difftune/export.py"), "position = 2 if block in up_blocks_with_attention else 1", "position = 1",
+        ("tests/test_export_infer.py::test_every_module_s_delta_lands_on_its_sgm_name",),
+        "upsamplers after attention blocks named as if there were none",
+    ),
+    Mutation(
+        "export: mid-block resnet index",
+        files("src/difftune/export.py"), 'f"middle_block.{2 * int(m[1])}.', 'f"middle_block.{int(m[1])}.',
+        ("tests/test_export_infer.py::test_every_module_s_delta_lands_on_its_sgm_name",),
+        "forgetting the attention between the two mid resnets",
+    ),
+    Mutation(
+        "export: down-block index without conv_in",
+        files("src/difftune/export.py"), "index = per_block * block + layer + 1", "index = per_block * block + layer",
+        ("tests/test_export_infer.py::test_every_module_s_delta_lands_on_its_sgm_name",),
+        "input_blocks.0 is conv_in: an off-by-one",
+    ),
+    Mutation(
+        "export: alpha / r not folded into w1",
+        files("src/difftune/export.py"), "value = value * scale if suffix == left else value", "value = value",
+        ("tests/test_export_infer.py::test_every_module_s_delta_lands_on_its_sgm_name",),
+        "every exported LoKr at the wrong strength when alpha != rank",
+    ),
+    Mutation(
+        "export: stored alpha is peft's alpha",
+        files("src/difftune/export.py"),
+        'out[f"{name}.alpha"] = torch.tensor(float(rank), dtype=dtype)',
+        'out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)',
+        ("tests/test_export_infer.py::test_trained_checkpoint_exports_exact_deltas",),
+        "ComfyUI then scales split factors by alpha / dim a second time",
+    ),
+    Mutation(
+        "scripts/export.py: --ema ignored",
+        files("scripts/export.py"), "weights = adapter_dir(args.checkpoint, args.ema)",
+        "weights = adapter_dir(args.checkpoint, False)",
+        ("tests/test_export_infer.py::test_ema_exports_the_ema_adapter",),
+        "the live weights exported when the EMA was asked for",
+    ),
+    # objectives
+    Mutation(
+        "objectives: min-SNR for v-prediction divides by snr",
+        files("src/difftune/objectives.py"),
+        "weights = weights * clipped / ((snr + 1) if v_prediction else snr)", "weights = weights * clipped / snr",
+        ("tests/test_objectives.py", "-k", "min_snr_weights"),
+        "the epsilon formula used for every parameterisation",
+    ),
+    Mutation(
+        "objectives: debiased estimation ignores v-prediction",
+        files("src/difftune/objectives.py"),
+        "weights = weights / ((snr_t + 1) if v_prediction else torch.sqrt(snr_t))",
+        "weights = weights / torch.sqrt(snr_t)",
+        ("tests/test_objectives.py", "-k", "debiased"),
+        "kohya's epsilon weighting used for v-prediction",
+    ),
+    Mutation(
+        "objectives: noise offset one value per sample",
+        files("src/difftune/objectives.py"), "x0.shape[0], x0.shape[1], 1, 1, device=x0.device",
+        "x0.shape[0], 1, 1, 1, device=x0.device",
+        ("tests/test_objectives.py", "-k", "noise_offset"),
+        "the offset shifts brightness, not each channel (colour)",
+    ),
+    Mutation(
+        "objectives: Huber snr schedule not squared",
+        files("src/difftune/objectives.py"), "return (1 - c) / (1 + sigma) ** 2 + c",
+        "return (1 - c) / (1 + sigma) + c",
+        ("tests/test_objectives.py", "-k", "huber"),
+        "a dropped exponent",
+    ),
+    Mutation(
+        "objectives: 'later' bias weights the early timesteps",
+        files("src/difftune/objectives.py"), "weights[-count:] *= multiplier", "weights[count:] *= multiplier",
+        ("tests/test_objectives.py", "-k", "timestep_bias"),
+        "a slice sign slip",
+    ),
+    Mutation(
+        "objectives: cubic sampling favours clean steps",
+        files("src/difftune/objectives.py"), "self.at_fractions(1 - torch.rand(batch_size, device=device) ** 3, dtype)",
+        "self.at_fractions(torch.rand(batch_size, device=device) ** 3, dtype)",
+        ("tests/test_objectives.py", "-k", "cubic"),
+        "u^3 instead of 1 - u^3",
+    ),
+    # lokr: the factored forward
+    Mutation(
+        "lokr: factored forward drops the scaling",
+        files("src/difftune/lokr.py"), "w1 = w1 * self.scaling[adapter_name]", "w1 = w1",
+        ("tests/test_lokr_factored.py", "-k", "test_factored_lokr_matches_peft"),
+        "alpha / r lost in the fast path only",
+    ),
+    Mutation(
+        "lokr: rank dropout not rescaled",
+        files("src/difftune/lokr.py"), "if self.rank_dropout_scale[adapter_name]:", "if False:",
+        ("tests/test_lokr_factored.py", "-k", "test_factored_lokr_matches_peft"),
+        "--rank_dropout with rank_dropout_scale differs from peft",
+    ),
+    Mutation(
+        "lokr: conv layers switched to the Linear forward",
+        files("src/difftune/lokr.py"), "if type(module) is Linear:", 'if hasattr(module, "lokr_w1"):',
+        ("tests/test_lokr_factored.py::test_conv_layers_keep_peft_s_path",),
+        "a duck-typed check that also catches LoKr Conv2d layers",
+    ),
+    # data
+    Mutation(
+        "data: centre crop offsets swapped",
+        files(*DATA), "top, left = round((resized_h - target_h) / 2), round((resized_w - target_w) / 2)",
+        "top, left = round((resized_w - target_w) / 2), round((resized_h - target_h) / 2)",
+        ("tests/test_data.py", "-k", "landscape or portrait"),
+        "height and width mixed up: wrong crop and wrong SDXL crop conditioning",
+    ),
+    Mutation(
+        "data: flipped crop's left not mirrored",
+        files(*DATA), "left = resized_w - left - target_w", "left = left",
+        ("tests/test_data.py", "-k", "random_crop_and_flip"),
+        "SDXL's crop conditioning wrong for flipped images",
+    ),
+    Mutation(
+        "data: sampler ignores the resume position",
+        files(*DATA), "for batch in self.global_batches()[self.start :]:", "for batch in self.global_batches():",
+        ("tests/test_data.py", "-k", "sampler_shards"),
+        "a resumed epoch repeats its first batches",
+    ),
+    Mutation(
+        "data: same order every epoch",
+        files(*DATA), "torch.Generator().manual_seed(self.seed + self.epoch)",
+        "torch.Generator().manual_seed(self.seed)",
+        ("tests/test_data.py", "-k", "sampler_shards"),
+        "no reshuffling between epochs",
+    ),
+    Mutation(
+        "data: same captions dropped every epoch",
+        files(*DATA), 'sample_rng(self.seed, self.epoch, index, "empty-prompt")',
+        'sample_rng(self.seed, 0, index, "empty-prompt")',
+        ("tests/test_objectives.py", "-k", "caption_dropout"),
+        "some images never trained unconditionally, others always",
+    ),
+    # cache and the cached encodings
+    Mutation(
+        "cache: key ignores the resolution",
+        files("src/difftune/cache.py"), '"resolution": args.resolution,\n', "",
+        ("tests/test_cache_buckets.py", "-k", "reused_and_rebuilt"),
+        "a run at another resolution trains on stale latents",
+    ),
+    Mutation(
+        "sdxl: cached latents use the posterior mean",
+        files("src/difftune/sdxl.py"),
+        "sample = mean + std * torch.randn(mean.shape, device=mean.device, dtype=vae_dtype)", "sample = mean",
+        ("tests/test_cache_buckets.py::test_cached_training_gives_the_same_losses[train_sdxl_lokr-sdxl_args-caches0]",),
+        "cached runs train on other latents than live ones",
+    ),
+    # checkpoints
+    Mutation(
+        "checkpoints: steps sorted as strings",
+        files("src/difftune/checkpoints.py"), "found.append((int(match.group(1)), path))",
+        "found.append((match.group(1), path))",
+        ("tests/test_reliability.py", "-k", "latest_is_the_highest"),
+        "'latest' picks step9 over step10",
+    ),
+    Mutation(
+        "checkpoints: incomplete checkpoint counts as complete",
+        files("src/difftune/checkpoints.py"), "return (path / STATE_FILE).is_file()", "return path.is_dir()",
+        ("tests/test_reliability.py", "-k", "latest_is_the_highest"),
+        "a run killed mid-save resumes from a half-written checkpoint",
+    ),
+    Mutation(
+        "checkpoints: pruning deletes the best one",
+        files("src/difftune/checkpoints.py"), "if path == best:", "if False:",
+        ("tests/test_evaluation.py", "-k", "pruning"),
+        "--checkpoints_total_limit removes the checkpoint with the best held-out loss",
+    ),
+    Mutation(
+        "checkpoints: --overwrite_output_dir refused",
+        files("src/difftune/checkpoints.py"), "if found and resume_from is None and not overwrite:",
+        "if found and resume_from is None:",
+        ("tests/test_reliability.py", "-k", "output_dir_with_another_run"),
+        "the flag silently does nothing",
+    ),
+    # training and updates
+    Mutation(
+        "training: optimizer state not restored on resume",
+        files("src/difftune/training.py"), "        self.update.load(resume_dir)\n", "",
+        ("tests/test_reliability.py::test_resume_equals_uninterrupted_run[sdxl]",),
+        "Adam restarts from zero moments after every resume",
+    ),
+    Mutation(
+        "training: lr schedule not restored on resume",
+        files("src/difftune/training.py"),
+        "self.lr_scheduler.load_state_dict(checkpoints.load_torch_state(resume_dir / checkpoints.SCHEDULER_FILE))",
+        "pass",
+        ("tests/test_reliability.py::test_resume_equals_uninterrupted_run[sdxl]",),
+        "warm-up starts again after a resume",
+    ),
+    Mutation(
+        "training: resumed mid-epoch from the epoch's start",
+        files("src/difftune/training.py"), "self.sampler.set_epoch(epoch, start=step_in_epoch * self.accum)",
+        "self.sampler.set_epoch(epoch)",
+        ("tests/test_reliability.py::test_resume_equals_uninterrupted_run[sdxl]",),
+        "a resumed run repeats batches",
+    ),
+    Mutation(
+        "training: the same noise every step",
+        files("src/difftune/training.py"), 'f"{seed}:{step}:{micro_batch}:{process_index}"',
+        'f"{seed}:{micro_batch}:{process_index}"',
+        ("tests/test_reliability.py", "-k", "own_noise"),
+        "every step draws the same noise and timesteps",
+    ),
+    Mutation(
+        "training: one non-finite step too few allowed",
+        files("src/difftune/training.py"), "if self.nonfinite_steps > limit:", "if self.nonfinite_steps >= limit:",
+        ("tests/test_reliability.py::test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints[none]",),
+        "--max_nonfinite_steps N stops at the N-th",
+    ),
+    Mutation(
+        "updates: flattened groups lose their learning rate",
+        files("src/difftune/updates.py"), 'flat_groups.append({**group, "params": [flat_param]})',
+        'flat_groups.append({"params": [flat_param]})',
+        ("tests/test_sdxl_training.py::test_text_encoder_training_in_bf16",),
+        "--text_encoder_lr lost in the optimizer only",
+    ),
+    Mutation(
+        "updates: accumulated gradients not averaged",
+        files("src/difftune/updates.py"), "self.accelerator.backward(loss / self.accum)",
+        "self.accelerator.backward(loss)",
+        (),
+        "not caught cheaply: Adam's step hardly depends on the gradient's scale; the slow ZeRO-2 test "
+        "(GRADIENT_SENSITIVE, DeepSpeed's own accumulation against DDP) catches it in minutes",
+    ),
+    # ema and evaluation
+    Mutation(
+        "ema: power warm-up always on",
+        files("src/difftune/ema.py"), "use_ema_warmup=args.ema_power is not None,", "use_ema_warmup=True,",
+        ("tests/test_options.py::test_ema_checkpoint_is_the_average_of_the_live_weights[default-warmup]",),
+        "the documented (1+t)/(10+t) decay replaced",
+    ),
+    Mutation(
+        "ema: validation sees the live weights",
+        files("src/difftune/ema.py"), "param.data = shadow.to(param.dtype)", "param.data = param.data",
+        ("tests/test_options.py", "-k", "validation_images_come_from_the_ema"),
+        "validation images say nothing about the EMA",
+    ),
+    Mutation(
+        "training: EMA not restored on resume",
+        files("src/difftune/training.py"), "            self.ema.load(resume_dir)\n", "            pass\n",
+        ("tests/test_options.py", "-k", "optimizer_and_ema_resume_exactly and adafactor"),
+        "the average restarts from the resumed weights",
+    ),
+    Mutation(
+        "evaluation: the same noise for every held-out sample",
+        files("src/difftune/evaluation.py"), "  torch.manual_seed(seed + j * EVAL_TIMESTEPS + k)",
+        "  torch.manual_seed(seed + k)",
+        ("tests/test_evaluation.py", "-k", "eval_data_dir_is_held_out"),
+        "the documented held-out loss is another number",
+    ),
+    Mutation(
+        "evaluation: held-out samples also trained on",
+        files("src/difftune/evaluation.py"), "return sorted(order[held:]), sorted(order[:held])",
+        "return sorted(order), sorted(order[:held])",
+        ("tests/test_evaluation.py", "-k", "split_is_seeded"),
+        "the held-out loss measures memorisation",
+    ),
+    # scripts and their model code
+    Mutation(
+        "sdxl: pooled output detached",
+        files("src/difftune/sdxl.py"), "return prompt_embeds, out_two.text_embeds",
+        "return prompt_embeds, out_two.text_embeds.detach()",
+        ("tests/test_sdxl_training.py::test_text_encoder_training_in_bf16",),
+        "the second text encoder's last layer never trains",
+    ),
+    Mutation(
+        "train_sdxl_lokr.py: text encoders run without gradients",
+        files("scripts/train_sdxl_lokr.py"), "with torch.set_grad_enabled(args.train_text_encoder):",
+        "with torch.no_grad():",
+        ("tests/test_sdxl_training.py::test_text_encoder_training_in_bf16",),
+        "--train_text_encoder trains nothing",
+    ),
+    Mutation(
+        "wuerstchen: image embeddings not shifted",
+        files("src/difftune/wuerstchen.py"), "EMBEDDING_SHIFT, EMBEDDING_SCALE = 1.0, 42.0",
+        "EMBEDDING_SHIFT, EMBEDDING_SCALE = 0.0, 42.0",
+        ("tests/test_evaluation.py", "-k", "eval_data_dir_is_held_out"),
+        "the prior trained on latents outside its range",
+    ),
+]  # fmt: skip
+
+
+def tracked_files(root: Path) -> list[str]:
+    """The repo's files as git sees them (tracked, and new ones not ignored): what a copy needs."""
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=root, check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    return [line for line in out.splitlines() if line and (root / line).is_file()]
+
+
+def locate(root: Path, mutation: Mutation) -> tuple[Path | None, str]:
+    """The one file holding the snippet exactly once, or None and why not."""
+    candidates = sorted({path for pattern in mutation.files for path in root.glob(pattern) if path.is_file()})
+    hits = [(path, path.read_text().count(mutation.original)) for path in candidates]
+    hits = [(path, count) for path, count in hits if count]
+    if len(hits) == 1 and hits[0][1] == 1:
+        return hits[0][0], ""
+    if not hits:
+        return None, f"snippet not found in {', '.join(mutation.files)}"
+    return None, "snippet found " + ", ".join(f"{count}x in {path.relative_to(root)}" for path, count in hits)
+
+
+def copy_repo(root: Path, destination: Path) -> None:
+    for name in tracked_files(root):
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, target)
+
+
+def run_mutation(root: Path, mutation: Mutation, assets: Path, timeout: int) -> tuple[str, float, str]:
+    """(status, seconds, detail): caught / MISSED / error / timeout."""
+    with tempfile.TemporaryDirectory(prefix="difftune-mutant-") as temp:
+        copy = Path(temp)
+        copy_repo(root, copy)
+        path, _ = locate(copy, mutation)
+        path.write_text(path.read_text().replace(mutation.original, mutation.replacement))
+        env = {**os.environ, "PYTHONPATH": str(copy / "src"), "HF_HUB_OFFLINE": "1"}
+        env["DIFFTUNE_TEST_ASSETS"] = str(assets)
+        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutation.tests]
+        start = time.monotonic()
+        try:
+            proc = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "timeout", time.monotonic() - start, ""
+        seconds = time.monotonic() - start
+        lines = proc.stdout.strip().splitlines() or [""]
+        failed = [line.split(" - ")[0].removeprefix("FAILED ") for line in lines if line.startswith("FAILED ")]
+        summary = lines[-1] + (f"; failed: {failed[0]}" if failed else "")
+        status = {0: "MISSED", 1: "caught"}.get(proc.returncode, "error")
+        return status, seconds, summary
+
+
+def build_assets(root: Path, destination: Path) -> None:
+    subprocess.run(
+        [sys.executable, str(root / "scripts" / "make_tiny_assets.py"), str(destination)],
+        check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(root / "src"), "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", action="append", default=[], help="Run mutations whose name contains this.")
+    parser.add_argument("--check", action="store_true", help="Only check that every snippet is found once.")
+    parser.add_argument("--timeout", type=int, default=1200, help="Seconds per mutation's tests.")
+    parser.add_argument("--root", type=Path, default=ROOT, help="The repo to mutate (default: this one).")
+    args = parser.parse_args()
+    root = args.root.resolve()
+
+    chosen = [m for m in MUTATIONS if not args.only or any(word in m.name for word in args.only)]
+    stale = [(m, why) for m in chosen for path, why in [locate(root, m)] if path is None]
+    for mutation, why in stale:
+        print(f"STALE    {mutation.name}: {why}")
+    if args.check:
+        print(f"{len(chosen) - len(stale)}/{len(chosen)} snippets found")
+        return 1 if stale else 0
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="difftune-mutation-assets-") as assets:
+        build_assets(root, Path(assets))
+        for mutation in chosen:
+            if any(mutation is m for m, _ in stale):
+                continue
+            if not mutation.tests:
+                print(f"untested {mutation.name}: {mutation.why}", flush=True)
+                continue
+            status, seconds, summary = run_mutation(root, mutation, Path(assets), args.timeout)
+            results.append(status)
+            print(f"{status:8} {mutation.name} ({seconds:.0f} s; {summary})", flush=True)
+    caught = results.count("caught")
+    untested = len(chosen) - len(results) - len(stale)
+    print(f"score: {caught}/{len(results)} caught ({untested} untested, {len(stale)} stale)")
+    return 0 if caught == len(results) and not stale else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
