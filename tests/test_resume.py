@@ -133,6 +133,11 @@ def test_overwrite_with_resume_is_refused_before_anything_is_touched(seedless_ru
         assert run_main("train_sdxl_lokr", argv) == 2
         assert "pass only one of them" in one_line_error(capsys)
     assert checkpoints.list_checkpoints(target) == [(3, target / "step3")]
+    # Overwriting, then a mistake found while starting (here the data): the old run is still there.
+    argv = sdxl_args(assets, target, "--overwrite_output_dir")
+    argv[argv.index("--train_data_dir") + 1] = str(tmp_path / "no-such-data")
+    assert run_main("train_sdxl_lokr", argv) == 2
+    assert checkpoints.list_checkpoints(target) == [(3, target / "step3")]
 
 
 def test_optimizer_state_moves_between_packed_and_per_parameter_layouts():

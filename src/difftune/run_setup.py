@@ -72,7 +72,7 @@ def setup_run(args: argparse.Namespace):
         diffusers.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
     if accelerator.is_main_process:
-        checkpoints.clean_output_dir(output_dir, remove_checkpoints=args.overwrite_output_dir)
+        checkpoints.clean_output_dir(output_dir)  # with --overwrite_output_dir the old run goes at the first save
     accelerator.wait_for_everyone()
     check_shared_output_dir(accelerator, output_dir)
     if args.allow_tf32 and torch.cuda.is_available():

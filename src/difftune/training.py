@@ -222,6 +222,7 @@ class TrainingRun:
             num_training_steps=self.max_steps,
         )
         self.global_step, self.nonfinite_steps, self.last_loss = 0, 0, math.nan
+        self.replaces_old_run = args.overwrite_output_dir
         self.evaluated: dict[int, dict[str, float]] = {}
         self.times = StepTimes()
 
@@ -430,6 +431,10 @@ class TrainingRun:
 
     def write_checkpoint(self, step: int) -> Path:
         """The checkpoint of `step`; a full disk stops the run, leaving the earlier checkpoints as they were."""
+        if self.replaces_old_run:  # --overwrite_output_dir: only once this run has trained a step (never on a
+            if self.accelerator.is_main_process:  # bad setting or data found while starting)
+                checkpoints.clean_output_dir(self.output_dir, remove_checkpoints=True)
+            self.replaces_old_run = False
         found = checkpoints.list_checkpoints(self.output_dir)
         intact = f"step {found[-1][0]} is intact" if found else "no earlier checkpoint was written"
         partial = checkpoints.partial_dir(self.output_dir, step)
