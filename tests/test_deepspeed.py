@@ -182,7 +182,7 @@ def test_deepspeed_checkpoints_resume_with_the_same_number_of_processes(tmp_path
 
 
 def test_an_output_dir_some_process_cannot_see_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "main_decides", lambda accelerator, decide: decide())
+    monkeypatch.setattr(run_setup, "main_decides", lambda accelerator, decide: decide())
     second_machine = SimpleNamespace(
         num_processes=2,
         is_main_process=False,  # so nobody writes the probe file: the main process's writes are elsewhere
