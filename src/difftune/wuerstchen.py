@@ -27,15 +27,19 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class EfficientNetEncoder(nn.Module):
-    """EfficientNetV2-S features and a 1x1 conv + BatchNorm to 16 channels (stage B's `effnet`)."""
+    """EfficientNetV2-S features and a 1x1 conv + BatchNorm to 16 channels (stage B's `effnet`).
 
-    def __init__(self, latent_channels: int = 16) -> None:
+    Stable Cascade's encoder (`effnet_encoder.safetensors`) has the same layout with a BatchNorm
+    without affine weights (`affine=False`)."""
+
+    def __init__(self, latent_channels: int = 16, affine: bool = True) -> None:
         super().__init__()
         from torchvision.models import efficientnet_v2_s
 
         self.backbone = efficientnet_v2_s(weights=None).features
         self.mapper = nn.Sequential(
-            nn.Conv2d(1280, latent_channels, kernel_size=1, bias=False), nn.BatchNorm2d(latent_channels)
+            nn.Conv2d(1280, latent_channels, kernel_size=1, bias=False),
+            nn.BatchNorm2d(latent_channels, affine=affine),
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
