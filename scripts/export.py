@@ -4,7 +4,8 @@
 
 --format kohya: SDXL LoKr (UNet and, when trained, both text encoders) in the kohya / LyCORIS
 format that ComfyUI and AUTOMATIC1111 load. --format diffusers: the Wuerstchen prior LoRA as the
-diffusers single file (`load_lora_weights`).
+diffusers single file (`load_lora_weights`). --format comfyui: the Stable Cascade stage C LoRA (and its
+text encoder's) with ComfyUI's names (lora_prior_unet_..., lora_prior_te_...).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from difftune import export, wuerstchen
+from difftune import cascade, export, wuerstchen
 from difftune.args import DTYPES, ErrorOnlyParser
 from difftune.checkpoints import ARGS_FILE, read_json
 from difftune.ema import adapter_dir
@@ -25,7 +26,7 @@ from difftune.inference import checkpoint_family
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = ErrorOnlyParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="A step<N> dir of a training run.")
-    parser.add_argument("--format", choices=["kohya", "diffusers"], default="kohya")
+    parser.add_argument("--format", choices=["kohya", "diffusers", "comfyui"], default="kohya")
     parser.add_argument("--out", type=Path, required=True, help="The .safetensors file to write.")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--pretrained_model_name_or_path", default=None, help="Default: the run's base model.")
@@ -76,12 +77,36 @@ def export_wuerstchen_diffusers(args: argparse.Namespace) -> tuple[dict, dict[st
         return load_file(path), metadata
 
 
+def export_cascade_comfyui(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
+    source = adapter_dir(args.checkpoint, args.ema)
+    parts = {
+        name: export.read_peft_adapter(source / name) for name in ("prior", "text_encoder") if (source / name).is_dir()
+    }
+    config = parts["prior"][0]
+    metadata = {"ss_network_dim": str(config["r"]), "ss_network_alpha": str(config["lora_alpha"])}
+    return cascade.lora_to_comfyui(parts, DTYPES[args.dtype]), metadata
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     family = checkpoint_family(args.checkpoint)
     if args.out.suffix != ".safetensors":
         raise UserError(f"--out {args.out} must end in .safetensors")
-    if (family, args.format) == ("sdxl", "kohya"):
+    if family == "wuerstchen":
+        run = read_json(args.checkpoint / ARGS_FILE) if (args.checkpoint / ARGS_FILE).is_file() else {}
+        if wuerstchen.family_of_run(run) is cascade.CASCADE:
+            family = "cascade"
+        elif args.format == "comfyui":
+            raise UserError(
+                "ComfyUI has no Wuerstchen v2 (only Stable Cascade): export this checkpoint as --format diffusers"
+            )
+    if (family, args.format) == ("cascade", "comfyui"):
+        state, metadata = export_cascade_comfyui(args)
+    elif family == "cascade":
+        raise UserError(
+            "a Stable Cascade LoRA exports as --format comfyui (diffusers has no Stable Cascade LoRA format)"
+        )
+    elif (family, args.format) == ("sdxl", "kohya"):
         state, metadata = export_sdxl_kohya(args)
     elif (family, args.format) == ("wuerstchen", "diffusers"):
         state, metadata = export_wuerstchen_diffusers(args)

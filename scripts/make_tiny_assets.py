@@ -313,8 +313,12 @@ def make_stable_cascade(out: Path, vocab: tuple[Path, Path]) -> None:
     EfficientNet encoder at the decoder repo's root (its BatchNorm has no affine weights)."""
     from diffusers import DDPMWuerstchenScheduler
     from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
-    from transformers import CLIPImageProcessor, CLIPTextModelWithProjection, CLIPVisionConfig
-    from transformers import CLIPVisionModelWithProjection
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     from difftune.wuerstchen import EfficientNetEncoder
 
