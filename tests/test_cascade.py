@@ -237,3 +237,14 @@ def test_bad_input(assets, tmp_path, run_main, capsys, generation, flag, value, 
         argv += [flag, str(value)]
     assert run_main("train_wuerstchen_lora", argv) == 2
     assert message in one_line_error(capsys)
+
+
+def test_infer_generates_with_the_adapters(cascade_run, tmp_path, run_main, capsys):
+    out, _ = cascade_run
+    argv = ["--checkpoint", out / "step4", "--prompt", "x", "--num_inference_steps", "1", "--output_dir", tmp_path]
+    assert run_main("infer", [*argv, "--compare_base"]) == 0
+    assert "wrote 1 image(s)" in capsys.readouterr().out
+    adapted, base = (
+        np.asarray(Image.open(tmp_path / name), dtype=np.int16) for name in ("00_x_00.png", "00_x_00_base.png")
+    )
+    assert adapted.shape == (128, 128, 3) and np.abs(adapted - base).max() > 0
