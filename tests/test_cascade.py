@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import load_script, run_script
+from conftest import launch, load_script, run_script
 from helpers import (
     REAL_TRAIN,
     adapter_weights,
@@ -248,3 +248,35 @@ def test_infer_generates_with_the_adapters(cascade_run, tmp_path, run_main, caps
         np.asarray(Image.open(tmp_path / name), dtype=np.int16) for name in ("00_x_00.png", "00_x_00_base.png")
     )
     assert adapted.shape == (128, 128, 3) and np.abs(adapted - base).max() > 0
+
+
+def test_training_conditions_the_prior_as_the_pipeline_does(assets):
+    """The text conditioning a step trains with is what StableCascadePriorPipeline feeds the prior."""
+    from diffusers import StableCascadePriorPipeline
+
+    from difftune import data
+
+    parts = cascade.CASCADE.load_prior(str(assets / "stable-cascade-prior"), "prior", None, None)
+    pipe = StableCascadePriorPipeline(
+        tokenizer=parts.tokenizer, text_encoder=parts.text_encoder, prior=parts.prior, scheduler=parts.scheduler
+    )
+    prompt = "a red circle on a blue background"
+    tokens = data.Tokenize({"prior": parts.tokenizer}, attention_mask=True)(prompt)
+    with torch.no_grad():
+        text, pooled, *_ = pipe.encode_prompt(torch.device("cpu"), 1, 1, False, prompt=prompt)
+        trained = cascade.CASCADE.encode_text({k: v[None] for k, v in tokens.items()}, parts.text_encoder)
+    assert torch.equal(trained["prompt_embeds"], text) and torch.equal(trained["pooled_prompt_embeds"], pooled)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_trains(assets, tmp_path):
+    """`accelerate launch` with two DDP processes (gloo on the CPU), bf16 autocast: the prior's LoRA trains."""
+    out = tmp_path / "ddp"
+    proc = launch(
+        "train_wuerstchen_lora", cascade_args(assets, out, *EXTRA, steps=2), processes=2, mixed_precision="bf16"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    weights = adapter_weights(out / "step2")
+    ups = [v for k, v in weights.items() if k.startswith("prior/") and "lora_B" in k]
+    assert ups and all(torch.isfinite(v).all() for v in weights.values())
+    assert max(v.abs().max().item() for v in ups) > 0  # lora_B starts at zero: it moved
