@@ -77,7 +77,6 @@ def test_card_snippet_loads_the_trained_adapters(cascade_run, assets):
     script = load_script("train_wuerstchen_lora")
     args = script.parse_args([str(a) for a in cascade_args(assets, out, *EXTRA, *VALIDATION)])
     card = script.write_card(args, out / "step4").read_text()
-    assert "PeftModel.from_pretrained(pipe.prior_pipe.prior" in card
     (namespace,) = run_card_snippets(card, AWKWARD_PROMPT, CPU_SWAPS)
     pipe = namespace["pipe"]
 
