@@ -8,6 +8,7 @@
     python benchmarks/bench_real_size.py --only cascade  # real Stable Cascade stage C (3.6 B) and lite (1 B), 1024 px
     python benchmarks/bench_real_size.py --only cascade-lite  # the lite stage C only (~4 GB instead of ~15 GB)
     python benchmarks/bench_real_size.py --only script   # train_sdxl_lokr.py itself on a real-size SDXL on disk
+    python benchmarks/bench_real_size.py --only export   # export.py --format checkpoint of it: peak RSS
 
 Random weights from the published configs (benchmarks/memory_estimate.py), CPU fp32, nothing downloaded.
 The floor is the frozen model with its input requiring grad. Variants are interleaved in one process and
@@ -23,6 +24,7 @@ loads the same components with the same code and runs the frozen fwd+bwd.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import statistics
@@ -243,6 +245,69 @@ def script(real_dir: Path, steps: int) -> None:
     )
 
 
+def random_lokr_checkpoint(real_dir: Path) -> Path:
+    """A step dir with a random LoKr r8 (alpha 8) on the real-size UNet's attention and both text encoders."""
+    from peft import LoKrConfig
+    from peft.tuners.lokr.layer import factorization
+    from safetensors.torch import save_file
+
+    from difftune import export
+
+    step = real_dir / "lokr-run" / "step1"
+    models = ["unet", "text_encoder_one", "text_encoder_two"]
+    _, shapes = export.module_shapes(str(real_dir / "sdxl"), None, models)
+    targets = {"unet": ("to_q", "to_k", "to_v", "to_out.0"), "text": ("q_proj", "k_proj", "v_proj", "out_proj")}
+    generator = torch.Generator().manual_seed(0)
+    for model in models:
+        chosen = targets["unet" if model == "unet" else "text"]
+        state = {}
+        for module, shape in shapes[model].items():
+            if not module.endswith(chosen) or len(shape) != 2:
+                continue
+            (a, b), (c, d) = factorization(shape[0]), factorization(shape[1])
+            prefix = f"base_model.model.{module}."
+            state[prefix + "lokr_w1"] = torch.randn(a, c, generator=generator) * 0.01
+            state[prefix + "lokr_w2_a"] = torch.randn(b, 8, generator=generator) * 0.01
+            state[prefix + "lokr_w2_b"] = torch.randn(8, d, generator=generator) * 0.01
+        (step / model).mkdir(parents=True, exist_ok=True)
+        LoKrConfig(r=8, alpha=8, target_modules=list(chosen)).save_pretrained(step / model)
+        save_file(state, step / model / "adapter_model.safetensors")
+    run = {
+        "pretrained_model_name_or_path": str(real_dir / "sdxl"),
+        "pretrained_vae_model_name_or_path": str(real_dir / "sdxl-vae-fp16-fix"),
+    }
+    (step / "args.json").write_text(json.dumps(run))
+    return step
+
+
+def export_checkpoint(real_dir: Path) -> None:
+    print("export.py --format checkpoint (fp16) of a random LoKr r8 on a random real-size SDXL (fp32 on disk)")
+    save_real_sdxl(real_dir)
+    random_lokr_checkpoint(real_dir)
+    base_gib = sum(f.stat().st_size for f in (real_dir / "sdxl").rglob("*.safetensors")) / 2**30
+    start = time.perf_counter()
+    (peak,) = measured_in_child("export", "--real_dir", str(real_dir))
+    out = real_dir / "merged.safetensors"
+    print(
+        f"base model on disk {base_gib:.2f} GiB (fp32), merged checkpoint {out.stat().st_size / 2**30:.2f} GiB (fp16), "
+        f"{time.perf_counter() - start:.0f} s; peak RSS of export.py {peak:.2f} GiB",
+        flush=True,
+    )
+    out.unlink()
+
+
+def export_one(real_dir: Path) -> None:
+    """Run export.py --format checkpoint in this (fresh) process; print its peak RSS (GiB)."""
+    import runpy
+
+    sys.argv = [
+        "export.py", "--checkpoint", str(real_dir / "lokr-run" / "step1"), "--format", "checkpoint",
+        "--out", str(real_dir / "merged.safetensors"),
+    ]  # fmt: skip
+    runpy.run_path(str(ROOT / "scripts" / "export.py"), run_name="__main__")
+    print(rss_mib() / 1024)
+
+
 def script_floor_one(real_dir: Path) -> None:
     """Load the SDXL components as train_sdxl_lokr.py does, then the frozen UNet's fwd+bwd (peak RSS, GiB)."""
     from difftune import sdxl
@@ -315,7 +380,9 @@ def memory(variants=VARIANTS) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--only", choices=["layers", "unet", "memory", "wuerstchen", "cascade", "cascade-lite", "script"], default=None
+        "--only",
+        choices=["layers", "unet", "memory", "wuerstchen", "cascade", "cascade-lite", "script", "export"],
+        default=None,
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--script_steps", type=int, default=10, help="--only script: steps (2 of them warm-up).")
@@ -324,12 +391,14 @@ def main() -> None:
     )
     parser.add_argument(
         "--memory_variant",
-        choices=(*VARIANTS, *PRIOR_VARIANTS, *CASCADE_VARIANTS, *LITE_VARIANTS, "script-floor"),
+        choices=(*VARIANTS, *PRIOR_VARIANTS, *CASCADE_VARIANTS, *LITE_VARIANTS, "script-floor", "export"),
         help=argparse.SUPPRESS,
     )
     args = parser.parse_args()
     if args.memory_variant == "script-floor":
         return script_floor_one(args.real_dir)
+    if args.memory_variant == "export":
+        return export_one(args.real_dir)
     if args.memory_variant:
         return memory_one(args.memory_variant)
     print(f"torch threads: {torch.get_num_threads()}")
@@ -345,6 +414,8 @@ def main() -> None:
         stable_cascade(max(1, args.repeats // 2), lite_only=args.only == "cascade-lite")
     if args.only in (None, "script"):
         script(args.real_dir, args.script_steps)
+    if args.only in (None, "export"):
+        export_checkpoint(args.real_dir)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
     python scripts/export.py --checkpoint OUTPUT_DIR/step<N> --format kohya --out model.safetensors
 
 --format kohya: SDXL LoKr (UNet and, when trained, both text encoders) in the kohya / LyCORIS
-format that ComfyUI and AUTOMATIC1111 load. --format diffusers: the Wuerstchen prior LoRA as the
+format that ComfyUI and AUTOMATIC1111 load. --format checkpoint: one SDXL checkpoint (original layout,
+fp16 by default) with the adapter merged into the UNet and text encoders and the run's VAE included, for
+ComfyUI's Load Checkpoint, A1111 or from_single_file. --format diffusers: the Wuerstchen prior LoRA as the
 diffusers single file (`load_lora_weights`). --format comfyui: the Stable Cascade stage C LoRA (and its
 text encoder's) with ComfyUI's names (lora_prior_unet_..., lora_prior_te_...).
 """
@@ -11,25 +13,29 @@ text encoder's) with ComfyUI's names (lora_prior_unet_..., lora_prior_te_...).
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from difftune import cascade, export, wuerstchen
+from difftune import cascade, export, integrity, merged_checkpoint, single_file, wuerstchen
 from difftune.args import DTYPES, ErrorOnlyParser
 from difftune.checkpoints import ARGS_FILE, read_json
 from difftune.ema import adapter_dir
 from difftune.errors import UserError, run_cli
 from difftune.inference import checkpoint_family
 
+SDXL_MODELS = ("unet", "text_encoder_one", "text_encoder_two")
+
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = ErrorOnlyParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="A step<N> dir of a training run.")
-    parser.add_argument("--format", choices=["kohya", "diffusers", "comfyui"], default="kohya")
+    parser.add_argument("--format", choices=["kohya", "checkpoint", "diffusers", "comfyui"], default="kohya")
     parser.add_argument("--out", type=Path, required=True, help="The .safetensors file to write.")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="Default: fp16 for checkpoint, else fp32.")
     parser.add_argument("--pretrained_model_name_or_path", default=None, help="Default: the run's base model.")
+    parser.add_argument("--single_file_config", default=None, help="For a single-file base. Default: the run's.")
     parser.add_argument(
         "--allow_large_factor",
         action="store_true",
@@ -43,14 +49,61 @@ def export_sdxl_kohya(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
     run = read_json(args.checkpoint / ARGS_FILE)
     base = args.pretrained_model_name_or_path or run["pretrained_model_name_or_path"]
     weights = adapter_dir(args.checkpoint, args.ema)
-    models = [m for m in ("unet", "text_encoder_one", "text_encoder_two") if (weights / m).is_dir()]
+    models = [m for m in SDXL_MODELS if (weights / m).is_dir()]
     adapters = {m: export.read_peft_adapter(weights / m) for m in models}
     for model, (config, _) in adapters.items():
         if config.get("peft_type") != "LOKR":
             raise UserError(f"{weights / model} is a {config.get('peft_type')} adapter, not LoKr")
-    unet_config, shapes = export.module_shapes(base, run.get("revision"), models)
+    configs = base
+    if single_file.is_single_file(base):  # its configs come from the run's --single_file_config
+        configs = str(single_file.config_dir(args.single_file_config or run.get("single_file_config")))
+    unet_config, shapes = export.module_shapes(configs, run.get("revision"), models)
     state = export.lokr_to_kohya(adapters, unet_config, shapes, DTYPES[args.dtype], args.allow_large_factor)
     return state, export.kohya_metadata(adapters["unet"][0], base)
+
+
+def export_sdxl_checkpoint(args: argparse.Namespace) -> str:
+    """Stream the base model with the adapter merged into args.out's .partial file; returns what was written."""
+    run = read_json(args.checkpoint / ARGS_FILE)
+    base = args.pretrained_model_name_or_path or run["pretrained_model_name_or_path"]
+    weights = adapter_dir(args.checkpoint, args.ema)
+    adapters = {m: export.read_peft_adapter(weights / m) for m in SDXL_MODELS if (weights / m).is_dir()}
+    for config, _ in adapters.values():
+        export.check_exportable(config, {}, allow_large_factor=True)  # Tucker factors: no merge rule here
+    vae = run.get("pretrained_vae_model_name_or_path")
+    flag = "--pretrained_vae_model_name_or_path"
+    vae = None if vae is None or vae.lower() == "none" else local_model(vae, flag, "config.json")
+    if single_file.is_single_file(base):
+        configs = single_file.config_dir(args.single_file_config or run.get("single_file_config"))
+        entries = merged_checkpoint.file_entries(Path(base), drop_vae=vae is not None)
+        if vae is None and not single_file.inspect(base).has_vae:
+            vae = configs / "vae"
+    else:
+        configs = local_model(base, "--pretrained_model_name_or_path")
+        entries = merged_checkpoint.folder_entries(configs, run.get("variant"))
+        vae = vae or configs / "vae"
+    if vae is not None:
+        entries += merged_checkpoint.vae_entries(Path(vae))
+    unet_config = json.loads((configs / "unet" / "config.json").read_text())
+    deltas = merged_checkpoint.patches(adapters, unet_config)
+    dtype = DTYPES[args.dtype]
+    metadata = {"format": "pt", "difftune_base_model": Path(base).name, "difftune_checkpoint": str(args.checkpoint)}
+    tensors = merged_checkpoint.merged(entries, deltas, dtype)
+    merged_checkpoint.write_streaming(args.out.with_suffix(".partial"), entries, tensors, dtype, metadata)
+    return f"{len(entries)} tensors, {len(deltas)} weights merged"
+
+
+def local_model(name: str, flag: str, marker: str = "model_index.json") -> Path:
+    """A diffusers folder, or a Hub id's snapshot (weights included) from the cache or the Hub."""
+    from huggingface_hub import snapshot_download
+
+    from difftune.hub import fetch_file
+
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return local
+    fetch_file(name, marker, None, flag)  # the one-line errors: no such repo, gated, offline and not cached
+    return Path(snapshot_download(name, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
 
 
 def export_wuerstchen_diffusers(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
@@ -90,8 +143,10 @@ def export_cascade_comfyui(args: argparse.Namespace) -> tuple[dict, dict[str, st
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     family = checkpoint_family(args.checkpoint)
+    integrity.check_checkpoint(args.checkpoint, "--checkpoint")
     if args.out.suffix != ".safetensors":
         raise UserError(f"--out {args.out} must end in .safetensors")
+    args.dtype = args.dtype or ("fp16" if args.format == "checkpoint" else "fp32")
     if family == "wuerstchen":
         run = read_json(args.checkpoint / ARGS_FILE) if (args.checkpoint / ARGS_FILE).is_file() else {}
         if wuerstchen.family_of_run(run) is cascade.CASCADE:
@@ -100,6 +155,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise UserError(
                 "ComfyUI has no Wuerstchen v2 (only Stable Cascade): export this checkpoint as --format diffusers"
             )
+    if (family, args.format) == ("sdxl", "checkpoint"):
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        written = export_sdxl_checkpoint(args)
+        args.out.with_suffix(".partial").replace(args.out)
+        print(f"wrote {args.out} ({written}, {args.dtype})")
+        return
     if (family, args.format) == ("cascade", "comfyui"):
         state, metadata = export_cascade_comfyui(args)
     elif family == "cascade":
@@ -111,11 +172,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif (family, args.format) == ("wuerstchen", "diffusers"):
         state, metadata = export_wuerstchen_diffusers(args)
     elif family == "sdxl":
-        raise UserError("SDXL LoKr exports as --format kohya (diffusers' LoRA format cannot hold LoKr)")
+        raise UserError("SDXL LoKr exports as --format kohya or checkpoint (diffusers' LoRA format cannot hold LoKr)")
     else:
         raise UserError(
             "Wuerstchen LoRA exports as --format diffusers: "
-            "there is no kohya naming convention for the Wuerstchen prior"
+            "there is no kohya naming convention or single-file checkpoint layout for the Wuerstchen prior"
         )
     from safetensors.torch import save_file
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from difftune import inference, wuerstchen
+from difftune import inference, integrity, wuerstchen
 from difftune.args import DTYPES, ErrorOnlyParser
 from difftune.checkpoints import ARGS_FILE, read_json
 from difftune.ema import adapter_dir
@@ -50,6 +50,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--pretrained_decoder_model_name_or_path",
         "--revision",
         "--variant",
+        "--single_file_config",
     ):
         parser.add_argument(flag, default=None, help="Default: the training run's.")
     return parser.parse_args(argv)
@@ -76,6 +77,7 @@ def build_pipeline(args: argparse.Namespace, family: str, run: dict, dtype: torc
         return inference.sdxl_pipeline(
             setting("pretrained_model_name_or_path"), vae, setting("revision"), setting("variant"), dtype,
             run.get("prediction_type"),  # sample what the run trained
+            setting("single_file_config"),
         )  # fmt: skip
     return inference.wuerstchen_pipeline(
         setting("pretrained_prior_model_name_or_path"),
@@ -145,6 +147,7 @@ def save_grid(rows: list[list[Image.Image]], path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     family = inference.checkpoint_family(args.checkpoint)
+    integrity.check_checkpoint(args.checkpoint, "--checkpoint")
     if not (args.checkpoint / ARGS_FILE).is_file():
         raise UserError(f"--checkpoint {args.checkpoint} has no {ARGS_FILE}: was it written by difftune?")
     run = read_json(args.checkpoint / ARGS_FILE)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from difftune import adapters, data, objectives, sdxl, training, validation
+from difftune import adapters, data, init_adapter, objectives, sdxl, single_file, training, validation
 from difftune import args as cli
 from difftune.errors import run_cli
 from difftune.modelcard import literal, write_model_card
@@ -23,12 +23,11 @@ PROJECT = "sdxl-lokr"
 LOADING = """
 ```python
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionXLPipeline
 from peft import PeftModel
 
 checkpoint = {checkpoint}
-vae = AutoencoderKL.from_pretrained({vae}, torch_dtype=torch.float16)
-pipe = DiffusionPipeline.from_pretrained({base}, vae=vae, torch_dtype=torch.float16).to("cuda")
+{vae}pipe = {pipeline}torch_dtype=torch.float16).to("cuda")
 {scheduler}pipe.unet = PeftModel.from_pretrained(pipe.unet, f"{{checkpoint}}/unet", adapter_name="default")
 {text_encoders}image = pipe({prompt}, num_inference_steps=50).images[0]
 ```
@@ -39,13 +38,20 @@ pipe.text_encoder_2 = PeftModel.from_pretrained(
     pipe.text_encoder_2, f"{checkpoint}/text_encoder_two", adapter_name="default")
 """
 # Trained with --prediction_type: sample with it too (as diffusers' SDXL training script does).
-SCHEDULER = """pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, prediction_type="{prediction_type}")
-"""
+SCHEDULER = (
+    'pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, prediction_type="{prediction_type}"{zsnr})\n'
+)
+VAE = "vae = AutoencoderKL.from_pretrained({vae}, torch_dtype=torch.float16)\n"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = cli.ErrorOnlyParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrained_model_name_or_path", default="stabilityai/stable-diffusion-xl-base-1.0")
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        default="stabilityai/stable-diffusion-xl-base-1.0",
+        help="A diffusers folder, a Hub id, or one SDXL .safetensors file (original layout, as community models ship).",
+    )
+    single_file.add_single_file_args(parser)
     parser.add_argument(
         "--pretrained_vae_model_name_or_path",
         default="madebyollin/sdxl-vae-fp16-fix",
@@ -58,6 +64,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     cli.add_training_args(parser, output_dir="work_dirs/stable_diffusion_xl_lokr_pokemon_blip")
     adapters.add_lokr_args(parser)
+    init_adapter.add_init_adapter_args(parser)
     group = objectives.add_objective_args(parser)
     group.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"])
     group.add_argument(
@@ -68,32 +75,48 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return cli.parse(parser, argv, image_cache_flag="cache_latents")
 
 
-def write_card(args: argparse.Namespace, checkpoint: Path) -> Path:
+def write_card(args: argparse.Namespace, checkpoint: Path, zero_terminal_snr: bool = False) -> Path:
     """The run's README.md; its snippet loads `checkpoint` as written (values pasted as Python literals)."""
     base = args.pretrained_model_name_or_path
-    vae_path = args.pretrained_vae_model_name_or_path
+    own_vae = args.pretrained_vae_model_name_or_path.lower() == "none"  # the pipeline loads its own
+    if single_file.is_single_file(base):
+        config = literal(args.single_file_config)
+        pipeline = f"StableDiffusionXLPipeline.from_single_file({literal(base)}, config={config}, "
+    else:
+        pipeline = f"DiffusionPipeline.from_pretrained({literal(base)}, "
+    zsnr = ", rescale_betas_zero_snr=True" if zero_terminal_snr else ""
     loading = LOADING.format(
         checkpoint=literal(checkpoint),
-        vae=literal(base) + ', subfolder="vae"' if vae_path.lower() == "none" else literal(vae_path),
-        base=literal(base),
-        scheduler=SCHEDULER.format(prediction_type=args.prediction_type) if args.prediction_type else "",
+        vae="" if own_vae else VAE.format(vae=literal(args.pretrained_vae_model_name_or_path)),
+        pipeline=pipeline + ("" if own_vae else "vae=vae, "),
+        scheduler=SCHEDULER.format(prediction_type=args.prediction_type, zsnr=zsnr) if args.prediction_type else "",
         text_encoders=TEXT_ENCODERS if args.train_text_encoder else "",
         prompt=literal((args.validation_prompt or ["a photo"])[0]),
     )
+    base_models = [getattr(args, "base_model_file", base)]
     return write_model_card(
-        args.output_dir, args, title="SDXL LoKr adapter", base_models=[base], adapter="LoKr", loading=loading
+        args.output_dir, args, title="SDXL LoKr adapter", base_models=base_models, adapter="LoKr", loading=loading
     )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    start = init_adapter.prepare(args, argv, ["unet", "text_encoder_one", "text_encoder_two"])
+    objectives.check_timestep_range(
+        args, lambda: sdxl.num_train_timesteps(args.pretrained_model_name_or_path, args.revision)
+    )
     accelerator = training.setup_run(args)
     device, dtype = accelerator.device, training.weight_dtype(accelerator)
 
     # Models: frozen in the weight dtype; the VAE in fp32 unless it is made for fp16 (force_upcast off).
     vae_path = sdxl.vae_location(args.pretrained_vae_model_name_or_path)
     args.pretrained_vae_model_name_or_path = vae_path or "none"  # recorded as loaded (infer.py, the card)
-    sd = sdxl.load_sdxl(args.pretrained_model_name_or_path, vae_path, args.revision, args.variant)
+    sd = sdxl.load_sdxl(
+        args.pretrained_model_name_or_path, vae_path, args.revision, args.variant, args.single_file_config
+    )
+    single_file.record(args)  # a single-file base: its name and sha256 in args.json, the card and cache keys
+    if args.prediction_type is None and sd.inference_scheduler is not None:
+        args.prediction_type = sd.noise_scheduler.config.prediction_type  # the file's v_pred marker, if any
     if args.prediction_type is not None:
         sd.noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     vae_dtype = torch.float32 if sd.vae.config.force_upcast else dtype
@@ -116,11 +139,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     idle += [sd.text_encoder_one, sd.text_encoder_two] if args.cache_text_embeddings else []
     training.offload(idle)
 
-    # Adapters: LoKr on the UNet, and on both text encoders when asked.
+    # Adapters: LoKr on the UNet, and on both text encoders when asked; from --init_adapter's weights if given.
     base = args.pretrained_model_name_or_path
-    trained, param_groups = adapters.attach_all(
+    trained, param_groups = init_adapter.attach_all(
         args, adapters.lokr_config, base, ("unet", sd.unet),
-        {"text_encoder_one": sd.text_encoder_one, "text_encoder_two": sd.text_encoder_two},
+        {"text_encoder_one": sd.text_encoder_one, "text_encoder_two": sd.text_encoder_two}, start, argv,
     )  # fmt: skip
 
     scheduler = sd.noise_scheduler
@@ -163,7 +186,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )  # fmt: skip
 
     if accelerator.is_main_process:
-        write_card(args, result.final_checkpoint)
+        zero_terminal_snr = single_file.is_single_file(base) and sd.noise_scheduler.config.get(
+            "rescale_betas_zero_snr", False
+        )
+        write_card(args, result.final_checkpoint, zero_terminal_snr)
         print(f"done: {result.global_step} steps, final checkpoint {result.final_checkpoint}")
 
 

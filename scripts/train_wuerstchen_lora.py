@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from difftune import adapters, cascade, data, objectives, training, validation, wuerstchen
+from difftune import adapters, cascade, data, init_adapter, objectives, training, validation, wuerstchen
 from difftune import args as cli
 from difftune.errors import run_cli
 from difftune.modelcard import literal, write_model_card
@@ -136,6 +136,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     cli.add_cache_args(parser, "--cache_image_embeddings", "Encode the images with EfficientNet once.")
     cli.add_training_args(parser, output_dir="work_dirs/wuerstchen_prior_lora_pokemon_blip")
     adapters.add_lora_args(parser)
+    init_adapter.add_init_adapter_args(parser)
     objectives.add_objective_args(parser)
     return cli.parse(parser, argv, image_cache_flag="cache_image_embeddings")
 
@@ -179,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     family = wuerstchen.resolve_family(args)
     if args.validation_prompt or decoder_given:
         family.check_decoder(args.pretrained_decoder_model_name_or_path, args.revision)
+    start = init_adapter.prepare(args, argv, ["prior", "text_encoder"])
+    objectives.check_timestep_range(args, lambda: objectives.CONTINUOUS_BINS)
     accelerator = training.setup_run(args)
     device, dtype = accelerator.device, training.weight_dtype(accelerator)
 
@@ -202,9 +205,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     idle = [prior.text_encoder] if args.cache_text_embeddings else []
     training.offload(idle)
 
-    # Adapters: LoRA on the prior's attention, and on its text encoder when asked.
-    trained, param_groups = adapters.attach_all(
-        args, adapters.lora_config, base, ("prior", prior.prior), {"text_encoder": prior.text_encoder}
+    # Adapters: LoRA on the prior's attention, and on its text encoder when asked; from --init_adapter if given.
+    trained, param_groups = init_adapter.attach_all(
+        args, adapters.lora_config, base, ("prior", prior.prior), {"text_encoder": prior.text_encoder}, start, argv
     )
 
     objective = objectives.Objective(args, prior.scheduler, continuous=True)

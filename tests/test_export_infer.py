@@ -321,6 +321,7 @@ def test_wuerstchen_diffusers_lora_loads_like_peft(wuerstchen_checkpoint, assets
     old = tmp_path / "old" / "step4"
     shutil.copytree(wuerstchen_checkpoint, old)
     save_file(load_file(old / "pytorch_lora_weights.safetensors"), old / "pytorch_lora_weights.safetensors")
+    (old / "manifest.json").unlink()  # nor a manifest, written since
     exported_old = tmp_path / "old.safetensors"
     run_export(run_main, old, exported_old, "--format", "diffusers")
 
@@ -483,13 +484,19 @@ SDXL_CPU = {
 
 @pytest.mark.parametrize(
     "extra",
-    [("--pretrained_vae_model_name_or_path", "none"), ("--train_text_encoder",), ("--prediction_type", "v_prediction")],
-    ids=["base_vae", "text_encoders", "v_prediction"],
+    [
+        ("--pretrained_vae_model_name_or_path", "none"),
+        ("--train_text_encoder",),
+        ("--prediction_type", "v_prediction"),
+        ("--pretrained_model_name_or_path", "{assets}/sdxl.safetensors", "--single_file_config", "{assets}/sdxl"),
+    ],
+    ids=["base_vae", "text_encoders", "v_prediction", "single_file"],
 )
 def test_sdxl_model_card_snippet_runs_as_written(sdxl_checkpoint, assets, tmp_path, extra):
     from peft import PeftModel
 
     script = load_script("train_sdxl_lokr")
+    extra = [flag.format(assets=assets) for flag in extra]
     argv = sdxl_args(assets, tmp_path, "--validation_prompt", AWKWARD_PROMPT, *extra)
     args = script.parse_args([str(a) for a in argv])
     (namespace,) = run_card_snippets(script.write_card(args, sdxl_checkpoint).read_text(), AWKWARD_PROMPT, SDXL_CPU)
@@ -517,3 +524,17 @@ def test_wuerstchen_model_card_snippets_run_as_written(wuerstchen_checkpoint, as
     if text_encoder:  # the diffusers file holds the text encoder's LoRA too: with it, both routes load the same
         images = [np.asarray(space["image"], dtype=np.int16) for space in (diffusers_route, peft_route)]
         assert np.abs(images[0] - images[1]).max() <= 1
+
+
+def test_decompose_factor_is_checked_against_the_adapted_modules_only(assets, tmp_path, run_main):
+    """--decompose_factor 4 fits every attention projection (dims 32..80); the untargeted conv_in (4 input
+    channels, 4 > sqrt(4)) must not make the export refuse it."""
+    from peft import LoKrConfig
+
+    config = LoKrConfig(r=4, alpha=6, target_modules=["to_q", "to_k"], decompose_factor=4)
+    checkpoint, peft_unet = random_unet_checkpoint(assets, tmp_path, config)
+    exported = run_export(run_main, checkpoint, tmp_path / "f4.safetensors")
+    unet_config = json.loads((assets / "sdxl" / "unet" / "config.json").read_text())
+    assert assert_kohya_equals_peft(exported, {"unet": peft_unet}, unet_config) == len(
+        {k.rsplit(".", 1)[0] for k in exported}
+    )

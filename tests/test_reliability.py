@@ -101,13 +101,15 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(
 
     spy_on_training(monkeypatch.setattr, wrap_loss=nan_at_steps_3_and_5)
     out = tmp_path / "out"
-    argv = sdxl_args(assets, out, "--max_nonfinite_steps", "1", steps=8)
+    argv = sdxl_args(assets, out, "--max_nonfinite_steps", "1", "--use_ema", steps=8)
     assert run_main("train_sdxl_lokr", argv) == 2
     error = capsys.readouterr().err
     assert "the loss is nan at step 5" in error and "last good checkpoint" in error and "step4" in error
     assert [step for step, _ in checkpoints.list_checkpoints(out)] == [2, 4]
     weights = adapter_weights(out / "step4")
     assert all(torch.isfinite(v).all() for v in weights.values())  # the skipped step 3 did not poison them
+    # The EMA stepped with the optimizer only (steps 1, 2 and 4): its decay schedule did not count step 3.
+    assert checkpoints.load_torch_state(out / "step4" / ema.EMA_FILE)["optimization_step"] == 3
 
 
 def start(argv, log):

@@ -2,8 +2,10 @@
 
 A cache is a folder CACHE_DIR/<kind>-<hash>/ of safetensors shards; the hash covers everything
 the encodings depend on (model id and revision, data set fingerprint, resolution, transforms,
-dtype), so a change of any of them builds a new cache. complete.json is written last: a cache
-without it is rebuilt. With several processes each builds its own share of the shards.
+dtype), so a change of any of them builds a new cache. complete.json is written last, with each
+shard's size and checksum: a cache without it is rebuilt, and so is a shard that no longer verifies
+(checked once when the cache is opened, not per read). One run builds a cache at a time (another
+waits, then reads it); with several processes each builds its own share of the shards.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from pathlib import Path
 
 import torch
 
+from difftune import integrity, runlock
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SHARD_SIZE = 256
 COMPLETE = "complete.json"
+SHARDS = "shards"  # in complete.json: shard file -> size and checksum
 
 
 def cache_path(cache_dir: Path, kind: str, fields: dict) -> Path:
@@ -44,7 +49,43 @@ def build(
     fields: dict,
     desc: str,
 ) -> None:
-    """Fill the cache at `path` (unless complete): `encode(indices)` returns tensors keyed "<index>.<name>"."""
+    """Fill the cache at `path` unless it is complete and verifies (one run at a time: another run building
+    it is waited for, then read): `encode(indices)` returns tensors keyed "<index>.<name>"."""
+    with runlock.building(path, accelerator.is_main_process):
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            discard_damaged(path)
+        accelerator.wait_for_everyone()
+        fill(accelerator, path, num_samples, encode, batch_size, fields, desc)
+
+
+def discard_damaged(path: Path) -> None:
+    """A complete cache whose shards do not all verify (size, checksum) loses those shards and its mark of
+    completeness, so that they are built again. Caches written before shard checksums are taken as they are."""
+    if not (path / COMPLETE).is_file():
+        return
+    try:
+        expected = json.loads((path / COMPLETE).read_text()).get(SHARDS, {})
+        damaged = {name: bad for name in expected if (bad := integrity.first_bad(path, {name: expected[name]}))}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
+        damaged = {COMPLETE: f"{path / COMPLETE} is unreadable"}
+    if damaged:
+        logger.warning("cache %s is damaged (%s): rebuilding it", path, "; ".join(damaged.values()))
+        (path / COMPLETE).unlink()
+        for name in damaged:
+            (path / name).unlink(missing_ok=True)
+
+
+def fill(
+    accelerator,
+    path: Path,
+    num_samples: int,
+    encode: Callable[[list[int]], dict[str, torch.Tensor]],
+    batch_size: int,
+    fields: dict,
+    desc: str,
+) -> None:
+    """Encode the shards `path` lacks (this process's share of them), then mark the cache complete."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -65,11 +106,15 @@ def build(
                     tensors.update({k: v.float().cpu().contiguous() for k, v in encode(chunk).items()})
                     bar.update(len(chunk))
             partial = shard_file(path, shard).with_suffix(f".partial-{os.getpid()}")
-            save_file(tensors, str(partial))
+            what, kept = f"the {desc} cache shard {partial.stem}", "the shards written before it are kept"
+            with integrity.disk_full_stops(partial, path, what, kept):
+                save_file(tensors, str(partial))
             partial.replace(shard_file(path, shard))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (path / COMPLETE).write_text(json.dumps({**fields, "num_samples": num_samples}, indent=2, default=str))
+        names = [shard_file(path, s).name for s in range(math.ceil(num_samples / SHARD_SIZE))]
+        record = {**fields, "num_samples": num_samples, SHARDS: integrity.digests(path, names)}
+        (path / COMPLETE).write_text(json.dumps(record, indent=2, default=str))
     accelerator.wait_for_everyone()
 
 

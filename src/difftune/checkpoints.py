@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from difftune import integrity
 from difftune.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def resolve_resume(output_dir: Path, resume_from: str | None) -> Path | None:
         if not found:
             logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet, starting a new run", output_dir)
             return None
-        return found[-1][1]
+        return integrity.newest_sound(found)
     path = Path(resume_from)
     if not path.is_dir() and (Path(output_dir) / resume_from).is_dir():
         path = Path(output_dir) / resume_from
@@ -65,6 +66,7 @@ def resolve_resume(output_dir: Path, resume_from: str | None) -> Path | None:
         raise UserError(f"--resume_from_checkpoint {resume_from} does not exist: pass a step<N> dir or 'latest'")
     if not is_complete(path):
         raise UserError(f"--resume_from_checkpoint {resume_from} is incomplete (no {STATE_FILE}): pick another one")
+    integrity.check_checkpoint(path, "--resume_from_checkpoint")
     return path
 
 
@@ -139,6 +141,7 @@ def finish_checkpoint(partial: Path, final: Path, state: dict, total_limit: int 
     """Mark `partial` complete, sync it to disk, rename it to `final` atomically, then prune to `total_limit`."""
     output_dir = final.parent
     write_json(partial / STATE_FILE, state)
+    integrity.write_manifest(partial)  # last: it covers every file above
     _fsync_tree(partial)
     if final.exists():
         # A resumed run reaching the same step again: swap the old one out before the rename.

@@ -21,3 +21,7 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_EXIT_CODE)
+    finally:
+        from difftune import runlock  # here, not at the top: runlock raises UserError
+
+        runlock.release_all()

@@ -129,13 +129,15 @@ def lokr_to_kohya(
     """kohya state dict from {model: (adapter_config, peft state dict)} for unet / text_encoder_one / _two."""
     out: dict[str, torch.Tensor] = {}
     for model, (config, state) in adapters.items():
-        check_exportable(config, weight_shapes.get(model, {}), allow_large_factor)
         rank, alpha = config["r"], config["alpha"]
         scale = alpha / rank
         grouped: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in state.items():
             module, suffix = split_peft_key(key)
             grouped.setdefault(module, {})[suffix] = value.float()
+        # Only the adapted modules' factors matter (an untargeted conv_in with 4 channels is no reason to refuse).
+        shapes = weight_shapes.get(model, {})
+        check_exportable(config, {m: shapes[m] for m in grouped if m in shapes}, allow_large_factor)
         for module, weights in sorted(grouped.items()):
             name = kohya_name(model, module, unet_config)
             left = "lokr_w1" if "lokr_w1" in weights else "lokr_w1_a"

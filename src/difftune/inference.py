@@ -31,14 +31,23 @@ def sdxl_pipeline(
     variant: str | None,
     dtype: torch.dtype,
     prediction_type: str | None = None,
+    single_file_config: str | None = None,
 ):
-    """The SDXL pipeline as users load it: DiffusionPipeline.from_pretrained, VAE optionally swapped, the
-    scheduler sampling the run's --prediction_type."""
+    """The SDXL pipeline as users load it: DiffusionPipeline.from_pretrained (or from_single_file for a file, its
+    configs from `single_file_config`), VAE optionally swapped, the scheduler sampling the run's --prediction_type."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
+    from difftune import single_file
     from difftune.hub import fetch_file, read_model_index
     from difftune.sdxl import with_prediction_type
 
+    if single_file.is_single_file(base):
+        if vae is not None:
+            fetch_file(vae, "config.json", None, "--pretrained_vae_model_name_or_path")
+            vae = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype)
+        pipe, _, _ = single_file.load_pipeline(base, single_file_config, vae, torch_dtype=dtype)
+        pipe.scheduler = with_prediction_type(pipe.scheduler, prediction_type)
+        return pipe
     read_model_index(base, revision, "--pretrained_model_name_or_path", "StableDiffusionXLPipeline")
     kwargs = {"torch_dtype": dtype, "revision": revision, "variant": variant}
     if vae is not None:

@@ -30,6 +30,7 @@ def write_model_card(
         "| | |",
         "|---|---|",
         f"| base model | {', '.join(base_models)} |",
+        *([f"| base model sha256 | {args.base_model_sha256} |"] if getattr(args, "base_model_sha256", None) else []),
         f"| adapter | {adapter}, rank {args.rank}, alpha {alpha}, on {targets} |",
         f"| text encoder(s) trained | {'yes' if args.train_text_encoder else 'no'} |",
         f"| data | {data} |",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +83,13 @@ def check_objective_args(args: argparse.Namespace) -> None:
         raise UserError(f"--multires_noise_discount must be in (0, 1], got {args.multires_noise_discount}")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise UserError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
+
+
+def check_timestep_range(args: argparse.Namespace, num_timesteps: Callable[[], int]) -> None:
+    """--timestep_bias_end within the schedule (`num_timesteps()` reads its length from the model's
+    config), checked before any model loads."""
+    if args.timestep_bias_strategy == "range" and args.timestep_bias_end > (length := num_timesteps()):
+        raise UserError(f"--timestep_bias_end {args.timestep_bias_end} is above the schedule's {length} timesteps")
 
 
 def timestep_weights(strategy: str, num_timesteps: int, multiplier: float, portion: float, begin: int, end: int):

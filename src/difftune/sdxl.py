@@ -25,6 +25,7 @@ class SDXLComponents:
     vae: nn.Module
     unet: nn.Module
     noise_scheduler: object
+    inference_scheduler: object | None = None  # set for a single-file base (its config and markers)
 
 
 def vae_location(value: str) -> str | None:
@@ -39,12 +40,21 @@ def vae_location(value: str) -> str | None:
 
 
 def load_sdxl(
-    path: str, vae_path: str | None = None, revision: str | None = None, variant: str | None = None
+    path: str,
+    vae_path: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+    single_file_config: str | None = None,
 ) -> SDXLComponents:
-    """The components of an SDXL pipeline repo (Hub id or local dir), the VAE optionally from elsewhere."""
+    """The components of an SDXL pipeline repo (Hub id or local dir) or single file (configs from
+    `single_file_config`), the VAE optionally from elsewhere."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
+    from difftune import single_file
+
+    if single_file.is_single_file(path):
+        return single_file.load_components(path, single_file_config, vae_path)
     read_model_index(path, revision, "--pretrained_model_name_or_path", SDXL_PIPELINE)
     if vae_path is None:
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant)
@@ -105,6 +115,8 @@ def cache_encodings(accelerator, args, sd: SDXLComponents, dataset, vae_dtype: t
     from difftune import cache
 
     base = {"model": args.pretrained_model_name_or_path, "revision": args.revision, "variant": args.variant}
+    if getattr(args, "base_model_sha256", None):
+        base["sha256"] = args.base_model_sha256  # a changed file never reuses old encodings
     if args.cache_latents:
 
         def encode_images(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -139,7 +151,9 @@ def build_pipeline(
     """
     from diffusers import StableDiffusionXLPipeline
 
-    scheduler = with_prediction_type(inference_scheduler(path, revision), prediction_type)
+    own = components.inference_scheduler
+    own = own.from_config(own.config) if own is not None else inference_scheduler(path, revision)
+    scheduler = with_prediction_type(own, prediction_type)
     parts = {
         "vae": components.vae,
         "text_encoder": components.text_encoder_one,
@@ -151,6 +165,12 @@ def build_pipeline(
     }
     parts.update(models)
     return StableDiffusionXLPipeline(**parts)
+
+
+def num_train_timesteps(path: str, revision: str | None = None) -> int:
+    """The length of the training noise schedule, from the repo's scheduler config (no model loaded)."""
+    config_path = fetch_file(path, "scheduler/scheduler_config.json", revision, "--pretrained_model_name_or_path")
+    return json.loads(config_path.read_text()).get("num_train_timesteps", 1000)
 
 
 def inference_scheduler(path: str, revision: str | None = None):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from difftune import adapters as adapter_io
-from difftune import checkpoints, deepspeed_zero
+from difftune import checkpoints, deepspeed_zero, integrity, runlock
 from difftune.args import DTYPES
 from difftune.data import EpochBatchSampler, collate, num_update_steps_per_epoch, to_device
 from difftune.ema import make_ema
@@ -56,7 +56,6 @@ def setup_run(args: argparse.Namespace):
         except ImportError:
             raise UserError("--report_to wandb needs wandb: pip install wandb (or use tensorboard)") from None
     output_dir = Path(args.output_dir)
-    checkpoints.check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     # SDXL conditions on the penultimate hidden states, so a text encoder's last layer gets no
     # gradient: DDP must be told that some adapter weights may go unused.
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=bool(getattr(args, "train_text_encoder", False)))]
@@ -64,6 +63,9 @@ def setup_run(args: argparse.Namespace):
     if deepspeed_zero.requested():
         deepspeed_zero.check_installed()
         handlers += deepspeed_zero.process_group_kwargs()
+    if os.environ.get("RANK", "0") == "0":  # the main process, before it reads or tidies the folder
+        runlock.hold_output_dir(output_dir)
+    checkpoints.check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     accelerator = Accelerator(
         mixed_precision=precision,
         kwargs_handlers=handlers,
@@ -421,7 +423,7 @@ class TrainingRun:
         gc.collect()
         gc.freeze()
         epoch, step_in_epoch = divmod(self.global_step, self.steps_per_epoch)
-        with StopRequest() as stop:
+        with StopRequest() as stop, progress:  # an error closes the bar first: its message gets a line
             while self.global_step < self.max_steps and not stopped_by:
                 self.sampler.set_epoch(epoch, start=step_in_epoch * self.accum)
                 if hasattr(self.dataset, "set_epoch"):
@@ -479,8 +481,8 @@ class TrainingRun:
         self.last_loss, finite = gathered_losses(accelerator, losses)
         if not finite:
             self.count_nonfinite_step()
-        update.step(finite)
-        if self.ema is not None:
+        stepped = update.step(finite)
+        if self.ema is not None and stepped:  # a skipped update must not advance the EMA's decay schedule
             with update.full_precision_weights():  # all processes: a collective under DeepSpeed
                 self.ema.step()
         self.lr_scheduler.step()
@@ -538,6 +540,14 @@ class TrainingRun:
         accelerator.wait_for_everyone()
 
     def write_checkpoint(self, step: int) -> Path:
+        """The checkpoint of `step`; a full disk stops the run, leaving the earlier checkpoints as they were."""
+        found = checkpoints.list_checkpoints(self.output_dir)
+        intact = f"step {found[-1][0]} is intact" if found else "no earlier checkpoint was written"
+        partial = checkpoints.partial_dir(self.output_dir, step)
+        with integrity.disk_full_stops(partial, self.output_dir, f"step {step}", intact):
+            return self.write_checkpoint_files(step)
+
+    def write_checkpoint_files(self, step: int) -> Path:
         """All processes: each may hold a share of the optimizer state; the main process writes the rest."""
         accelerator, update = self.accelerator, self.update
         accelerator.wait_for_everyone()

@@ -220,14 +220,16 @@ class DataParallelUpdate:
         """The step's gradient is the mean over its `micro_batches`."""
         self.accelerator.backward(loss / micro_batches)
 
-    def step(self, finite: bool) -> None:
-        """Clip and step (not when a loss was non-finite), then zero the gradients for the next step."""
+    def step(self, finite: bool) -> bool:
+        """Clip and step (not when a loss was non-finite), then zero the gradients for the next step;
+        returns whether the weights were updated (fp16 loss scaling also skips steps that overflow)."""
         if finite:
             if self.max_grad_norm > 0:
                 self.accelerator.unscale_gradients()  # no-op unless fp16
                 torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
             self.stepper.step()
         self.stepper.zero_grad(set_to_none=False)  # with one process the gradients are views: keep them
+        return finite and not self.stepper.step_was_skipped
 
     def full_precision_weights(self) -> nullcontext:
         return nullcontext()  # the adapters' weights are fp32 already
@@ -297,12 +299,14 @@ class DeepSpeedUpdate:
         gradient_accumulation_steps itself, also on an epoch's shorter last step)."""
         self.engine.backward(loss * (self.accum / micro_batches))
 
-    def step(self, finite: bool) -> None:
+    def step(self, finite: bool) -> bool:
+        """The engine's step; returns whether it updated the weights."""
         # A non-finite loss makes a non-finite gradient norm, and DeepSpeed then skips the update itself
         # (its config cannot turn that check off here: deepspeed_zero.configure refuses it).
         self.engine.step()
         if not finite and self.engine.was_step_applied():
             raise RuntimeError("DeepSpeed applied an update from a non-finite loss; its overflow check is off")
+        return self.engine.was_step_applied()
 
     @contextmanager
     def full_precision_weights(self):
