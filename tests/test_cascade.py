@@ -189,13 +189,11 @@ def test_comfyui_export_names_and_numbers(cascade_run, assets, tmp_path, run_mai
     assert largest > 1e-5  # the adapters do something
 
 
-def test_comfyui_refuses_wuerstchen_v2(cascade_run, tmp_path, run_main, capsys):
+def test_comfyui_refuses_wuerstchen_v2(cascade_run, assets, tmp_path, run_main, capsys):
     out, _ = cascade_run
-    v2 = tmp_path / "step4"
-    shutil.copytree(out / "step4", v2)
-    args = json.loads((v2 / "args.json").read_text())
-    (v2 / "args.json").write_text(json.dumps({**args, "prior_class": "WuerstchenPrior"}))
-    argv = ["--checkpoint", v2, "--format", "comfyui", "--out", tmp_path / "x.safetensors"]
+    v2 = tmp_path / "v2"
+    assert run_main("train_wuerstchen_lora", wuerstchen_args(assets, v2, steps=1, checkpointing_steps=1)) == 0
+    argv = ["--checkpoint", v2 / "step1", "--format", "comfyui", "--out", tmp_path / "x.safetensors"]
     assert run_main("export", argv) == 2
     assert "ComfyUI has no Wuerstchen v2" in one_line_error(capsys)
     argv = ["--checkpoint", out / "step4", "--format", "diffusers", "--out", tmp_path / "y.safetensors"]
