@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from difftune import adapters, data, init_adapter, objectives, sdxl, single_file, training, validation
+from difftune import adapters, data, init_adapter, objectives, run_setup, sdxl, single_file, training, validation
 from difftune import args as cli
 from difftune.errors import run_cli
 from difftune.modelcard import literal, write_model_card
@@ -75,7 +75,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return cli.parse(parser, argv, image_cache_flag="cache_latents")
 
 
-def write_card(args: argparse.Namespace, checkpoint: Path, zero_terminal_snr: bool = False) -> Path:
+def write_card(
+    args: argparse.Namespace, checkpoint: Path, zero_terminal_snr: bool = False, samples_per_epoch: int | None = None
+) -> Path:
     """The run's README.md; its snippet loads `checkpoint` as written (values pasted as Python literals)."""
     base = args.pretrained_model_name_or_path
     own_vae = args.pretrained_vae_model_name_or_path.lower() == "none"  # the pipeline loads its own
@@ -95,8 +97,9 @@ def write_card(args: argparse.Namespace, checkpoint: Path, zero_terminal_snr: bo
     )
     base_models = [getattr(args, "base_model_file", base)]
     return write_model_card(
-        args.output_dir, args, title="SDXL LoKr adapter", base_models=base_models, adapter="LoKr", loading=loading
-    )
+        args.output_dir, args, title="SDXL LoKr adapter", base_models=base_models, adapter="LoKr", loading=loading,
+        samples_per_epoch=samples_per_epoch,
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -105,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     objectives.check_timestep_range(
         args, lambda: sdxl.num_train_timesteps(args.pretrained_model_name_or_path, args.revision)
     )
-    accelerator = training.setup_run(args)
+    accelerator = run_setup.setup_run(args)
     device, dtype = accelerator.device, training.weight_dtype(accelerator)
 
     # Models: frozen in the weight dtype; the VAE in fp32 unless it is made for fp16 (force_upcast off).
@@ -130,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         data.ImageTransform(args.center_crop, args.random_flip),
         data.Tokenize({"one": sd.tokenizer_one, "two": sd.tokenizer_two}),
     )
-    if args.aspect_ratio_buckets:
+    if args.aspect_ratio_buckets and dataset.target_sizes is None:  # (a --dataset_config sets its own)
         dataset.target_sizes = data.assign_buckets(dataset, data.make_buckets(args.resolution))
 
     # Caches: encode once; the frozen encoders then leave the accelerator (until validation).
@@ -189,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         zero_terminal_snr = single_file.is_single_file(base) and sd.noise_scheduler.config.get(
             "rescale_betas_zero_snr", False
         )
-        write_card(args, result.final_checkpoint, zero_terminal_snr)
+        write_card(args, result.final_checkpoint, zero_terminal_snr, dataset.samples_per_epoch())
         print(f"done: {result.global_step} steps, final checkpoint {result.final_checkpoint}")
 
 

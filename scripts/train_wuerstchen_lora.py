@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from difftune import adapters, cascade, data, init_adapter, objectives, training, validation, wuerstchen
+from difftune import adapters, cascade, data, init_adapter, objectives, run_setup, training, validation, wuerstchen
 from difftune import args as cli
 from difftune.errors import run_cli
 from difftune.modelcard import literal, write_model_card
@@ -141,14 +141,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return cli.parse(parser, argv, image_cache_flag="cache_image_embeddings")
 
 
-def write_card(args: argparse.Namespace, checkpoint: Path) -> Path:
+def write_card(args: argparse.Namespace, checkpoint: Path, samples_per_epoch: int | None = None) -> Path:
     """The run's README.md; its snippets load `checkpoint` as written (values pasted as Python literals)."""
     family = wuerstchen.resolve_family(args)
     prior, decoder = args.pretrained_prior_model_name_or_path, args.pretrained_decoder_model_name_or_path
     if family is cascade.CASCADE:
         return write_model_card(
             args.output_dir, args, title="Stable Cascade stage C LoRA adapter", base_models=[prior, decoder],
-            adapter="LoRA", loading=CASCADE_LOADING.format(
+            adapter="LoRA", samples_per_epoch=samples_per_epoch, loading=CASCADE_LOADING.format(
                 prior=literal(prior), decoder=literal(decoder), checkpoint=literal(checkpoint),
                 prior_subfolder=literal(args.prior_subfolder), decoder_subfolder=literal(args.decoder_subfolder),
                 te_peft=TE_PEFT.format(checkpoint="{checkpoint}") if args.train_text_encoder else "",
@@ -170,6 +170,7 @@ def write_card(args: argparse.Namespace, checkpoint: Path) -> Path:
         base_models=[prior, decoder],
         adapter="LoRA",
         loading=loading,
+        samples_per_epoch=samples_per_epoch,
     )
 
 
@@ -182,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         family.check_decoder(args.pretrained_decoder_model_name_or_path, args.revision)
     start = init_adapter.prepare(args, argv, ["prior", "text_encoder"])
     objectives.check_timestep_range(args, lambda: objectives.CONTINUOUS_BINS)
-    accelerator = training.setup_run(args)
+    accelerator = run_setup.setup_run(args)
     device, dtype = accelerator.device, training.weight_dtype(accelerator)
 
     # Models: the prior, its text encoder and the frozen EfficientNet image encoder.
@@ -269,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )  # fmt: skip
 
     if accelerator.is_main_process:
-        write_card(args, result.final_checkpoint)
+        write_card(args, result.final_checkpoint, dataset.samples_per_epoch())
         print(f"done: {result.global_step} steps, final checkpoint {result.final_checkpoint}")
 
 

@@ -14,7 +14,7 @@ from conftest import ROOT, launch, launch_command
 from helpers import adapter_weights, max_difference, one_line_error, resumed_copy, sdxl_args
 from safetensors.torch import load_file
 
-from difftune import checkpoints, deepspeed_zero, training
+from difftune import checkpoints, deepspeed_zero, run_setup, training
 from difftune.errors import UserError
 
 pytest.importorskip("deepspeed")
@@ -187,5 +187,5 @@ def test_an_output_dir_some_process_cannot_see_is_refused(tmp_path, monkeypatch)
         gather=lambda seen: torch.cat([torch.tensor([1]), seen]),
     )
     with pytest.raises(UserError, match=r"processes \[1\] cannot see --output_dir .*storage that every machine"):
-        training.check_shared_output_dir(second_machine, tmp_path)
-    training.check_shared_output_dir(SimpleNamespace(num_processes=1), tmp_path)  # nothing to check
+        run_setup.check_shared_output_dir(second_machine, tmp_path)
+    run_setup.check_shared_output_dir(SimpleNamespace(num_processes=1), tmp_path)  # nothing to check

@@ -20,7 +20,7 @@ class ReadSpy:
     def __init__(self, monkeypatch) -> None:
         self.indices, self.opened, self.phase = {"train": [], "eval": []}, {"train": 0, "eval": 0}, "train"
         self.dataset = None
-        real_loss, real_open = training.evaluation_loss, data.open_image
+        real_loss, real_open = training.evaluation_loss, data.dataset.open_image
 
         def getitem(dataset, index):
             self.dataset = dataset
@@ -40,7 +40,7 @@ class ReadSpy:
 
         monkeypatch.setattr(data.CaptionedImageDataset, "__getitem__", getitem)
         monkeypatch.setattr(training, "evaluation_loss", held_out_loss)
-        monkeypatch.setattr(data, "open_image", open_image)
+        monkeypatch.setattr(data.dataset, "open_image", open_image)  # where the data set reads it
 
     def path(self, index: int) -> Path:
         return Path(self.dataset.rows[index]["image"]["path"])

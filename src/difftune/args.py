@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
+from difftune.data.captions import add_caption_args, check_caption_args
 from difftune.errors import UserError
 from difftune.objectives import check_objective_args
 
@@ -51,7 +52,15 @@ def add_data_args(parser: argparse.ArgumentParser, *, resolution: int) -> None:
     )
     group.add_argument("--dataset_config_name", default=None)
     group.add_argument(
-        "--train_data_dir", default=None, help="A folder of images with a metadata.jsonl (file_name, text)."
+        "--train_data_dir",
+        default=None,
+        help="A folder of images with a metadata.jsonl (file_name, text), or with caption files beside them "
+        "and kohya '<repeats>_<class tokens>' subfolders (see the README).",
+    )
+    group.add_argument(
+        "--dataset_config",
+        default=None,
+        help="A kohya data-set config (TOML: [general], [[datasets]], [[datasets.subsets]]); see the README.",
     )
     group.add_argument("--image_column", default="image")
     group.add_argument("--caption_column", default="text")
@@ -60,6 +69,7 @@ def add_data_args(parser: argparse.ArgumentParser, *, resolution: int) -> None:
     group.add_argument("--center_crop", action="store_true", help="Crop the centre (default: a random crop).")
     group.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
     group.add_argument("--dataloader_num_workers", type=int, default=0)
+    add_caption_args(parser)
 
 
 def add_cache_args(parser: argparse.ArgumentParser, image_flag: str, image_help: str) -> None:
@@ -197,6 +207,7 @@ def check_common_args(args: argparse.Namespace) -> None:
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit <= 0:
         raise UserError("--checkpoints_total_limit must be positive")
     check_optimizer_args(args)
+    check_caption_args(args)
     if getattr(args, "text_encoder_lr", None) is not None and not args.train_text_encoder:
         logger.warning("--text_encoder_lr is unused without --train_text_encoder")
     if not 0.0 <= args.validation_split < 1.0:
@@ -229,6 +240,9 @@ def check_optimizer_args(args: argparse.Namespace) -> None:
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, image_cache_flag: str) -> argparse.Namespace:
     """Parse a training script's flags and refuse impossible combinations."""
     args = parser.parse_args(argv)
+    if args.dataset_config and (args.train_data_dir or args.dataset_name != parser.get_default("dataset_name")):
+        given = "--train_data_dir" if args.train_data_dir else "--dataset_name"
+        raise UserError(f"--dataset_config and {given} both name the training data: pass one of them")
     check_common_args(args)
     check_cache_args(args, image_cache_flag)
     check_objective_args(args)

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -145,12 +146,25 @@ def cache_images(
     each sample's SDXL size conditioning (time_ids) is kept beside them.
     """
     flips = [False, True] if args.random_flip else [False]
+    # Decoding and resizing run in a thread pool (Pillow and torch release the GIL), the next chunk of the
+    # shard while this one encodes: the encoder, not the JPEG decoder, sets the pace.
+    pool = ThreadPoolExecutor(args.dataloader_num_workers or min(8, os.cpu_count() or 1))
+    pending: dict[tuple[int, bool], object] = {}
+    dataset.first_sample(0)  # built once here, not raced for by the threads
+
+    def submit(rows: range) -> None:
+        for row in rows:
+            for flip in flips:
+                pending.setdefault((row, flip), pool.submit(dataset.load_row, row, flip))
 
     def encode_indices(indices: list[int]) -> dict[str, torch.Tensor]:
+        submit(range(indices[0], indices[-1] + 1))
+        shard_end = min(dataset.num_rows, (indices[0] // SHARD_SIZE + 1) * SHARD_SIZE)
+        submit(range(indices[-1] + 1, min(shard_end, indices[-1] + 1 + len(indices))))
         out = {}
         for flip in flips:
             prefix = "flip." if flip else ""
-            items = [(i, dataset.load(i, flip=flip)) for i in indices]
+            items = [(i, pending.pop((i, flip)).result()) for i in indices]
             groups: dict[tuple, list] = {}  # bucketed images differ in size: encode each size apart
             for item in items:
                 groups.setdefault(tuple(item[1]["pixel_values"].shape), []).append(item)
@@ -163,7 +177,8 @@ def cache_images(
 
     fields = {**fields, **data_fields(args, dataset)}
     path = cache_path(args.cache_dir, kind, fields)
-    build(accelerator, path, len(dataset), encode_indices, args.train_batch_size, fields, desc)
+    with pool:
+        build(accelerator, path, dataset.num_rows, encode_indices, args.train_batch_size, fields, desc)
     dataset.image_cache = CacheReader(path, [*names, "time_ids"], flips=len(flips) > 1)
 
 
@@ -176,24 +191,23 @@ def cache_texts(
     encode: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
     names: list[str],
 ) -> None:
-    """Encode every caption once and point the dataset at the cache; `encode` maps a batch of the
-    dataset's token tensors to batched embeddings named as in `names`."""
+    """Encode every text the data set can train on (dataset.texts()) once and point the dataset at the
+    cache; `encode` maps a batch of the dataset's token tensors to batched embeddings named as in `names`.
+    The key covers the texts themselves: the caption column or files, class tokens, processing, variants."""
+    texts = dataset.texts()
 
     def encode_indices(indices: list[int]) -> dict[str, torch.Tensor]:
-        tokens = [dataset.tokenize(dataset.caption(i)) for i in indices]
+        tokens = [dataset.tokenize(texts[i]) for i in indices]
         batch = {key: torch.stack([t[key] for t in tokens]).to(accelerator.device) for key in tokens[0]}
         encoded = encode(batch)
         return {f"{i}.{name}": encoded[name][row] for name in names for row, i in enumerate(indices)}
 
-    fields = {**fields, "data": dataset.fingerprint}
+    digest = hashlib.sha256(json.dumps(texts).encode()).hexdigest()
+    fields = {**fields, "texts": digest}
     path = cache_path(args.cache_dir, kind, fields)
-    build(accelerator, path, len(dataset), encode_indices, args.train_batch_size, fields, "text embeddings")
+    build(accelerator, path, len(texts), encode_indices, args.train_batch_size, fields, "text embeddings")
     dataset.text_cache = CacheReader(path, names)
-    if dataset.empty_prompt_share:  # --proportion_empty_prompts: the empty caption is encoded once too
-        tokens = dataset.tokenize("")
-        with torch.no_grad():
-            encoded = encode({key: value[None].to(accelerator.device) for key, value in tokens.items()})
-        dataset.empty_text = {name: encoded[name][0].cpu() for name in names}
+    dataset.text_ids = {text: i for i, text in enumerate(texts)}
 
 
 class CacheReader:

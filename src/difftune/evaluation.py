@@ -28,6 +28,11 @@ def held_out_split(dataset, fraction: float, seed: int) -> tuple[list[int], list
     if fixed:
         held = set(fixed)
         return [i for i in range(len(dataset)) if i not in held], sorted(held)
+    sample_rows = getattr(dataset, "sample_rows", None)
+    if sample_rows is not None and fraction > 0:  # repeated images: hold out whole images, each evaluated once
+        _, held_rows = split_indices(dataset.num_rows, fraction, seed)
+        held = set(held_rows)
+        return [i for i, row in enumerate(sample_rows) if row not in held], [dataset.first_sample(r) for r in held_rows]
     return split_indices(len(dataset), fraction, seed)
 
 

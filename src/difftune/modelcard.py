@@ -10,10 +10,19 @@ from difftune.checkpoints import STATE_FILE, list_checkpoints, read_json
 
 
 def write_model_card(
-    output_dir: Path, args: argparse.Namespace, *, title: str, base_models: list[str], adapter: str, loading: str
+    output_dir: Path,
+    args: argparse.Namespace,
+    *,
+    title: str,
+    base_models: list[str],
+    adapter: str,
+    loading: str,
+    samples_per_epoch: int | None = None,
 ) -> Path:
     """README.md with the base model, adapter settings, data, steps and how to load the result."""
-    data = args.train_data_dir or args.dataset_name
+    data = args.train_data_dir or getattr(args, "dataset_config", None) or args.dataset_name
+    if samples_per_epoch is not None:
+        data += f" ({samples_per_epoch} samples per epoch, repeats counted)"
     targets = ", ".join(args.target_modules)
     alpha = getattr(args, "alpha", None) or getattr(args, "lora_alpha", None)
     lines = [

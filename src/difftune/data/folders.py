@@ -1,0 +1,148 @@
+"""Image folders as kohya, OneTrainer and SimpleTuner users keep them: caption files beside the images,
+and subfolders named `<repeats>_<class tokens>`.
+
+A caption file is `<image stem><caption extension>` in the image's folder; each non-empty line is an
+alternative caption (one is picked per sample and epoch). An image without one takes its folder's class
+tokens. Subfolders without a number prefix are skipped with a warning, as kohya does; images directly in
+the folder count once, with no class tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from difftune.data.captions import CaptionOptions
+from difftune.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# What datasets' imagefolder reads as captions: a folder with one of these keeps the diffusers layout.
+METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+
+
+@dataclass(frozen=True)
+class Subset:
+    """A folder of images trained `repeats` times per epoch; `options` None means the flags' processing."""
+
+    image_dir: Path
+    repeats: int = 1
+    class_tokens: str | None = None
+    caption_extension: str = ".txt"
+    options: CaptionOptions | None = None
+
+
+@dataclass
+class FolderRows:
+    """One entry per image: the columns of the data set built from caption files."""
+
+    paths: list[str] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    mtimes: list[int] = field(default_factory=list)
+    captions: list[list[str]] = field(default_factory=list)
+    repeats: list[int] = field(default_factory=list)
+    subsets: list[int] = field(default_factory=list)
+
+
+def metadata_file(folder: str | Path) -> Path | None:
+    """The folder's metadata file (diffusers / datasets imagefolder layout), if it has one."""
+    for name in METADATA_FILES:
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def is_image(entry: os.DirEntry) -> bool:
+    return entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def kohya_subsets(folder: Path, caption_extension: str, flag: str) -> list[Subset]:
+    """The folder's own images (once each), then one subset per `<repeats>_<class tokens>` subfolder."""
+    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    subsets = [Subset(folder, 1, None, caption_extension)] if any(is_image(e) for e in entries) else []
+    for entry in entries:
+        if not entry.is_dir() or entry.name.startswith("."):
+            continue
+        count, underscore, tokens = entry.name.partition("_")
+        if not (underscore and count.isdigit()):
+            logger.warning("skipping %s: a subfolder is named <repeats>_<class tokens>, e.g. '10_sks dog'", entry.path)
+            continue
+        if int(count) < 1 or not tokens.strip():
+            raise UserError(
+                f"{flag} subfolder {entry.name!r} needs at least 1 repeat and class tokens after the '_' "
+                "(e.g. '10_sks dog'): rename it"
+            )
+        subsets.append(Subset(Path(entry.path), int(count), tokens.strip(), caption_extension))
+    return subsets
+
+
+def read_caption_file(path: Path) -> list[str]:
+    """The non-empty lines of a caption file (an empty file is the empty caption)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"caption file {path} is not UTF-8 text: re-save it as UTF-8") from None
+    return [line.strip() for line in text.splitlines() if line.strip()] or [""]
+
+
+def read_subsets(subsets: list[Subset], source: str, fallback_prompt: str | None = None) -> FolderRows:
+    """Every image of the subsets with its captions; a one-line error for images with no caption at all."""
+    rows, missing, total = FolderRows(), [], 0
+    for number, subset in enumerate(subsets):
+        if not subset.image_dir.is_dir():
+            raise UserError(f"{source}: image folder {subset.image_dir} does not exist")
+        entries = sorted(os.scandir(subset.image_dir), key=lambda e: e.name)
+        names = {e.name for e in entries}
+        for entry in filter(is_image, entries):
+            total += 1
+            caption_name = os.path.splitext(entry.name)[0] + subset.caption_extension
+            if caption_name in names:
+                captions = read_caption_file(subset.image_dir / caption_name)
+            elif subset.class_tokens or fallback_prompt:
+                captions = [subset.class_tokens or fallback_prompt]
+            else:
+                missing.append(entry.path)
+                continue
+            stat = entry.stat()
+            rows.paths.append(entry.path)
+            rows.sizes.append(stat.st_size)
+            rows.mtimes.append(stat.st_mtime_ns)
+            rows.captions.append(captions)
+            rows.repeats.append(subset.repeats)
+            rows.subsets.append(number)
+    if missing:
+        extension = subsets[0].caption_extension
+        raise UserError(
+            f"{len(missing)} of {total} images in {source} have no caption file ({extension}), the first {missing[0]}: "
+            "add caption files, put them in a '<repeats>_<class tokens>' subfolder, or give a metadata.jsonl"
+        )
+    if not rows.paths:
+        raise UserError(
+            f"{source} holds no usable image: put images (with caption files) in it or in "
+            "'<repeats>_<class tokens>' subfolders"
+        )
+    return rows
+
+
+def folder_dataset(rows: FolderRows, image_column: str, caption_column: str):
+    """The rows as a datasets.Dataset of undecoded images; its fingerprint covers each image's path, size
+    and modification time, the captions, repeats and subsets (so caches follow any change)."""
+    import datasets
+
+    table = {
+        image_column: [{"bytes": None, "path": path} for path in rows.paths],
+        caption_column: rows.captions,
+        "size": rows.sizes,
+        "mtime": rows.mtimes,
+        "repeats": rows.repeats,
+        "subset": rows.subsets,
+    }
+    return datasets.Dataset.from_dict(table).cast_column(image_column, datasets.Image(decode=False))
+
+
+def caption_files_beside(folder: Path, caption_extension: str) -> int:
+    """How many caption files a metadata folder also holds (they are ignored: the metadata wins)."""
+    return sum(1 for _ in Path(folder).rglob(f"*{caption_extension}"))

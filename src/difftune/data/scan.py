@@ -1,0 +1,124 @@
+"""One scan of the images (size and readability), in parallel, kept beside the caches.
+
+A full decode is the only sure test of a readable image (a header check misses truncated files), and it
+costs milliseconds per image: so it is done once per image file, in a thread pool (Pillow decodes
+without the GIL), and its result is kept in CACHE_DIR/image-scan.json keyed by path, file size and
+modification time. An unchanged data set then starts without decoding anything. Only the main process
+scans; the others wait for it and read its result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+
+from PIL import Image
+
+from difftune.data.images import column, image_name, image_source
+
+logger = logging.getLogger(__name__)
+
+SCAN_FILE = "image-scan.json"
+SIZES: dict[str, tuple[int, int]] = {}  # this process's scanned sizes by file_key, for the buckets
+
+
+def probe(record: dict) -> tuple[int, int] | str:
+    """(height, width) of a readable image, or why it cannot be read."""
+    try:
+        with Image.open(image_source(record)) as image:
+            size = image.height, image.width
+            if image.format == "JPEG":
+                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))  # all of it, at 1/8 scale
+            image.load()
+        return size
+    except Exception as error:  # noqa: BLE001 - any decode failure means unreadable
+        return str(error) or type(error).__name__
+
+
+def file_key(record: dict) -> str | None:
+    """path|size|mtime of an image file (None for images held as bytes: those are probed every time)."""
+    path = record.get("path")
+    if record.get("bytes") or not path:
+        return None
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def main_process_first():
+    """The main process runs the block first, then the others (when accelerate is running several)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # one process: no accelerate state needed
+        return nullcontext()
+    from accelerate import PartialState
+
+    return PartialState().main_process_first()
+
+
+def scan_images(records: list[dict], cache_dir: str | Path | None, workers: int = 0) -> list[tuple[int, int] | str]:
+    """Each record's (height, width), or the reason it is unreadable; known files come from the scan file."""
+    from tqdm.auto import tqdm
+
+    path = Path(cache_dir) / SCAN_FILE if cache_dir else None
+    with main_process_first():
+        known = read_scan(path)
+        keys = [file_key(record) for record in records]
+        todo = [i for i, key in enumerate(keys) if key is None or key not in known]
+        results = {i: tuple(known[key]) if isinstance(known[key], list) else known[key] for i, key in enumerate(keys)
+                   if key is not None and key in known}  # fmt: skip
+        if todo:
+            workers = workers or min(8, os.cpu_count() or 1)
+            with (
+                ThreadPoolExecutor(workers) as pool,
+                tqdm(total=len(todo), desc="scanning images", unit="image") as bar,
+            ):
+                for i, result in zip(todo, pool.map(probe, (records[i] for i in todo)), strict=True):
+                    results[i] = result
+                    bar.update(1)
+            if path is not None:
+                known.update({keys[i]: results[i] for i in todo if keys[i] is not None})
+                write_scan(path, known)
+    SIZES.update({key: results[i] for i, key in enumerate(keys) if key is not None and isinstance(results[i], tuple)})
+    return [results[i] for i in range(len(records))]
+
+
+def known_size(record: dict) -> tuple[int, int] | None:
+    """The scanned (height, width) of an image file, if this process scanned (or read the scan of) it."""
+    key = file_key(record)
+    return SIZES.get(key) if key else None
+
+
+def read_scan(path: Path | None) -> dict:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # a damaged scan file is rebuilt
+
+
+def write_scan(path: Path, known: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".partial-{os.getpid()}")
+    partial.write_text(json.dumps(known))
+    partial.replace(path)
+
+
+def readable_rows(
+    dataset, image_column: str, cache_dir=None, workers: int = 0
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """The rows whose images are readable (a warning naming each other one) and their (height, width)."""
+    records = column(dataset, image_column) if len(dataset) else []
+    good, sizes = [], []
+    for index, result in enumerate(scan_images(records, cache_dir, workers)):
+        if isinstance(result, str):
+            logger.warning("skipping unreadable image %s (%s)", image_name(records[index]), result)
+            continue
+        good.append(index)
+        sizes.append(result)
+    return good, sizes
