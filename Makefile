@@ -41,7 +41,8 @@ lint: venv
 clean:
 	rm -rf work_dirs .pytest_cache
 
-# Real-size SDXL: floor vs peft LoKr vs factored LoKr (minutes, ~20 GB; parts: ARGS="--only layers").
+# Real-size SDXL: floor vs peft LoKr vs factored LoKr (minutes, ~20 GB; parts: ARGS="--only layers");
+# Stable Cascade stage C: ARGS="--only cascade" (3.6 B and lite, ~20 GB) or ARGS="--only cascade-lite".
 bench-real: venv
 	PYTHONPATH=src $(BIN)/python benchmarks/bench_real_size.py $(ARGS)
 

@@ -5,6 +5,8 @@
     python benchmarks/bench_real_size.py --only unet     # real SDXL-base UNet, 256 px, batch 1: time per fwd+bwd
     python benchmarks/bench_real_size.py --only memory   # the same, peak RSS, one fresh process per variant
     python benchmarks/bench_real_size.py --only wuerstchen  # real Wuerstchen v2 prior, floor vs LoRA r8: time, peak
+    python benchmarks/bench_real_size.py --only cascade  # real Stable Cascade stage C (3.6 B) and lite (1 B), 1024 px
+    python benchmarks/bench_real_size.py --only cascade-lite  # the lite stage C only (~4 GB instead of ~15 GB)
     python benchmarks/bench_real_size.py --only script   # train_sdxl_lokr.py itself on a real-size SDXL on disk
     python benchmarks/bench_real_size.py --only export   # export.py --format checkpoint of it: peak RSS
 
@@ -51,6 +53,14 @@ LAYERS = [
 ]
 VARIANTS = ("floor", "peft", "factored")
 PRIOR_VARIANTS = ("prior-floor", "prior-lora")
+CASCADE_VARIANTS = ("cascade-floor", "cascade-lora")
+LITE_VARIANTS = ("lite-floor", "lite-lora")
+# stabilityai/stable-cascade-prior's prior/ and prior_lite/ configs (what differs from StableCascadeUNet's defaults).
+STAGE_C = {"clip_text_in_channels": 1280, "clip_image_in_channels": 768, "switch_level": (False,)}
+STAGE_C_LITE = {
+    **STAGE_C, "conditioning_dim": 1536, "block_out_channels": (1536, 1536), "num_attention_heads": (24, 24),
+    "down_num_layers_per_block": (4, 12), "up_num_layers_per_block": (12, 4),
+}  # fmt: skip
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -162,6 +172,33 @@ def wuerstchen(repeats: int) -> None:
     print("real Wuerstchen v2 prior, 256 px, batch 1, LoRA r8 on to_q,to_k,to_v,to_out.0, fwd+bwd")
     memory(PRIOR_VARIANTS)  # first: freed models stay in this process's RSS, which the children's memory needs
     report("Wuerstchen prior", interleaved(real_prior(), prior_inputs, repeats, PRIOR_VARIANTS))
+
+
+def real_stage_c(lite: bool) -> nn.Module:
+    from diffusers import StableCascadeUNet
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    prior = StableCascadeUNet(**(STAGE_C_LITE if lite else STAGE_C)).requires_grad_(False)
+    return get_peft_model(prior, LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+
+
+def stage_c_inputs():
+    # 1024 px: 24x24 latents (EfficientNet of the 768 px image); CLIP-G states and pooled, CLIP image zeros.
+    kwargs = {
+        "clip_text": torch.randn(1, 77, 1280),
+        "clip_text_pooled": torch.randn(1, 1, 1280),
+        "clip_img": torch.zeros(1, 1, 768),
+    }
+    return (torch.randn(1, 16, 24, 24, requires_grad=True), torch.rand(1)), kwargs
+
+
+def stable_cascade(repeats: int, lite_only: bool) -> None:
+    for lite, variants in ((False, CASCADE_VARIANTS), (True, LITE_VARIANTS))[1 if lite_only else 0 :]:
+        name = "Stable Cascade stage C lite (1 B)" if lite else "Stable Cascade stage C (3.6 B)"
+        print(f"real {name}, 1024 px (24x24 latents), batch 1, LoRA r8 on to_q,to_k,to_v,to_out.0, fwd+bwd")
+        memory(variants)  # first, as in wuerstchen()
+        report(name, interleaved(real_stage_c(lite), stage_c_inputs, repeats, variants))
 
 
 def save_real_sdxl(directory: Path) -> None:
@@ -291,7 +328,11 @@ def script_floor_one(real_dir: Path) -> None:
 
 
 def memory_one(variant: str) -> None:
-    model, inputs = (real_prior(), prior_inputs) if variant in PRIOR_VARIANTS else (real_unet(), unet_inputs)
+    if variant in (*CASCADE_VARIANTS, *LITE_VARIANTS):
+        model, inputs = real_stage_c(variant in LITE_VARIANTS), stage_c_inputs
+        variant = "prior-" + variant.split("-")[1]
+    else:
+        model, inputs = (real_prior(), prior_inputs) if variant in PRIOR_VARIANTS else (real_unet(), unet_inputs)
     # Building the model peaks above what training holds: count from the built model on (Linux resets VmHWM).
     reset_peak_rss()
     built = rss_mib("VmRSS") / 1024
@@ -313,7 +354,7 @@ def estimated_activations(variant: str) -> float | None:
 
     if variant in PRIOR_VARIANTS:
         estimate = wuerstchen(256, 1, torch.float32, adapter=variant == "prior-lora")
-    elif variant == "peft":
+    elif variant == "peft" or variant in (*CASCADE_VARIANTS, *LITE_VARIANTS):
         return None
     else:
         estimate = sdxl(256, torch.float32, adapter=variant == "factored")
@@ -338,14 +379,20 @@ def memory(variants=VARIANTS) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["layers", "unet", "memory", "wuerstchen", "script", "export"], default=None)
+    parser.add_argument(
+        "--only",
+        choices=["layers", "unet", "memory", "wuerstchen", "cascade", "cascade-lite", "script", "export"],
+        default=None,
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--script_steps", type=int, default=10, help="--only script: steps (2 of them warm-up).")
     parser.add_argument(
         "--real_dir", type=Path, default=ROOT / "work_dirs" / "real-size-sdxl", help="Where the real-size SDXL is kept."
     )
     parser.add_argument(
-        "--memory_variant", choices=(*VARIANTS, *PRIOR_VARIANTS, "script-floor", "export"), help=argparse.SUPPRESS
+        "--memory_variant",
+        choices=(*VARIANTS, *PRIOR_VARIANTS, *CASCADE_VARIANTS, *LITE_VARIANTS, "script-floor", "export"),
+        help=argparse.SUPPRESS,
     )
     args = parser.parse_args()
     if args.memory_variant == "script-floor":
@@ -363,6 +410,8 @@ def main() -> None:
         unet(max(1, args.repeats // 2))
     if args.only in (None, "wuerstchen"):
         wuerstchen(max(1, args.repeats // 2))
+    if args.only in (None, "cascade", "cascade-lite"):
+        stable_cascade(max(1, args.repeats // 2), lite_only=args.only == "cascade-lite")
     if args.only in (None, "script"):
         script(args.real_dir, args.script_steps)
     if args.only in (None, "export"):

@@ -6,7 +6,8 @@
 format that ComfyUI and AUTOMATIC1111 load. --format checkpoint: one SDXL checkpoint (original layout,
 fp16 by default) with the adapter merged into the UNet and text encoders and the run's VAE included, for
 ComfyUI's Load Checkpoint, A1111 or from_single_file. --format diffusers: the Wuerstchen prior LoRA as the
-diffusers single file (`load_lora_weights`).
+diffusers single file (`load_lora_weights`). --format comfyui: the Stable Cascade stage C LoRA (and its
+text encoder's) with ComfyUI's names (lora_prior_unet_..., lora_prior_te_...).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from difftune import export, integrity, merged_checkpoint, single_file, wuerstchen
+from difftune import cascade, export, integrity, merged_checkpoint, single_file, wuerstchen
 from difftune.args import DTYPES, ErrorOnlyParser
 from difftune.checkpoints import ARGS_FILE, read_json
 from difftune.ema import adapter_dir
@@ -30,7 +31,7 @@ SDXL_MODELS = ("unet", "text_encoder_one", "text_encoder_two")
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = ErrorOnlyParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="A step<N> dir of a training run.")
-    parser.add_argument("--format", choices=["kohya", "checkpoint", "diffusers"], default="kohya")
+    parser.add_argument("--format", choices=["kohya", "checkpoint", "diffusers", "comfyui"], default="kohya")
     parser.add_argument("--out", type=Path, required=True, help="The .safetensors file to write.")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="Default: fp16 for checkpoint, else fp32.")
     parser.add_argument("--pretrained_model_name_or_path", default=None, help="Default: the run's base model.")
@@ -129,6 +130,16 @@ def export_wuerstchen_diffusers(args: argparse.Namespace) -> tuple[dict, dict[st
         return load_file(path), metadata
 
 
+def export_cascade_comfyui(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
+    source = adapter_dir(args.checkpoint, args.ema)
+    parts = {
+        name: export.read_peft_adapter(source / name) for name in ("prior", "text_encoder") if (source / name).is_dir()
+    }
+    config = parts["prior"][0]
+    metadata = {"ss_network_dim": str(config["r"]), "ss_network_alpha": str(config["lora_alpha"])}
+    return cascade.lora_to_comfyui(parts, DTYPES[args.dtype]), metadata
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     family = checkpoint_family(args.checkpoint)
@@ -136,13 +147,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.out.suffix != ".safetensors":
         raise UserError(f"--out {args.out} must end in .safetensors")
     args.dtype = args.dtype or ("fp16" if args.format == "checkpoint" else "fp32")
+    if family == "wuerstchen":
+        run = read_json(args.checkpoint / ARGS_FILE) if (args.checkpoint / ARGS_FILE).is_file() else {}
+        if wuerstchen.family_of_run(run) is cascade.CASCADE:
+            family = "cascade"
+        elif args.format == "comfyui":
+            raise UserError(
+                "ComfyUI has no Wuerstchen v2 (only Stable Cascade): export this checkpoint as --format diffusers"
+            )
     if (family, args.format) == ("sdxl", "checkpoint"):
         args.out.parent.mkdir(parents=True, exist_ok=True)
         written = export_sdxl_checkpoint(args)
         args.out.with_suffix(".partial").replace(args.out)
         print(f"wrote {args.out} ({written}, {args.dtype})")
         return
-    if (family, args.format) == ("sdxl", "kohya"):
+    if (family, args.format) == ("cascade", "comfyui"):
+        state, metadata = export_cascade_comfyui(args)
+    elif family == "cascade":
+        raise UserError(
+            "a Stable Cascade LoRA exports as --format comfyui (diffusers has no Stable Cascade LoRA format)"
+        )
+    elif (family, args.format) == ("sdxl", "kohya"):
         state, metadata = export_sdxl_kohya(args)
     elif (family, args.format) == ("wuerstchen", "diffusers"):
         state, metadata = export_wuerstchen_diffusers(args)

@@ -85,6 +85,7 @@ def build_pipeline(args: argparse.Namespace, family: str, run: dict, dtype: torc
         setting("revision"),
         setting("variant"),
         dtype,
+        run,
     )
 
 
@@ -97,23 +98,22 @@ def pipeline_kwargs(args: argparse.Namespace, family: str, run: dict) -> dict:
             "negative_prompt": args.negative_prompt,
             **size,
         }
-    from diffusers.pipelines.deprecated.wuerstchen import DEFAULT_STAGE_C_TIMESTEPS
-
+    # Stable Cascade: 20 prior steps (its sampling setting), 10 decoder steps; Wuerstchen v2: 12.
+    prior_family = wuerstchen.family_of_run(run)
     return {
-        "prior_timesteps": DEFAULT_STAGE_C_TIMESTEPS,
+        **prior_family.sampling_kwargs(args.num_inference_steps or (12 if prior_family is wuerstchen.V2 else 10)),
         "prior_guidance_scale": 4.0 if args.guidance_scale is None else args.guidance_scale,
-        "num_inference_steps": args.num_inference_steps or 12,
         "negative_prompt": args.negative_prompt,
         **size,
     }
 
 
-def fit_decodable_size(pipe, kwargs: dict) -> None:
-    """Move a height or width the Wuerstchen decoder cannot generate to the nearest one it can, and say so."""
+def fit_decodable_size(pipe, kwargs: dict, name: str = "Wuerstchen") -> None:
+    """Move a height or width the decoder cannot generate to the nearest one it can, and say so."""
     for side in ("height", "width"):
         size = wuerstchen.decodable_size(pipe, kwargs[side])
         if size != kwargs[side]:
-            print(f"generating at {side} {size}: the Wuerstchen decoder cannot generate {side} {kwargs[side]}")
+            print(f"generating at {side} {size}: the {name} decoder cannot generate {side} {kwargs[side]}")
             kwargs[side] = size
 
 
@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     pipe = build_pipeline(args, family, run, dtype).to(device)
     kwargs = pipeline_kwargs(args, family, run)
     if family == "wuerstchen":
-        fit_decodable_size(pipe, kwargs)
+        fit_decodable_size(pipe, kwargs, wuerstchen.family_of_run(run).title.removesuffix(" v2"))
     base_rows = None
     if args.compare_base:
         base_rows = generate(pipe, prompts, args.num_images_per_prompt, args.seed, kwargs, "base")

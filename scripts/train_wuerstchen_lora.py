@@ -1,9 +1,10 @@
-"""Fine-tune the Wuerstchen v2 prior (stage C) with a LoRA adapter (and optionally its text encoder).
+"""Fine-tune a Wuerstchen prior (stage C) with a LoRA adapter (and optionally its text encoder): Wuerstchen v2
+or Stable Cascade (Wuerstchen v3), whichever --pretrained_prior_model_name_or_path holds.
 
     accelerate launch scripts/train_wuerstchen_lora.py --train_data_dir DATA --output_dir OUT ...
 
-Checkpoints land in OUTPUT_DIR/step<N>/: prior/ (peft format), pytorch_lora_weights.safetensors
-(diffusers format, for load_lora_weights), text_encoder/ when trained; see the README.
+Checkpoints land in OUTPUT_DIR/step<N>/: prior/ (peft format), text_encoder/ when trained, and for v2
+pytorch_lora_weights.safetensors (diffusers format, for load_lora_weights); see the README.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from difftune import adapters, data, init_adapter, objectives, run_setup, training, validation, wuerstchen
+from difftune import adapters, cascade, data, init_adapter, objectives, run_setup, training, validation, wuerstchen
 from difftune import args as cli
 from difftune.errors import run_cli
 from difftune.modelcard import literal, write_model_card
@@ -69,6 +70,42 @@ from diffusers.pipelines.deprecated.wuerstchen import DEFAULT_STAGE_C_TIMESTEPS
 image = pipe({prompt}, prior_timesteps=DEFAULT_STAGE_C_TIMESTEPS, height=1024, width=1024).images[0]
 ```
 """
+CASCADE_LOADING = """
+diffusers has no LoRA loader for Stable Cascade: load the adapter with peft into the pipeline's prior. The
+decoder repo names its VQGAN in a way diffusers 0.42 cannot resolve, so each part is loaded by subfolder
+(bf16 is advised: fp16 is known to be unstable for stage C):
+
+```python
+import torch
+from diffusers import DDPMWuerstchenScheduler, StableCascadeCombinedPipeline, StableCascadeUNet
+from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
+from peft import PeftModel
+from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+prior_repo, decoder_repo, checkpoint = {prior}, {decoder}, {checkpoint}
+pipe = StableCascadeCombinedPipeline(
+    prior_prior=StableCascadeUNet.from_pretrained(prior_repo, subfolder={prior_subfolder}),
+    prior_text_encoder=CLIPTextModelWithProjection.from_pretrained(prior_repo, subfolder="text_encoder"),
+    prior_tokenizer=AutoTokenizer.from_pretrained(prior_repo, subfolder="tokenizer"),
+    prior_scheduler=DDPMWuerstchenScheduler.from_pretrained(prior_repo, subfolder="scheduler"),
+    decoder=StableCascadeUNet.from_pretrained(decoder_repo, subfolder={decoder_subfolder}),
+    vqgan=PaellaVQModel.from_pretrained(decoder_repo, subfolder="vqgan"),
+    text_encoder=CLIPTextModelWithProjection.from_pretrained(decoder_repo, subfolder="text_encoder"),
+    tokenizer=AutoTokenizer.from_pretrained(decoder_repo, subfolder="tokenizer"),
+    scheduler=DDPMWuerstchenScheduler.from_pretrained(decoder_repo, subfolder="scheduler"),
+).to("cuda", torch.bfloat16)
+pipe.prior_pipe.prior = PeftModel.from_pretrained(pipe.prior_pipe.prior, f"{{checkpoint}}/prior").get_base_model()
+{te_peft}```
+
+Then:
+
+```python
+image = pipe({prompt}, height=1024, width=1024, prior_num_inference_steps=20, num_inference_steps=10).images[0]
+```
+
+For ComfyUI: `python scripts/export.py --checkpoint {checkpoint} --format comfyui --out lora.safetensors`, then a
+LoraLoader on the stage C model.
+"""
 TE_PEFT = """pipe.prior_pipe.text_encoder = PeftModel.from_pretrained(
     pipe.prior_pipe.text_encoder, f"{checkpoint}/text_encoder").get_base_model()
 """
@@ -76,14 +113,23 @@ TE_PEFT = """pipe.prior_pipe.text_encoder = PeftModel.from_pretrained(
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = cli.ErrorOnlyParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrained_prior_model_name_or_path", default="warp-ai/wuerstchen-prior")
     parser.add_argument(
-        "--pretrained_decoder_model_name_or_path", default="warp-ai/wuerstchen", help="For validation images."
+        "--pretrained_prior_model_name_or_path",
+        default="warp-ai/wuerstchen-prior",
+        help="A Wuerstchen v2 prior repo or a Stable Cascade one (stabilityai/stable-cascade-prior).",
     )
+    parser.add_argument("--prior_subfolder", default="prior", help="Stable Cascade: prior (3.6 B) or prior_lite (1 B).")
+    parser.add_argument(
+        "--pretrained_decoder_model_name_or_path",
+        default=None,
+        help="For validation images. Default: warp-ai/wuerstchen (v2) or stabilityai/stable-cascade.",
+    )
+    parser.add_argument("--decoder_subfolder", default="decoder", help="Stable Cascade: decoder or decoder_lite.")
     parser.add_argument(
         "--image_encoder_path",
-        default=wuerstchen.DEFAULT_IMAGE_ENCODER,
-        help="EfficientNet weights: stage B's .pt (read weights-only), a .safetensors, or a Hub org/repo/file.",
+        default=None,
+        help="EfficientNet weights: stage B's .pt (read weights-only), a .safetensors, or a Hub org/repo/file. "
+        f"Default: {wuerstchen.DEFAULT_IMAGE_ENCODER} (v2) or {cascade.DEFAULT_IMAGE_ENCODER}.",
     )
     cli.add_model_args(parser)
     cli.add_data_args(parser, resolution=768)
@@ -97,7 +143,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def write_card(args: argparse.Namespace, checkpoint: Path, samples_per_epoch: int | None = None) -> Path:
     """The run's README.md; its snippets load `checkpoint` as written (values pasted as Python literals)."""
+    family = wuerstchen.resolve_family(args)
     prior, decoder = args.pretrained_prior_model_name_or_path, args.pretrained_decoder_model_name_or_path
+    if family is cascade.CASCADE:
+        return write_model_card(
+            args.output_dir, args, title="Stable Cascade stage C LoRA adapter", base_models=[prior, decoder],
+            adapter="LoRA", samples_per_epoch=samples_per_epoch, loading=CASCADE_LOADING.format(
+                prior=literal(prior), decoder=literal(decoder), checkpoint=literal(checkpoint),
+                prior_subfolder=literal(args.prior_subfolder), decoder_subfolder=literal(args.decoder_subfolder),
+                te_peft=TE_PEFT.format(checkpoint="{checkpoint}") if args.train_text_encoder else "",
+                prompt=literal((args.validation_prompt or ["a photo"])[0]),
+            ),
+        )  # fmt: skip
     loading = LOADING.format(
         prior=literal(prior),
         decoder=literal(decoder),
@@ -119,6 +176,11 @@ def write_card(args: argparse.Namespace, checkpoint: Path, samples_per_epoch: in
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    # Which generation (v2 or Stable Cascade) the prior folder holds decides everything below.
+    decoder_given = args.pretrained_decoder_model_name_or_path is not None
+    family = wuerstchen.resolve_family(args)
+    if args.validation_prompt or decoder_given:
+        family.check_decoder(args.pretrained_decoder_model_name_or_path, args.revision)
     start = init_adapter.prepare(args, argv, ["prior", "text_encoder"])
     objectives.check_timestep_range(args, lambda: objectives.CONTINUOUS_BINS)
     accelerator = run_setup.setup_run(args)
@@ -126,8 +188,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # Models: the prior, its text encoder and the frozen EfficientNet image encoder.
     base = args.pretrained_prior_model_name_or_path
-    prior = wuerstchen.load_prior(base, args.revision, args.variant)
-    image_encoder = training.freeze(wuerstchen.load_image_encoder(args.image_encoder_path), device, dtype)
+    prior = family.load_prior(base, args.prior_subfolder, args.revision, args.variant)
+    image_encoder = training.freeze(family.load_image_encoder(args.image_encoder_path), device, dtype)
     for model in (prior.prior, prior.text_encoder):
         training.freeze(model, device, dtype)
 
@@ -139,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
 
     # Caches: encode once; the frozen encoders then leave the accelerator (until validation).
-    wuerstchen.cache_encodings(accelerator, args, prior, image_encoder, dataset, dtype)
+    wuerstchen.cache_encodings(accelerator, args, prior, image_encoder, dataset, dtype, family)
     training.offload([image_encoder] if args.cache_image_embeddings else [])
     idle = [prior.text_encoder] if args.cache_text_embeddings else []
     training.offload(idle)
@@ -154,11 +216,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     def compute_loss(batch: dict, models: dict, fractions: torch.Tensor | None = None) -> torch.Tensor:
         """The training loss; at `fractions` of the schedule, the plain MSE there (the held-out loss)."""
         with torch.no_grad():
-            x0 = wuerstchen.batch_image_embeddings(batch, image_encoder, dtype)
+            if "image_embeds" in batch:
+                x0 = batch["image_embeds"].to(dtype)
+            else:
+                x0 = family.image_embeddings(image_encoder, batch["pixel_values"].to(dtype))
         with torch.set_grad_enabled(args.train_text_encoder):
-            text = wuerstchen.batch_text_embeddings(batch, models.get("text_encoder", prior.text_encoder))
+            text = family.encode_text(batch, models.get("text_encoder", prior.text_encoder))
         draw = objective.draw(x0, fractions)
-        return draw.loss(models["prior"](draw.noisy_input, draw.timesteps, text), x0)
+        return draw.loss(family.predict(models["prior"], draw.noisy_input, draw.timesteps, text), x0)
 
     def save_diffusers_lora(directory: Path, peft_models: dict) -> None:
         wuerstchen.save_diffusers_lora(
@@ -172,11 +237,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     decoder_parts = {}
 
     def validate(step: int, peft_models: dict) -> None:
-        from diffusers.pipelines.deprecated.wuerstchen import DEFAULT_STAGE_C_TIMESTEPS
-
         first = not decoder_parts
         if first:
-            decoder_parts.update(wuerstchen.load_decoder(args.pretrained_decoder_model_name_or_path, args.revision))
+            decoder = args.pretrained_decoder_model_name_or_path
+            decoder_parts.update(family.load_decoder(decoder, args.decoder_subfolder, args.revision, None))
             for part in decoder_parts.values():
                 if isinstance(part, torch.nn.Module):
                     training.freeze(part, device, dtype)
@@ -184,25 +248,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         adapted = dataclasses.replace(prior, prior=peft_models["prior"].get_base_model())
         if args.train_text_encoder:
             adapted.text_encoder = peft_models["text_encoder"].get_base_model()
-        pipe = wuerstchen.build_combined_pipeline(adapted, decoder_parts)
+        pipe = family.build_pipeline(adapted, decoder_parts)
         size = wuerstchen.decodable_size(pipe, args.resolution)
         if first and size != args.resolution:
             logger.warning(
-                "validation images are %dx%d: the Wuerstchen decoder cannot generate %dx%d", size, size,
-                args.resolution, args.resolution,
+                "validation images are %dx%d: the %s decoder cannot generate %dx%d", size, size,
+                family.title.removesuffix(" v2"), args.resolution, args.resolution,
             )  # fmt: skip
         # The decoder, its text encoder and the VQGAN are on the device only while they generate.
         decoder_modules = [part for part in decoder_parts.values() if isinstance(part, torch.nn.Module)]
         with training.on_device(idle + decoder_modules, device):
             validation.run_validation(
-                accelerator, args, pipe, step, dtype,
-                prior_timesteps=DEFAULT_STAGE_C_TIMESTEPS, num_inference_steps=args.validation_inference_steps,
+                accelerator, args, pipe, step, dtype, **family.sampling_kwargs(args.validation_inference_steps),
                 height=size, width=size,
             )  # fmt: skip
 
     result = training.train(
         accelerator, args, project_name=PROJECT, adapters=trained, param_groups=param_groups, dataset=dataset,
-        compute_loss=compute_loss, save_extra=save_diffusers_lora, validate=validate,
+        compute_loss=compute_loss, save_extra=save_diffusers_lora if family is wuerstchen.V2 else None,
+        validate=validate,
     )  # fmt: skip
 
     if accelerator.is_main_process:

@@ -126,3 +126,30 @@ def one_line_error(capsys) -> str:
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(err) == 1, err
     return err[0]
+
+
+def cascade_args(
+    assets: Path, output_dir: Path, *extra: object, steps: int = 4, resolution: int = 128, lr: str = "1e-3",
+    checkpointing_steps: int = 2,
+) -> list[str]:  # fmt: skip
+    """A Stable Cascade (Wuerstchen v3) stage C run on the tiny prior and decoder repos."""
+    return [
+        "--pretrained_prior_model_name_or_path", assets / "stable-cascade-prior",
+        "--pretrained_decoder_model_name_or_path", assets / "stable-cascade",
+        "--image_encoder_path", assets / "stable-cascade" / "effnet_encoder.safetensors",
+        *common_args(assets, output_dir, steps, resolution, lr, checkpointing_steps),
+        *map(str, extra),
+    ]  # fmt: skip
+
+
+def cascade_prior_inputs(prior, batch: int = 2, seed: int = 0) -> dict:
+    """Fixed keyword inputs for a Stable Cascade prior: noisy latents, ratios in (0, 1), text and image states."""
+    generator = torch.Generator().manual_seed(seed)
+    config = prior.config
+    return {
+        "sample": torch.randn(batch, config.in_channels, 4, 4, generator=generator),
+        "timestep_ratio": torch.rand(batch, generator=generator),
+        "clip_text_pooled": torch.randn(batch, 1, config.clip_text_pooled_in_channels, generator=generator),
+        "clip_text": torch.randn(batch, 77, config.clip_text_in_channels, generator=generator),
+        "clip_img": torch.zeros(batch, 1, config.clip_image_in_channels),
+    }

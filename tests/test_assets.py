@@ -55,3 +55,22 @@ def test_assets_are_deterministic(assets, tmp_path):
     assert built == again and len(built) >= 17  # metadata.jsonl and every image
     for name in built:
         assert (tmp_path / "data" / name).read_bytes() == (assets / "data" / name).read_bytes(), name
+
+
+def test_stable_cascade_layout(assets):
+    from safetensors import safe_open
+
+    prior, decoder = assets / "stable-cascade-prior", assets / "stable-cascade"
+    for sub in ("prior", "prior_lite", "text_encoder", "tokenizer", "scheduler", "image_encoder", "feature_extractor"):
+        assert (prior / sub).is_dir(), sub
+    for sub in ("decoder", "decoder_lite", "vqgan", "text_encoder", "tokenizer", "scheduler"):
+        assert (decoder / sub).is_dir(), sub
+    assert json.loads((prior / "model_index.json").read_text())["_class_name"] == "StableCascadePriorPipeline"
+    assert json.loads((decoder / "model_index.json").read_text())["_class_name"] == "StableCascadeDecoderPipeline"
+    assert json.loads((prior / "prior" / "config.json").read_text())["_class_name"] == "StableCascadeUNet"
+    # Stable Cascade's effnet_encoder.safetensors: EfficientNetV2-S features, then a 1x1 conv and a BatchNorm
+    # without affine weights (running statistics only).
+    with safe_open(str(decoder / "effnet_encoder.safetensors"), "pt") as file:
+        keys = set(file.keys())
+    assert {"backbone.0.0.weight", "mapper.0.weight", "mapper.1.running_mean", "mapper.1.running_var"} <= keys
+    assert "mapper.1.weight" not in keys and "mapper.1.bias" not in keys

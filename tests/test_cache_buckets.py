@@ -6,7 +6,7 @@ import random
 
 import pytest
 from conftest import launch
-from helpers import adapter_weights, max_difference, sdxl_args, spy_on_training, wuerstchen_args
+from helpers import adapter_weights, cascade_args, max_difference, sdxl_args, spy_on_training, wuerstchen_args
 
 from difftune.data import EpochBatchSampler, make_buckets
 
@@ -33,7 +33,11 @@ def losses_of(run_main, monkeypatch, script, argv) -> list[float]:
 
 @pytest.mark.parametrize(
     ("script", "make", "caches"),
-    [("train_sdxl_lokr", sdxl_args, SDXL_CACHES), ("train_wuerstchen_lora", wuerstchen_args, WUERSTCHEN_CACHES)],
+    [
+        ("train_sdxl_lokr", sdxl_args, SDXL_CACHES),
+        ("train_wuerstchen_lora", wuerstchen_args, WUERSTCHEN_CACHES),
+        ("train_wuerstchen_lora", cascade_args, WUERSTCHEN_CACHES),
+    ],
 )
 def test_cached_training_gives_the_same_losses(assets, tmp_path, run_main, monkeypatch, script, make, caches):
     # Caption dropout too: the cached empty prompt must encode as the live one does.

@@ -58,12 +58,18 @@ def sdxl_pipeline(
     return pipe
 
 
-def wuerstchen_pipeline(prior: str, decoder: str, revision: str | None, variant: str | None, dtype: torch.dtype):
-    """The combined prior + decoder pipeline, assembled from subfolders (see difftune.wuerstchen)."""
+def wuerstchen_pipeline(
+    prior: str, decoder: str, revision: str | None, variant: str | None, dtype: torch.dtype, run: dict | None = None
+):
+    """The combined prior + decoder pipeline, assembled from subfolders (see difftune.wuerstchen), of the
+    generation (v2 or Stable Cascade) and subfolders the run's args.json `run` names."""
     from difftune import wuerstchen
 
-    pipe = wuerstchen.build_combined_pipeline(
-        wuerstchen.load_prior(prior, revision, variant), wuerstchen.load_decoder(decoder, None, variant)
+    run = run or {}
+    family = wuerstchen.family_of_run(run)
+    pipe = family.build_pipeline(
+        family.load_prior(prior, run.get("prior_subfolder", "prior"), revision, variant),
+        family.load_decoder(decoder, run.get("decoder_subfolder", "decoder"), None, variant),
     )
     return pipe.to(dtype=dtype)
 

@@ -1,13 +1,19 @@
-"""Wuerstchen v2: the stage-C prior, its frozen EfficientNet image encoder, and the full pipeline.
+"""Wuerstchen v2: the stage-C prior, its frozen EfficientNet image encoder, and the full pipeline;
+and the choice between the two generations of the prior (v2 here, Stable Cascade in difftune.cascade).
 
 diffusers 0.42 keeps Wuerstchen in its deprecated corner, where `from_pretrained` on a
 saved pipeline cannot resolve the model classes; so every component is loaded from its
 subfolder with its own class and the pipeline is assembled here. This works alike for the
 Hub repos (warp-ai/wuerstchen-prior, warp-ai/wuerstchen) and for local copies of them.
+
+What differs between the generations (loading, the image target, the text conditioning, the prior's
+call, the pipeline) sits behind `PriorFamily`; `prior_family` picks one by the class the prior
+folder's config names.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,26 +22,32 @@ import torch
 from torch import nn
 
 from difftune.errors import UserError
-from difftune.hub import looks_like_hub_id, read_model_index
+from difftune.hub import fetch_file, looks_like_hub_id, read_model_index
 
 PRIOR_PIPELINE = "WuerstchenPriorPipeline"
 DECODER_PIPELINE = "WuerstchenDecoderPipeline"
+DEFAULT_DECODER = "warp-ai/wuerstchen"
 DEFAULT_IMAGE_ENCODER = "dome272/wuerstchen/model_v2_stage_b.pt"
 # EfficientNet embeddings are mapped to the prior's latent range by (x + 1) / 42.
 EMBEDDING_SHIFT, EMBEDDING_SCALE = 1.0, 42.0
+V2_ENCODER_HINT = "pass stage B's model_v2_stage_b.pt or a file with its effnet_state_dict keys"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class EfficientNetEncoder(nn.Module):
-    """EfficientNetV2-S features and a 1x1 conv + BatchNorm to 16 channels (stage B's `effnet`)."""
+    """EfficientNetV2-S features and a 1x1 conv + BatchNorm to 16 channels (stage B's `effnet`).
 
-    def __init__(self, latent_channels: int = 16) -> None:
+    Stable Cascade's encoder (`effnet_encoder.safetensors`) has the same layout with a BatchNorm
+    without affine weights (`affine=False`)."""
+
+    def __init__(self, latent_channels: int = 16, affine: bool = True) -> None:
         super().__init__()
         from torchvision.models import efficientnet_v2_s
 
         self.backbone = efficientnet_v2_s(weights=None).features
         self.mapper = nn.Sequential(
-            nn.Conv2d(1280, latent_channels, kernel_size=1, bias=False), nn.BatchNorm2d(latent_channels)
+            nn.Conv2d(1280, latent_channels, kernel_size=1, bias=False),
+            nn.BatchNorm2d(latent_channels, affine=affine),
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -62,27 +74,34 @@ def batch_text_embeddings(batch: dict, text_encoder: nn.Module) -> torch.Tensor:
     return out.last_hidden_state
 
 
-def cache_encodings(accelerator, args, prior: PriorComponents, encoder: nn.Module, dataset, dtype: torch.dtype) -> None:
+def cache_encodings(
+    accelerator, args, prior: PriorComponents, encoder: nn.Module, dataset, dtype: torch.dtype, family=None
+) -> None:
     """Build (or reuse) the image- and text-embedding caches the flags ask for; point the dataset at them."""
     from difftune import cache
 
+    family = family or V2
     base = {"prior": args.pretrained_prior_model_name_or_path, "revision": args.revision, "variant": args.variant}
+    if family is not V2:  # v2 caches keep their former fingerprints
+        base["prior_subfolder"] = args.prior_subfolder
     if args.cache_image_embeddings:
 
         def encode_images(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {"image_embeds": image_embeddings(encoder, pixels.to(accelerator.device, dtype))}
+            return {"image_embeds": family.image_embeddings(encoder, pixels.to(accelerator.device, dtype))}
 
         fields = {**base, "encoder": args.image_encoder_path, "dtype": str(dtype)}
+        kind = f"{family.name}-image"
         cache.cache_images(
-            accelerator, args, dataset, "wuerstchen-image", fields, encode_images, ["image_embeds"], "image embeddings"
+            accelerator, args, dataset, kind, fields, encode_images, ["image_embeds"], "image embeddings"
         )
     if args.cache_text_embeddings:
 
         def encode_text(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            return {"prompt_embeds": batch_text_embeddings(tokens, prior.text_encoder)}
+            return family.encode_text(tokens, prior.text_encoder)
 
         fields = {**base, "dtype": str(prior.text_encoder.dtype)}
-        cache.cache_texts(accelerator, args, dataset, "wuerstchen-text", fields, encode_text, ["prompt_embeds"])
+        kind = f"{family.name}-text"
+        cache.cache_texts(accelerator, args, dataset, kind, fields, encode_text, list(family.text_fields))
 
 
 def _read_encoder_state(path: str) -> dict[str, torch.Tensor]:
@@ -110,17 +129,21 @@ def _read_encoder_state(path: str) -> dict[str, torch.Tensor]:
     raise UserError(f"--image_encoder_path {path}: expected a .safetensors or .pt file")
 
 
-def load_image_encoder(path: str) -> EfficientNetEncoder:
+def load_image_encoder(
+    path: str,
+    affine: bool = True,
+    hint: str = "pass stage B's model_v2_stage_b.pt or a file with its effnet_state_dict keys",
+) -> EfficientNetEncoder:
     """The frozen EfficientNet encoder, in eval mode, from stage B's `effnet_state_dict` or safetensors."""
     state = _read_encoder_state(path)
-    encoder = EfficientNetEncoder()
+    encoder = EfficientNetEncoder(affine=affine)
     expected = set(encoder.state_dict())
     if set(state) != expected:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         raise UserError(
-            f"--image_encoder_path {path} is not an EfficientNetV2-S Wuerstchen image encoder "
-            f"({len(missing)} keys missing, e.g. {missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]}): "
-            "pass stage B's model_v2_stage_b.pt or a file with its effnet_state_dict keys"
+            f"--image_encoder_path {path} is not an EfficientNetV2-S {'Wuerstchen' if affine else 'Stable Cascade'} "
+            f"image encoder ({len(missing)} keys missing, e.g. {missing[:1]}; {len(unexpected)} unexpected, "
+            f"e.g. {unexpected[:1]}): {hint}"
         )
     encoder.load_state_dict(state)
     return encoder.eval().requires_grad_(False)
@@ -134,7 +157,9 @@ class PriorComponents:
     scheduler: object
 
 
-def load_prior(path: str, revision: str | None = None, variant: str | None = None) -> PriorComponents:
+def load_prior(
+    path: str, revision: str | None = None, variant: str | None = None, subfolder: str = "prior"
+) -> PriorComponents:
     """The prior repo's components, each by subfolder (see the module docstring)."""
     from diffusers import DDPMWuerstchenScheduler
     from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
@@ -144,12 +169,14 @@ def load_prior(path: str, revision: str | None = None, variant: str | None = Non
     return PriorComponents(
         tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision),
         text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, variant=variant),
-        prior=WuerstchenPrior.from_pretrained(path, subfolder="prior", revision=revision, variant=variant),
+        prior=WuerstchenPrior.from_pretrained(path, subfolder=subfolder, revision=revision, variant=variant),
         scheduler=DDPMWuerstchenScheduler.from_pretrained(path, subfolder="scheduler", revision=revision),
     )
 
 
-def load_decoder(path: str, revision: str | None = None, variant: str | None = None) -> dict[str, object]:
+def load_decoder(
+    path: str, revision: str | None = None, variant: str | None = None, subfolder: str = "decoder"
+) -> dict[str, object]:
     """The decoder repo's components (stage B and A), by subfolder, as pipeline keyword arguments."""
     from diffusers import DDPMWuerstchenScheduler
     from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt
@@ -161,7 +188,7 @@ def load_decoder(path: str, revision: str | None = None, variant: str | None = N
         "text_encoder": CLIPTextModel.from_pretrained(
             path, subfolder="text_encoder", revision=revision, variant=variant
         ),
-        "decoder": WuerstchenDiffNeXt.from_pretrained(path, subfolder="decoder", revision=revision, variant=variant),
+        "decoder": WuerstchenDiffNeXt.from_pretrained(path, subfolder=subfolder, revision=revision, variant=variant),
         "vqgan": PaellaVQModel.from_pretrained(path, subfolder="vqgan", revision=revision, variant=variant),
         "scheduler": DDPMWuerstchenScheduler.from_pretrained(path, subfolder="scheduler", revision=revision),
     }
@@ -188,7 +215,8 @@ def decodable_size(pipe, size: int) -> int:
     PixelUnshuffle(2) rejects it (the real decoder needs a multiple of 16, which multiples of 128 give).
     """
     decoder = pipe.decoder_pipe.decoder.config
-    divisor = decoder.patch_size * 2 ** (len(decoder.c_hidden) - 1)
+    levels = getattr(decoder, "c_hidden", None) or decoder.block_out_channels  # v2 / Stable Cascade
+    divisor = decoder.patch_size * 2 ** (len(levels) - 1)
 
     def decodable(side: int) -> bool:
         embeddings = math.ceil(side / pipe.prior_pipe.config.resolution_multiple)
@@ -217,3 +245,96 @@ def save_diffusers_lora(directory: Path, adapters: dict[str, tuple[dict, dict[st
         unet_lora_adapter_metadata=prior_config,
         text_encoder_lora_adapter_metadata=text_config,
     )
+
+
+class PriorFamily:
+    """One generation of the Wuerstchen prior: Wuerstchen v2 (this class) or Stable Cascade (difftune.cascade)."""
+
+    name = "wuerstchen"
+    title = "Wuerstchen v2"
+    prior_class = "WuerstchenPrior"
+    prior_pipeline, decoder_pipeline = PRIOR_PIPELINE, DECODER_PIPELINE
+    default_decoder, default_image_encoder = DEFAULT_DECODER, DEFAULT_IMAGE_ENCODER
+    text_fields: tuple[str, ...] = ("prompt_embeds",)
+
+    def load_prior(self, path: str, subfolder: str, revision: str | None, variant: str | None) -> PriorComponents:
+        return load_prior(path, revision, variant, subfolder)
+
+    def load_decoder(self, path: str, subfolder: str, revision: str | None, variant: str | None) -> dict[str, object]:
+        return load_decoder(path, revision, variant, subfolder)
+
+    def load_image_encoder(self, path: str) -> nn.Module:
+        return load_image_encoder(path)
+
+    def image_embeddings(self, encoder: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        return image_embeddings(encoder, pixel_values)
+
+    def encode_text(self, batch: dict, text_encoder: nn.Module) -> dict[str, torch.Tensor]:
+        """The prior's text conditioning, named as cached (`text_fields`)."""
+        return {"prompt_embeds": batch_text_embeddings(batch, text_encoder)}
+
+    def predict(self, prior: nn.Module, noisy: torch.Tensor, ratio: torch.Tensor, text: dict) -> torch.Tensor:
+        """The prior's noise prediction at timestep ratios `ratio` in (0, 1)."""
+        return prior(noisy, ratio, text["prompt_embeds"])
+
+    def build_pipeline(self, prior: PriorComponents, decoder: dict[str, object]):
+        return build_combined_pipeline(prior, decoder)
+
+    def sampling_kwargs(self, decoder_steps: int) -> dict:
+        from diffusers.pipelines.deprecated.wuerstchen import DEFAULT_STAGE_C_TIMESTEPS
+
+        return {"prior_timesteps": DEFAULT_STAGE_C_TIMESTEPS, "num_inference_steps": decoder_steps}
+
+    def check_decoder(self, path: str, revision: str | None) -> None:
+        """Refuse a decoder repo of the other generation before anything trains."""
+        flag = "--pretrained_decoder_model_name_or_path"
+        found = json.loads(fetch_file(path, "model_index.json", revision, flag).read_text()).get("_class_name")
+        if found != self.decoder_pipeline:
+            raise UserError(
+                f"{flag} {path} is a {found} pipeline, but the prior is a {self.title} prior ({self.prior_class}): "
+                f"pass a {self.decoder_pipeline} repo such as {self.default_decoder}"
+            )
+
+
+V2 = PriorFamily()
+
+
+def prior_family(path: str, subfolder: str = "prior", revision: str | None = None) -> PriorFamily:
+    """The generation of the prior in `path`/`subfolder`, by the class its config names."""
+    from difftune import cascade
+
+    flag = "--pretrained_prior_model_name_or_path"
+    families = {family.prior_class: family for family in (V2, cascade.CASCADE)}
+    pipeline = json.loads(fetch_file(path, "model_index.json", revision, flag).read_text()).get("_class_name")
+    if pipeline not in {family.prior_pipeline for family in families.values()}:
+        raise UserError(
+            f"{flag} {path} is a {pipeline} pipeline, not a {PRIOR_PIPELINE} (Wuerstchen v2) or a "
+            f"{cascade.CASCADE.prior_pipeline} (Stable Cascade): pass a prior repo such as warp-ai/wuerstchen-prior "
+            "or stabilityai/stable-cascade-prior"
+        )
+    found = json.loads(fetch_file(path, f"{subfolder}/config.json", revision, flag).read_text()).get("_class_name")
+    if found not in families:
+        raise UserError(
+            f"{flag} {path}: {subfolder}/ holds a {found}, neither a Wuerstchen v2 prior (WuerstchenPrior) nor a "
+            "Stable Cascade prior (StableCascadeUNet): pass a Wuerstchen or Stable Cascade prior repo"
+        )
+    return families[found]
+
+
+def resolve_family(args) -> PriorFamily:
+    """The run's prior generation; fills in the decoder and image encoder defaults that depend on it, and
+    records the prior's class in args (args.json: export and inference read it)."""
+    family = prior_family(args.pretrained_prior_model_name_or_path, args.prior_subfolder, args.revision)
+    if args.pretrained_decoder_model_name_or_path is None:
+        args.pretrained_decoder_model_name_or_path = family.default_decoder
+    if args.image_encoder_path is None:
+        args.image_encoder_path = family.default_image_encoder
+    args.prior_class = family.prior_class
+    return family
+
+
+def family_of_run(run_args: dict) -> PriorFamily:
+    """The generation a checkpoint's args.json was trained on (runs before Stable Cascade: v2)."""
+    from difftune import cascade
+
+    return cascade.CASCADE if run_args.get("prior_class") == cascade.CASCADE.prior_class else V2
