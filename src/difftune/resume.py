@@ -26,6 +26,7 @@ REFUSED = frozenset(
         # the adapter
         "rank", "alpha", "lora_alpha", "target_modules", "decompose_both", "decompose_factor", "lokr_init",
         "rank_dropout", "module_dropout", "lora_dropout", "train_text_encoder", "text_encoder_target_modules",
+        "prior_subfolder",
         # the objective
         "prediction_type", "snr_gamma", "noise_offset", "timestep_bias_strategy", "timestep_bias_multiplier",
         "timestep_bias_portion", "timestep_bias_begin", "timestep_bias_end", "timestep_sampling", "loss_type",
@@ -41,7 +42,7 @@ IGNORED = frozenset(
         "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logging_dir", "report_to",
         "checkpointing_steps", "checkpoints_total_limit", "max_nonfinite_steps", "validation_prompt",
         "num_validation_images", "validation_steps", "validation_inference_steps", "dataloader_num_workers",
-        "cache_dir", "seed", "use_8bit_adam",
+        "cache_dir", "seed", "use_8bit_adam", "init_adapter",
     }
 )  # fmt: skip
 
