@@ -133,16 +133,19 @@ def test_two_processes_with_buckets_and_caches(assets, tmp_path):
 
     from difftune import checkpoints
 
-    # Both caches complete, every sample in them once (each process built its share), latents of several shapes.
+    # Both caches complete (each process built its share): every image's latents once, of several shapes, and
+    # every distinct caption's text encoding once.
+    lines = (assets / "data" / "metadata.jsonl").read_text().splitlines()
+    expected = {"sdxl-latents": 20, "sdxl-text": len({json.loads(line)["text"] for line in lines})}
     for kind, names in (("sdxl-latents", ("latent_mean", "latent_std")), ("sdxl-text", ("prompt_embeds",))):
         path = next((tmp_path / "cache").glob(f"{kind}-*"))
-        assert json.loads((path / "complete.json").read_text())["num_samples"] == 20
+        assert json.loads((path / "complete.json").read_text())["num_samples"] == expected[kind]
         tensors = {}
         for shard in path.glob("shard-*.safetensors"):
             tensors.update(load_file(shard))
         for name in names:
             indices = sorted(int(k.split(".")[0]) for k in tensors if k.endswith(f".{name}") and "flip" not in k)
-            assert indices == list(range(20)), (kind, name, indices)
+            assert indices == list(range(expected[kind])), (kind, name, indices)
         if kind == "sdxl-latents":
             shapes = {tuple(v.shape[-2:]) for k, v in tensors.items() if k.endswith(".latent_mean")}
             assert len(shapes) >= 2 and any(h != w for h, w in shapes), shapes

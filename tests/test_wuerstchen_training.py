@@ -68,7 +68,13 @@ def test_checkpoint_layout(trained):
     assert (state["global_step"], state["num_processes"], state["distributed"]) == (40, 1, "ddp")
     scheduler = checkpoints.load_torch_state(step / "lr_scheduler.pt")
     assert scheduler["last_epoch"] == 40 and scheduler["_last_lr"] == [3e-3]
-    optimizer = checkpoints.load_torch_state(step / "optimizer.pt")
+    saved = checkpoints.load_torch_state(step / "optimizer.pt")
+    # the state with the names of the parameters it belongs to (another process count can re-pack it)
+    assert [name for name, _ in saved["layout"]["groups"][0]] == [
+        f"prior/{n}" for n in captured["after"] if "lora_" in n
+    ]
+    assert saved["layout"]["flat"]  # one process: packed into one buffer
+    optimizer = saved["state_dict"]
     moments = optimizer["state"][0]
     assert moments["step"].item() == 40 and moments["exp_avg"].numel() == sum(v.numel() for v in peft_weights.values())
     card = (out / "README.md").read_text()
