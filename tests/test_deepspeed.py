@@ -15,7 +15,7 @@ from conftest import ROOT, launch, launch_command
 from helpers import adapter_weights, max_difference, one_line_error, resumed_copy, sdxl_args
 from safetensors.torch import load_file
 
-from difftune import checkpoints, deepspeed_zero, run_setup, training
+from difftune import checkpoints, deepspeed_zero, resume, run_setup
 from difftune.errors import UserError
 
 # Only the runs need DeepSpeed; the config and resume checks below are difftune's own code.
@@ -175,10 +175,10 @@ def test_unsupported_deepspeed_configs_are_refused(config, message):
 
 def test_deepspeed_checkpoints_resume_with_the_same_number_of_processes(tmp_path):
     state = {"distributed": "deepspeed", "num_processes": 2}
-    training.check_resumable(state, "deepspeed", 2, tmp_path)
+    resume.check_resumable(state, "deepspeed", 2, tmp_path)
     with pytest.raises(UserError, match="optimizer shards for 2 processes, this run has 4"):
-        training.check_resumable(state, "deepspeed", 4, tmp_path)
-    training.check_resumable({"num_processes": 1}, "ddp", 4, tmp_path)  # written before the field existed
+        resume.check_resumable(state, "deepspeed", 4, tmp_path)
+    resume.check_resumable({"num_processes": 1}, "ddp", 4, tmp_path)  # written before the field existed
 
 
 def test_an_output_dir_some_process_cannot_see_is_refused(tmp_path, monkeypatch):

@@ -62,9 +62,26 @@ def changed_flags(saved: dict, args: argparse.Namespace) -> dict[str, tuple[obje
     return changed
 
 
-def take_checkpoint_settings(args: argparse.Namespace, checkpoint: Path, num_processes: int) -> None:
-    """Continue `checkpoint`'s run: take its seed, refuse or report changed flags (before any model loads)."""
+def check_resumable(state: dict, kind: str, num_processes: int, resume_dir: Path) -> None:
+    """DeepSpeed shards the optimizer state by process: a checkpoint resumes only under the same set-up."""
+    saved_kind = state.get("distributed", "ddp")
+    if saved_kind != kind:
+        raise UserError(
+            f"{resume_dir} was written under {saved_kind}, this run uses {kind}: "
+            "resume with the accelerate config that wrote it"
+        )
+    if kind == "deepspeed" and state["num_processes"] != num_processes:
+        raise UserError(
+            f"{resume_dir} holds DeepSpeed optimizer shards for {state['num_processes']} processes, "
+            f"this run has {num_processes}: resume with --num_processes {state['num_processes']}"
+        )
+
+
+def take_checkpoint_settings(args: argparse.Namespace, checkpoint: Path, num_processes: int, kind: str) -> None:
+    """Continue `checkpoint`'s run: check it resumes under this launch (`kind`: "ddp" or "deepspeed"), take its
+    seed, refuse or report changed flags (before any model loads)."""
     state = checkpoints.read_json(checkpoint / checkpoints.STATE_FILE)
+    check_resumable(state, kind, num_processes, checkpoint)
     args_file = checkpoint / checkpoints.ARGS_FILE
     saved = checkpoints.read_json(args_file) if args_file.is_file() else {}
     seed = state.get("seed", saved.get("seed"))

@@ -81,7 +81,8 @@ def setup_run(args: argparse.Namespace):
     resume_dir = main_decides(accelerator, lambda: checkpoints.resolve_resume(output_dir, args.resume_from_checkpoint))
     args.resume_from_checkpoint = None if resume_dir is None else str(resume_dir)  # recorded as used
     if resume_dir is not None:
-        take_checkpoint_settings(args, resume_dir, accelerator.num_processes)  # its seed; changed flags
+        kind = "deepspeed" if accelerator.distributed_type.value == "DEEPSPEED" else "ddp"
+        take_checkpoint_settings(args, resume_dir, accelerator.num_processes, kind)  # its seed; changed flags
     if args.seed is None:
         args.seed = main_decides(accelerator, lambda: int.from_bytes(os.urandom(4), "little"))
     # Seeds what runs before the loop, the adapters' random init above all: a run is reproducible.

@@ -139,21 +139,6 @@ class StopRequest:
         return int(accelerator.gather(flag).max().item())
 
 
-def check_resumable(state: dict, kind: str, num_processes: int, resume_dir: Path) -> None:
-    """DeepSpeed shards the optimizer state by process: a checkpoint resumes only under the same set-up."""
-    saved_kind = state.get("distributed", "ddp")
-    if saved_kind != kind:
-        raise UserError(
-            f"{resume_dir} was written under {saved_kind}, this run uses {kind}: "
-            "resume with the accelerate config that wrote it"
-        )
-    if kind == "deepspeed" and state["num_processes"] != num_processes:
-        raise UserError(
-            f"{resume_dir} holds DeepSpeed optimizer shards for {state['num_processes']} processes, "
-            f"this run has {num_processes}: resume with --num_processes {state['num_processes']}"
-        )
-
-
 def gathered_losses(accelerator, losses: list[torch.Tensor]) -> tuple[float, bool]:
     """(mean loss over micro-batches and processes, whether every process's losses were finite)."""
     gathered = accelerator.gather(torch.stack(losses)).cpu()
@@ -254,8 +239,7 @@ class TrainingRun:
         if self.args.resume_from_checkpoint is None:  # setup_run resolved it
             return
         resume_dir = Path(self.args.resume_from_checkpoint)
-        state = checkpoints.read_json(resume_dir / checkpoints.STATE_FILE)
-        check_resumable(state, self.update.kind, self.accelerator.num_processes, resume_dir)
+        state = checkpoints.read_json(resume_dir / checkpoints.STATE_FILE)  # setup_run checked it resumes here
         adapter_io.load_adapters(self.adapters, resume_dir)
         optimizer = self.update.optimizer
         fresh = [{"initial_lr": g["initial_lr"], "weight_decay": g.get("weight_decay")} for g in optimizer.param_groups]
