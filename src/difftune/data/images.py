@@ -51,8 +51,10 @@ def draw_flip(rng: random.Random, random_flip: bool) -> bool:
 class ImageTransform:
     """Resize to cover the target size, crop (centre or random), maybe flip, normalise.
 
-    Returns the tensor, the original (height, width) and the crop's (top, left) in the
-    resized image as seen after the flip: what SDXL's micro-conditioning wants.
+    Returns the tensor, the original (height, width), the crop's (top, left) in the
+    resized image as seen after the flip (what SDXL's micro-conditioning wants), and the `mask` given
+    (a grayscale image, stretched to the image's size) through the same resize, crop and flip, as a
+    (1, height, width) tensor in [0, 1] (None without one).
     """
 
     center_crop: bool
@@ -61,8 +63,13 @@ class ImageTransform:
     std: Sequence[float] = (0.5, 0.5, 0.5)
 
     def __call__(
-        self, image: Image.Image, size: tuple[int, int], rng: random.Random | None, flip: bool | None = None
-    ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        self,
+        image: Image.Image,
+        size: tuple[int, int],
+        rng: random.Random | None,
+        flip: bool | None = None,
+        mask: Image.Image | None = None,
+    ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int], torch.Tensor | None]:
         """`flip` forces the flip decision (for caching both orientations); else it is drawn from `rng`."""
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as F
@@ -78,8 +85,11 @@ class ImageTransform:
         else:
             top, left = rng.randint(0, resized_h - target_h), rng.randint(0, resized_w - target_w)
         image = F.crop(image, top, left, target_h, target_w)
+        if mask is not None:
+            mask = F.resize(mask, [resized_h, resized_w], interpolation=InterpolationMode.BILINEAR, antialias=True)
+            mask = F.crop(mask, top, left, target_h, target_w)
         if draw_flip(rng, self.random_flip) if flip is None else flip:
-            image = F.hflip(image)
+            image, mask = F.hflip(image), None if mask is None else F.hflip(mask)
             left = resized_w - left - target_w
         tensor = F.normalize(F.to_tensor(image), self.mean, self.std)
-        return tensor, original, (top, left)
+        return tensor, original, (top, left), None if mask is None else F.to_tensor(mask)
