@@ -1,16 +1,19 @@
 """Masked loss (--masked_loss): the mask follows its image's crop and flip, weights the element loss as kohya's
 apply_masked_loss does, is cached with the latents, and a black mask trains nothing."""
 
+import argparse
+import json
 import logging
+import os
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
-from helpers import sdxl_args, spy_on_training, wuerstchen_args
+from helpers import one_line_error, sdxl_args, spy_on_training, wuerstchen_args
 from PIL import Image
 
-from difftune import data, objectives
+from difftune import cache, data, objectives
 from difftune.data import masks
 
 REAL_DRAW_LOSS = objectives.Draw.loss
@@ -55,7 +58,9 @@ def record_losses(monkeypatch) -> list[dict]:
 def test_mask_follows_the_crop_and_the_flip(tmp_path):
     """Image columns carry their own index (red = x): wherever a crop and a flip put a column, its mask value
     (white left of x = 64) must come along; a left-half-white square flipped is right-half-white on the grid."""
-    wide = Image.merge("RGB", [Image.frombytes("L", (128, 64), bytes(range(128)) * 64)] + [Image.new("L", (128, 64))] * 2)
+    wide = Image.merge(
+        "RGB", [Image.frombytes("L", (128, 64), bytes(range(128)) * 64)] + [Image.new("L", (128, 64))] * 2
+    )
     wide.save(tmp_path / "wide.png")
     Image.new("RGB", (64, 64)).save(tmp_path / "square.png")
     for name, width in (("wide", 128), ("square", 64)):
@@ -81,16 +86,25 @@ def test_mask_follows_the_crop_and_the_flip(tmp_path):
     flipped = masks.on_grid(dataset.load(1, flip=True, rng=data.sample_rng(0, 0, 1))["mask"][None], (8, 8))[0, 0]
     assert torch.equal(flipped, torch.tensor([0.0] * 4 + [1.0] * 4).expand(8, 8))
 
+    # The latent cache's key follows the masks: masking on or off, a mask file changed.
+    args = argparse.Namespace(resolution=64, center_crop=False, random_flip=True)
+    keys = [cache.data_fields(args, dataset)]
+    Image.new("L", (64, 64), 128).save(tmp_path / "square-mask.png")
+    os.utime(tmp_path / "square-mask.png", ns=(1, 1))
+    keys.append(cache.data_fields(args, dataset))
+    dataset.mask_sources = None
+    keys.append(cache.data_fields(args, dataset))
+    assert len({json.dumps(key) for key in keys}) == 3
 
-@pytest.mark.slow
+
 def test_black_masks_train_nothing_and_the_loss_is_kohyas(assets, tmp_path, run_main, monkeypatch, caplog):
     """All-black masks: the adapter stays as it was (no weight decay), while unmasked it moves. Grey masks
     (a ramp, three images without one): each step's loss is the formula, live and cached, with the same masks."""
     black = write_masks(assets, tmp_path / "black", lambda x, width: 0)
-    base = ["--adam_weight_decay", "0", "--center_crop", "--random_flip"]
+    base = ["--adam_weight_decay", "0", "--center_crop", "--random_flip", "--cache_dir", tmp_path / "cache"]
     for flags, changes in (([], True), (["--masked_loss", "--mask_dir", black], False)):
         spy = spy_on_training(monkeypatch.setattr, adapter="unet")
-        assert run_main("train_sdxl_lokr", sdxl_args(assets, tmp_path / f"out{changes}", *base, *flags, steps=2)) == 0
+        assert run_main("train_sdxl_lokr", sdxl_args(assets, tmp_path / f"out{changes}", *base, *flags, steps=1)) == 0
         moved = any(not torch.equal(spy["before"][n], spy["after"][n]) for n in spy["before"] if "lokr" in n)
         assert moved == changes
 
@@ -100,7 +114,7 @@ def test_black_masks_train_nothing_and_the_loss_is_kohyas(assets, tmp_path, run_
         calls = record_losses(monkeypatch)
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            argv = sdxl_args(assets, tmp_path / name, *base, "--masked_loss", "--mask_dir", ramp, *flags, steps=2)
+            argv = sdxl_args(assets, tmp_path / name, *base, "--masked_loss", "--mask_dir", ramp, *flags, steps=1)
             assert run_main("train_sdxl_lokr", argv) == 0
         assert "3 of 20 training images have no mask" in caplog.text
         for call in calls:
@@ -112,7 +126,6 @@ def test_black_masks_train_nothing_and_the_loss_is_kohyas(assets, tmp_path, run_
         assert torch.allclose(live, cached, atol=1e-6)
 
 
-@pytest.mark.slow
 def test_wuerstchen_masks_reach_the_efficientnet_grid(assets, tmp_path, run_main, monkeypatch):
     """Alpha masks on the Wuerstchen prior (cached image embeddings): the loss is the formula on the
     embedding grid, with the image's alpha averaged over each embedding's pixels."""
@@ -120,17 +133,33 @@ def test_wuerstchen_masks_reach_the_efficientnet_grid(assets, tmp_path, run_main
     folder.mkdir()
     for i in range(4):
         image = Image.new("RGBA", (128, 128), (200, 50 * i, 30, 255))
-        image.putalpha(Image.frombytes("L", (128, 128), bytes(255 if x < 32 * (i + 1) else 0 for x in range(128)) * 128))
+        image.putalpha(
+            Image.frombytes("L", (128, 128), bytes(255 if x < 32 * (i + 1) else 0 for x in range(128)) * 128)
+        )
         image.save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(f"shape {i}")
     calls = record_losses(monkeypatch)
     argv = wuerstchen_args(assets, tmp_path / "out", "--masked_loss", "--alpha_mask", "--center_crop",
-                           "--cache_image_embeddings", steps=2)  # fmt: skip
+                           "--cache_image_embeddings", "--cache_dir", tmp_path / "cache", steps=2)  # fmt: skip
     argv[argv.index("--train_data_dir") + 1] = str(folder)
     assert run_main("train_wuerstchen_lora", argv) == 0
     for call in calls:
         grid = call["mask"]
-        assert grid.shape[-2:] == call["pred"].shape[-2:]
+        assert grid.shape[-2:] == call["pred"].shape[-2:] and grid.shape[-1] > 1
         assert call["loss"] == pytest.approx(expected_loss(call["pred"], call["target"], grid).item(), 1e-5)
     cover = sorted(round(g.mean().item() * 4) for call in calls for g in call["mask"])
     assert cover == [1, 2, 3, 4]  # each image's share of opaque columns, one per image
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--alpha_mask"], "--alpha_mask gives loss masks but the loss is not masked: add --masked_loss"),
+        (["--masked_loss", "--alpha_mask", "--mask_dir", "."], "--alpha_mask and --mask_dir both give the loss masks"),
+        (["--masked_loss"], "--masked_loss needs masks: add --alpha_mask"),
+        (["--masked_loss", "--mask_dir", "missing"], "--mask_dir missing does not exist"),
+    ],
+)
+def test_mask_flags_that_mean_nothing_are_one_line_errors(run_main, capsys, tmp_path, flags, message):
+    assert run_main("train_sdxl_lokr", sdxl_args(tmp_path / "no-assets", tmp_path / "out", *flags)) == 2
+    assert message in one_line_error(capsys)

@@ -89,7 +89,10 @@ def load_dataset_config(path: str | Path, args) -> list[DatasetSpec]:
     general = config.get("general", {})
     check_keys(general, SUBSET_KEYS - {"image_dir"} | DATASET_KEYS, "[general]", path)
     base = {"caption_extension": args.caption_extension or KOHYA_CAPTION_EXTENSION, "resolution": args.resolution}
-    base |= {"enable_bucket": getattr(args, "aspect_ratio_buckets", False), "alpha_mask": getattr(args, "alpha_mask", False)}
+    base |= {
+        "enable_bucket": getattr(args, "aspect_ratio_buckets", False),
+        "alpha_mask": getattr(args, "alpha_mask", False),
+    }
     flags = {key: getattr(args, key) for key in CAPTION_KEYS}  # the command line is the level above [general]
     specs, batch_sizes = [], set()
     for dataset in config.get("datasets", []):

@@ -69,7 +69,9 @@ def mask_files(folder: Path) -> dict[str, str]:
         stem, extension = os.path.splitext(entry.name)
         if entry.is_file() and extension.lower() in IMAGE_EXTENSIONS:
             if stem in files:
-                raise UserError(f"--mask_dir {folder} has two masks for {stem!r} ({files[stem]}, {entry.path}): keep one")
+                raise UserError(
+                    f"--mask_dir {folder} has two masks for {stem!r} ({files[stem]}, {entry.path}): keep one"
+                )
             files[stem] = entry.path
     return files
 
