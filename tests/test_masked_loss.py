@@ -13,6 +13,7 @@ import torch
 from helpers import one_line_error, sdxl_args, spy_on_training, wuerstchen_args
 from PIL import Image
 
+from difftune import args as cli
 from difftune import cache, data, objectives
 from difftune.data import masks
 
@@ -116,7 +117,7 @@ def test_black_masks_train_nothing_and_the_loss_is_kohyas(assets, tmp_path, run_
         with caplog.at_level(logging.WARNING):
             argv = sdxl_args(assets, tmp_path / name, *base, "--masked_loss", "--mask_dir", ramp, *flags, steps=1)
             assert run_main("train_sdxl_lokr", argv) == 0
-        assert "3 of 20 training images have no mask" in caplog.text
+        assert "3 of 20 training images have no mask (no file in --mask_dir" in caplog.text
         for call in calls:
             assert call["loss"] == pytest.approx(expected_loss(call["pred"], call["target"], call["mask"]).item(), 1e-5)
         grids = [block_mean(call["mask"], 8, 8) for call in calls]
@@ -163,3 +164,32 @@ def test_wuerstchen_masks_reach_the_efficientnet_grid(assets, tmp_path, run_main
 def test_mask_flags_that_mean_nothing_are_one_line_errors(run_main, capsys, tmp_path, flags, message):
     assert run_main("train_sdxl_lokr", sdxl_args(tmp_path / "no-assets", tmp_path / "out", *flags)) == 2
     assert message in one_line_error(capsys)
+
+
+def test_a_dataset_config_subset_takes_its_masks_from_alpha(tmp_path, caplog):
+    """kohya's `alpha_mask = true` on one subset: its images' alpha is their mask; one without alpha trains
+    unmasked, and so does the other subset's transparent image (both counted in the warning)."""
+    for folder, name, alpha in (("a", "0", 128), ("a", "1", None), ("b", "2", 0)):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        image = Image.new("RGB", (64, 64), (200, 40, 40))
+        if alpha is not None:
+            image.putalpha(Image.frombytes("L", (64, 64), bytes(255 if x < alpha // 4 else 0 for x in range(64)) * 64))
+        image.save(tmp_path / folder / f"{name}.png")
+        (tmp_path / folder / f"{name}.txt").write_text("a shape")
+    config = tmp_path / "data.toml"
+    config.write_text(
+        '[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 64\n'
+        f'[[datasets.subsets]]\nimage_dir = "{tmp_path / "a"}"\nalpha_mask = true\n'
+        f'[[datasets.subsets]]\nimage_dir = "{tmp_path / "b"}"\n'
+    )
+    parser = cli.ErrorOnlyParser()
+    cli.add_data_args(parser, resolution=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train_batch_size", type=int, default=1)
+    parser.add_argument("--masked_loss", action="store_true")
+    args = parser.parse_args(["--dataset_config", str(config), "--masked_loss"])
+    with caplog.at_level(logging.WARNING):
+        dataset = data.dataset_from_args(args, data.ImageTransform(True, False), lambda caption: {})
+    assert "2 of 3 training images have no mask" in caplog.text
+    covered = [dataset.load(row, flip=False)["mask"].mean().item() for row in range(3)]
+    assert covered == [0.5, 1.0, 1.0]

@@ -102,9 +102,11 @@ def mask_sources(
         what = f"--mask_dir {args.mask_dir} has no file" if args.mask_dir else "no image has an alpha channel"
         raise UserError(f"--masked_loss: {what} for any of the {missing} training images (masks share their stem)")
     if missing:
-        why = f"no mask in --mask_dir {args.mask_dir}" if args.mask_dir else "no alpha channel"
-        logger.warning("--masked_loss: %d of %d training images have %s: they train unmasked", missing,
-                       len(sources), why)  # fmt: skip
+        why = [f"no file in --mask_dir {args.mask_dir}"] if args.mask_dir else []
+        if any(alpha_rows):
+            why.insert(0, "no alpha channel" if all(alpha_rows) or args.mask_dir else "no alpha_mask or no alpha")
+        logger.warning("--masked_loss: %d of %d training images have no mask (%s): they train unmasked", missing,
+                       len(sources), " / ".join(why))  # fmt: skip
     return sources + [None] * (len(rows) - training_rows)
 
 
