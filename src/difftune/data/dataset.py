@@ -96,7 +96,7 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         mask = None
         if self.mask_sources is not None:
             mask = open_mask(self.rows[row][self.image_column], self.mask_sources[row], image.size)
-        pixels, original, crop, mask = self.transform(image, target, rng, flip, mask)
+        pixels, original, crop, mask = self.transform.with_mask(image, target, rng, flip, mask)
         out = {"pixel_values": pixels, "time_ids": torch.tensor([*original, *crop, *target], dtype=torch.float32)}
         return out if mask is None else {**out, "mask": mask}
 

@@ -51,10 +51,8 @@ def draw_flip(rng: random.Random, random_flip: bool) -> bool:
 class ImageTransform:
     """Resize to cover the target size, crop (centre or random), maybe flip, normalise.
 
-    Returns the tensor, the original (height, width), the crop's (top, left) in the
-    resized image as seen after the flip (what SDXL's micro-conditioning wants), and the `mask` given
-    (a grayscale image, stretched to the image's size) through the same resize, crop and flip, as a
-    (1, height, width) tensor in [0, 1] (None without one).
+    Returns the tensor, the original (height, width) and the crop's (top, left) in the
+    resized image as seen after the flip: what SDXL's micro-conditioning wants.
     """
 
     center_crop: bool
@@ -63,6 +61,12 @@ class ImageTransform:
     std: Sequence[float] = (0.5, 0.5, 0.5)
 
     def __call__(
+        self, image: Image.Image, size: tuple[int, int], rng: random.Random | None, flip: bool | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """`flip` forces the flip decision (for caching both orientations); else it is drawn from `rng`."""
+        return self.with_mask(image, size, rng, flip)[:3]
+
+    def with_mask(
         self,
         image: Image.Image,
         size: tuple[int, int],
@@ -70,7 +74,8 @@ class ImageTransform:
         flip: bool | None = None,
         mask: Image.Image | None = None,
     ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int], torch.Tensor | None]:
-        """`flip` forces the flip decision (for caching both orientations); else it is drawn from `rng`."""
+        """As a call, and the `mask` (a grayscale image, stretched to the image's size) through the same
+        resize, crop and flip, as a (1, height, width) tensor in [0, 1] (None without one)."""
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as F
 
