@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             prompt_embeds,
             added_cond_kwargs={"text_embeds": pooled, "time_ids": batch["time_ids"].to(prompt_embeds.dtype)},
         ).sample
-        return draw.loss(pred, latents)
+        return draw.loss(pred, latents, batch.get("mask"))
 
     def validate(step: int, peft_models: dict) -> None:
         models = {"unet": peft_models["unet"].get_base_model()}

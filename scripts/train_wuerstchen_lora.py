@@ -223,7 +223,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         with torch.set_grad_enabled(args.train_text_encoder):
             text = family.encode_text(batch, models.get("text_encoder", prior.text_encoder))
         draw = objective.draw(x0, fractions)
-        return draw.loss(family.predict(models["prior"], draw.noisy_input, draw.timesteps, text), x0)
+        pred = family.predict(models["prior"], draw.noisy_input, draw.timesteps, text)
+        return draw.loss(pred, x0, batch.get("mask"))
 
     def save_diffusers_lora(directory: Path, peft_models: dict) -> None:
         wuerstchen.save_diffusers_lora(

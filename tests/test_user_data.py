@@ -292,7 +292,7 @@ def test_dataset_config_caption_options_per_subset(tmp_path):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[general]\nflip_aug = true\n", "[general] key 'flip_aug' is not supported; supported keys: batch_size,"),
+        ("[general]\nflip_aug = true\n", "key 'flip_aug' is not supported; supported keys: alpha_mask, batch_size,"),
         ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\ncolor_aug = 1\n", "key 'color_aug' is not supported"),
     ],
 )

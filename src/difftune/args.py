@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from difftune.data.captions import add_caption_args, check_caption_args
+from difftune.data.masks import add_mask_args, check_mask_args
 from difftune.errors import UserError
 from difftune.objectives import check_objective_args
 
@@ -69,6 +70,7 @@ def add_data_args(parser: argparse.ArgumentParser, *, resolution: int) -> None:
     group.add_argument("--center_crop", action="store_true", help="Crop the centre (default: a random crop).")
     group.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
     group.add_argument("--dataloader_num_workers", type=int, default=0)
+    add_mask_args(group)
     add_caption_args(parser)
 
 
@@ -246,4 +248,5 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, image_cac
     check_common_args(args)
     check_cache_args(args, image_cache_flag)
     check_objective_args(args)
+    check_mask_args(args)
     return args

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from difftune import integrity, runlock
+from difftune.data import masks
 
 logger = logging.getLogger(__name__)
 
@@ -120,14 +121,18 @@ def fill(
 
 
 def data_fields(args, dataset) -> dict:
-    """What every image cache of a run depends on: the data, its selection and the image transforms."""
-    return {
+    """What every image cache of a run depends on: the data, its selection and the image transforms (and with
+    --masked_loss, the masks: each row's source and each mask file's size and time)."""
+    fields = {
         "data": dataset.fingerprint,
         "resolution": args.resolution,
         "center_crop": args.center_crop,
         "random_flip": args.random_flip,
         "buckets": getattr(args, "aspect_ratio_buckets", False),
     }
+    if dataset.mask_sources is not None:  # (unmasked caches keep their former keys)
+        fields["masks"] = masks.fingerprint(dataset.mask_sources)
+    return fields
 
 
 def cache_images(
@@ -143,7 +148,8 @@ def cache_images(
     """Encode every image once (both orientations with --random_flip) and point the dataset at the cache.
 
     `encode(pixels)` maps a batch of equally sized images to batched tensors named as in `names`;
-    each sample's SDXL size conditioning (time_ids) is kept beside them.
+    each sample's SDXL size conditioning (time_ids) is kept beside them, and with --masked_loss its mask,
+    reduced to the grid of the first encoding.
     """
     flips = [False, True] if args.random_flip else [False]
     # Decoding and resizing run in a thread pool (Pillow and torch release the GIL), the next chunk of the
@@ -173,13 +179,17 @@ def cache_images(
                 for row, (i, sample) in enumerate(group):
                     out.update({f"{i}.{prefix}{name}": encoded[name][row] for name in names})
                     out[f"{i}.{prefix}time_ids"] = sample["time_ids"]
+                    if "mask" in sample:
+                        grid = encoded[names[0]].shape[-2:]
+                        out[f"{i}.{prefix}mask"] = masks.on_grid(sample["mask"][None], grid)[0]
         return out
 
     fields = {**fields, **data_fields(args, dataset)}
     path = cache_path(args.cache_dir, kind, fields)
     with pool:
         build(accelerator, path, dataset.num_rows, encode_indices, args.train_batch_size, fields, desc)
-    dataset.image_cache = CacheReader(path, [*names, "time_ids"], flips=len(flips) > 1)
+    extra = ["time_ids"] + (["mask"] if dataset.mask_sources is not None else [])
+    dataset.image_cache = CacheReader(path, [*names, *extra], flips=len(flips) > 1)
 
 
 def cache_texts(

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from difftune.data.masks import on_grid
 from difftune.errors import UserError
 
 CONTINUOUS_BINS = 1000  # timestep-bias indices for a continuous schedule: bins of (0, 1)
@@ -49,6 +50,9 @@ def add_objective_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
     group.add_argument("--multires_noise_discount", type=float, default=0.3, help="Pyramid noise decay per level.")
     group.add_argument(
         "--proportion_empty_prompts", type=float, default=0.0, help="Share of captions trained as ''; try 0.1."
+    )
+    group.add_argument(
+        "--masked_loss", action="store_true", help="Weight the loss by a mask per image (--alpha_mask, --mask_dir)."
     )
     return group
 
@@ -255,14 +259,21 @@ class Objective:
             weights = weights / ((snr_t + 1) if v_prediction else torch.sqrt(snr_t))
         return weights
 
-    def loss(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The batch's loss, in fp32: element loss averaged per sample, weighted, averaged."""
+    def loss(
+        self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The batch's loss, in fp32: element loss (times the --masked_loss `mask`, reduced to the latent grid)
+        averaged per sample, weighted, averaged. The plain objective (held-out loss) ignores the mask."""
         a = self.args
         weights = self.sample_weights(timesteps)
-        if a.loss_type == "l2" and weights is None:
+        mask = mask if getattr(a, "masked_loss", False) else None
+        if a.loss_type == "l2" and weights is None and mask is None:
             return F.mse_loss(pred.float(), target.float())
         c = self.huber_c(timesteps) if a.loss_type != "l2" else None
-        per_sample = elementwise_loss(pred, target, a.loss_type, c).mean(dim=list(range(1, pred.ndim)))
+        elements = elementwise_loss(pred, target, a.loss_type, c)
+        if mask is not None:  # kohya's apply_masked_loss: not renormalised by the mask's area
+            elements = elements * on_grid(mask.to(elements.device), elements.shape[-2:])
+        per_sample = elements.mean(dim=list(range(1, pred.ndim)))
         return (per_sample if weights is None else per_sample * weights).mean()
 
 
@@ -275,6 +286,6 @@ class Draw:
     timesteps: torch.Tensor
     noisy_input: torch.Tensor
 
-    def loss(self, pred: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    def loss(self, pred: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         target = self.objective.target(x0, self.noise, self.timesteps)
-        return self.objective.loss(pred, target, self.timesteps)
+        return self.objective.loss(pred, target, self.timesteps, mask)

@@ -27,7 +27,7 @@ CAPTION_KEYS = {
     "shuffle_caption": "shuffle",
     "caption_tag_dropout_rate": "tag_dropout_rate",
 }
-SUBSET_KEYS = {"image_dir", "num_repeats", "class_tokens", "caption_extension", *CAPTION_KEYS}
+SUBSET_KEYS = {"image_dir", "num_repeats", "class_tokens", "caption_extension", "alpha_mask", *CAPTION_KEYS}
 DATASET_KEYS = {"resolution", "enable_bucket", "batch_size"}
 KOHYA_CAPTION_EXTENSION = ".caption"
 
@@ -67,8 +67,13 @@ def subset_of(settings: dict, base: CaptionOptions, path: Path) -> Subset:
     repeats = settings.get("num_repeats", 1)
     if not isinstance(repeats, int) or repeats < 1:
         raise UserError(f"--dataset_config {path}: num_repeats must be an integer >= 1 (1: no repetition)")
+    if not isinstance(settings.get("alpha_mask", False), bool):
+        raise UserError(f"--dataset_config {path}: alpha_mask must be true or false")
     image_dir = Path(settings["image_dir"]).expanduser()
-    return Subset(image_dir, repeats, settings.get("class_tokens"), settings["caption_extension"], options)
+    return Subset(
+        image_dir, repeats, settings.get("class_tokens"), settings["caption_extension"], options,
+        settings.get("alpha_mask", False),
+    )  # fmt: skip
 
 
 def load_dataset_config(path: str | Path, args) -> list[DatasetSpec]:
@@ -84,7 +89,10 @@ def load_dataset_config(path: str | Path, args) -> list[DatasetSpec]:
     general = config.get("general", {})
     check_keys(general, SUBSET_KEYS - {"image_dir"} | DATASET_KEYS, "[general]", path)
     base = {"caption_extension": args.caption_extension or KOHYA_CAPTION_EXTENSION, "resolution": args.resolution}
-    base |= {"enable_bucket": getattr(args, "aspect_ratio_buckets", False)}
+    base |= {
+        "enable_bucket": getattr(args, "aspect_ratio_buckets", False),
+        "alpha_mask": getattr(args, "alpha_mask", False),
+    }
     flags = {key: getattr(args, key) for key in CAPTION_KEYS}  # the command line is the level above [general]
     specs, batch_sizes = [], set()
     for dataset in config.get("datasets", []):

@@ -17,6 +17,7 @@ import torch
 
 from difftune.data.captions import CaptionOptions, pick_caption, variant_rng
 from difftune.data.images import ImageTransform, column, draw_flip, image_name, open_image, sample_rng
+from difftune.data.masks import open_mask
 from difftune.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         self.row_options: list[int] | None = None  # each row's entry of caption_options (default: the first)
         self.caption_variants = 0  # --caption_variants: K processed forms per caption, one drawn per sample
         self.unreadable: set[str] = set()  # images found unreadable after the scan (each warned about once)
+        self.mask_sources: list[str | None] | None = None  # --masked_loss: each row's (difftune.data.masks)
 
     def __len__(self) -> int:
         return len(self.rows) if self.sample_rows is None else len(self.sample_rows)
@@ -88,21 +90,26 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         return self.target_sizes[index] if self.target_sizes else (self.resolution, self.resolution)
 
     def load(self, index: int, flip: bool | None = None, rng: random.Random | None = None) -> dict[str, torch.Tensor]:
-        """One transformed image with its size conditioning (`flip` forced, or drawn from `rng`)."""
-        image, target = self.open_or_substitute(index), self.target_size(index)
-        pixels, original, crop = self.transform(image, target, rng, flip)
-        return {"pixel_values": pixels, "time_ids": torch.tensor([*original, *crop, *target], dtype=torch.float32)}
+        """One transformed image with its size conditioning (`flip` forced, or drawn from `rng`), and with
+        --masked_loss its loss mask, cropped and flipped alike."""
+        (image, row), target = self.open_or_substitute(index), self.target_size(index)
+        mask = None
+        if self.mask_sources is not None:
+            mask = open_mask(self.rows[row][self.image_column], self.mask_sources[row], image.size)
+        pixels, original, crop, mask = self.transform.with_mask(image, target, rng, flip, mask)
+        out = {"pixel_values": pixels, "time_ids": torch.tensor([*original, *crop, *target], dtype=torch.float32)}
+        return out if mask is None else {**out, "mask": mask}
 
     def open_or_substitute(self, index: int):
-        """Sample `index`'s image; if it became unreadable after the scan, the next readable image of the same
-        target size, with a warning (a batch still gets its images, the run goes on)."""
+        """Sample `index`'s image and row; if it became unreadable after the scan, the next readable image of the
+        same target size, with a warning (a batch still gets its images, the run goes on)."""
         for step in range(len(self)):
             candidate = (index + step) % len(self)
             if step and self.target_size(candidate) != self.target_size(index):
                 continue
             record = self.rows[self.row(candidate)][self.image_column]
             try:
-                return open_image(record)
+                return open_image(record), self.row(candidate)
             except Exception as error:  # noqa: BLE001 - any decode failure means unreadable
                 if image_name(record) not in self.unreadable:
                     self.unreadable.add(image_name(record))

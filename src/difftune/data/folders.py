@@ -33,6 +33,7 @@ class Subset:
     class_tokens: str | None = None
     caption_extension: str = ".txt"
     options: CaptionOptions | None = None
+    alpha_mask: bool = False  # --masked_loss: its images' alpha channels are their masks
 
 
 @dataclass

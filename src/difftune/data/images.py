@@ -64,6 +64,18 @@ class ImageTransform:
         self, image: Image.Image, size: tuple[int, int], rng: random.Random | None, flip: bool | None = None
     ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
         """`flip` forces the flip decision (for caching both orientations); else it is drawn from `rng`."""
+        return self.with_mask(image, size, rng, flip)[:3]
+
+    def with_mask(
+        self,
+        image: Image.Image,
+        size: tuple[int, int],
+        rng: random.Random | None,
+        flip: bool | None = None,
+        mask: Image.Image | None = None,
+    ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int], torch.Tensor | None]:
+        """As a call, and the `mask` (a grayscale image, stretched to the image's size) through the same
+        resize, crop and flip, as a (1, height, width) tensor in [0, 1] (None without one)."""
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as F
 
@@ -78,8 +90,11 @@ class ImageTransform:
         else:
             top, left = rng.randint(0, resized_h - target_h), rng.randint(0, resized_w - target_w)
         image = F.crop(image, top, left, target_h, target_w)
+        if mask is not None:
+            mask = F.resize(mask, [resized_h, resized_w], interpolation=InterpolationMode.BILINEAR, antialias=True)
+            mask = F.crop(mask, top, left, target_h, target_w)
         if draw_flip(rng, self.random_flip) if flip is None else flip:
-            image = F.hflip(image)
+            image, mask = F.hflip(image), None if mask is None else F.hflip(mask)
             left = resized_w - left - target_w
         tensor = F.normalize(F.to_tensor(image), self.mean, self.std)
-        return tensor, original, (top, left)
+        return tensor, original, (top, left), None if mask is None else F.to_tensor(mask)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from difftune.data import folders
+from difftune.data import folders, masks
 from difftune.data.buckets import closest_bucket, image_size, make_buckets
 from difftune.data.captions import CaptionOptions, options_from_args
 from difftune.data.config import DatasetSpec, load_dataset_config
@@ -149,6 +149,9 @@ def dataset_from_args(
     dataset.caption_variants = getattr(args, "caption_variants", 0)
     if specs:
         apply_dataset_specs(dataset, specs, subsets + [None] * held_out)
+    flat = [subset for spec in specs or [] for subset in spec.subsets]
+    alpha_rows = [flat[s].alpha_mask for s in subsets] if specs else [getattr(args, "alpha_mask", False)] * len(repeats)
+    dataset.mask_sources = masks.mask_sources(args, images, args.image_column, alpha_rows, len(repeats))
     return dataset
 
 
