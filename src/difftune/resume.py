@@ -31,7 +31,7 @@ REFUSED = frozenset(
         "prediction_type", "snr_gamma", "noise_offset", "timestep_bias_strategy", "timestep_bias_multiplier",
         "timestep_bias_portion", "timestep_bias_begin", "timestep_bias_end", "timestep_sampling", "loss_type",
         "huber_schedule", "huber_c", "debiased_estimation", "input_perturbation", "multires_noise_iterations",
-        "multires_noise_discount", "proportion_empty_prompts",
+        "multires_noise_discount", "proportion_empty_prompts", "masked_loss",
         # the optimizer's saved state and the held-out images
         "optimizer", "use_ema", "validation_split", "eval_data_dir",
     }
