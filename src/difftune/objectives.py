@@ -257,13 +257,31 @@ class Objective:
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The batch's loss, in fp32: element loss averaged per sample, weighted, averaged."""
+        if self.args.loss_type == "l2" and self.sample_weights(timesteps) is None:
+            return F.mse_loss(pred.float(), target.float())
+        return self.per_sample_loss(pred, target, timesteps).mean()
+
+    def per_sample_loss(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Each sample's loss, in fp32: its element loss averaged, weighted."""
         a = self.args
         weights = self.sample_weights(timesteps)
-        if a.loss_type == "l2" and weights is None:
-            return F.mse_loss(pred.float(), target.float())
         c = self.huber_c(timesteps) if a.loss_type != "l2" else None
         per_sample = elementwise_loss(pred, target, a.loss_type, c).mean(dim=list(range(1, pred.ndim)))
-        return (per_sample if weights is None else per_sample * weights).mean()
+        return per_sample if weights is None else per_sample * weights
+
+
+def prior_preservation_loss(
+    per_sample: torch.Tensor, is_class: torch.Tensor, weight: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DreamBooth's loss: the instance samples' mean + `weight` x the class samples' mean (a part without samples
+    adds nothing), and each part's mean (detached) by name: "instance", "prior"."""
+    total, parts = per_sample.new_zeros(()), {}
+    for name, chosen, factor in (("instance", ~is_class, 1.0), ("prior", is_class, weight)):
+        if chosen.any():
+            mean = per_sample[chosen].mean()
+            total = total + factor * mean
+            parts[name] = mean.detach()
+    return total, parts
 
 
 @dataclass
@@ -275,6 +293,13 @@ class Draw:
     timesteps: torch.Tensor
     noisy_input: torch.Tensor
 
-    def loss(self, pred: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    def loss(self, pred: torch.Tensor, x0: torch.Tensor, batch: dict | None = None) -> torch.Tensor:
+        """The loss of `pred`; a batch with class samples (prior preservation) gets each part reduced apart, and
+        their means put in batch["loss_parts"] for the log."""
         target = self.objective.target(x0, self.noise, self.timesteps)
-        return self.objective.loss(pred, target, self.timesteps)
+        if batch is None or "is_class" not in batch:
+            return self.objective.loss(pred, target, self.timesteps)
+        per_sample = self.objective.per_sample_loss(pred, target, self.timesteps)
+        weight = getattr(self.objective.args, "prior_loss_weight", 1.0)
+        loss, batch["loss_parts"] = prior_preservation_loss(per_sample, batch["is_class"], weight)
+        return loss

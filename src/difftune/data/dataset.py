@@ -53,6 +53,7 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         self.row_options: list[int] | None = None  # each row's entry of caption_options (default: the first)
         self.caption_variants = 0  # --caption_variants: K processed forms per caption, one drawn per sample
         self.unreadable: set[str] = set()  # images found unreadable after the scan (each warned about once)
+        self.class_sample: list[bool] | None = None  # per sample: a class image (prior preservation)
 
     def __len__(self) -> int:
         return len(self.rows) if self.sample_rows is None else len(self.sample_rows)
@@ -160,6 +161,8 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         else:
             out = self.load(index, rng=rng)
         caption = self.caption(index)
+        if self.class_sample is not None:
+            out["is_class"] = torch.tensor(self.class_sample[index])
         if self.text_cache is not None:
             return {**out, **self.text_cache.sample(self.text_ids[caption])}
         return {**out, **self.tokenize(caption)}
