@@ -82,6 +82,15 @@ def check_dreambooth_args(args: argparse.Namespace, parser: argparse.ArgumentPar
         )
 
 
+def with_caption_lists(images, caption_column: str):
+    """`images` with each caption a list of alternatives (the class rows' form), so that the two can be joined."""
+    import datasets
+
+    if not isinstance(images.features[caption_column], datasets.Value):
+        return images
+    return images.map(lambda caption: {caption_column: [caption]}, input_columns=caption_column)
+
+
 def class_rows(args, columns: list[str], scanning: tuple):
     """The class images as a datasets.Dataset (image, caption, repeats columns), or None without them: the first
     --num_class_images of --class_data_dir (captioned --class_prompt unless a caption file says otherwise),

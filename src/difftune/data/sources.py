@@ -139,7 +139,8 @@ def dataset_from_args(
     is_class = [subsets[s].is_reg for s in row_subsets] if specs else [False] * len(images)
     classes = dreambooth.class_rows(args, columns, scanning) if hasattr(args, "with_prior_preservation") else None
     if classes is not None:
-        images = append_rows(images.select_columns(columns), classes.select_columns(columns), "the class images")
+        instances = dreambooth.with_caption_lists(images.select_columns(columns), args.caption_column)
+        images = append_rows(instances, classes.select_columns(columns), "the class images")
         repeats, is_class = repeats + column(classes, "repeats"), is_class + [True] * len(classes)
         row_subsets = row_subsets + [None] * len(classes) if specs else None
     held_out = 0
