@@ -67,8 +67,9 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         self.sample_rows = [row for row, count in enumerate(repeats) for _ in range(count)]
 
     def samples_per_epoch(self) -> int:
-        """The training samples, repeats counted (the --eval_data_dir images are not trained on)."""
-        return len(self) - len(self.held_out_indices or [])
+        """The training samples, repeats counted (the --eval_data_dir images are not trained on, and class images
+        come with them)."""
+        return len(self) - len(self.held_out_indices or []) - sum(self.class_sample or [])
 
     def row(self, index: int) -> int:
         return index if self.sample_rows is None else self.sample_rows[index]
