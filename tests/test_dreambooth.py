@@ -190,7 +190,8 @@ def test_kohya_regularisation_images_are_the_class_samples(assets, tmp_path, for
     if form == "is_reg":
         config = tmp_path / "data.toml"
         config.write_text(
-            f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{instance}"\nclass_tokens = "sks shape"\nnum_repeats = 2\n'
+            f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{instance}"\nclass_tokens = "sks shape"\n'
+            "num_repeats = 2\n"
             f'[[datasets.subsets]]\nimage_dir = "{reg}"\nclass_tokens = "shape"\nis_reg = true\n'
         )
         argv += ["--dataset_config", str(config)]
