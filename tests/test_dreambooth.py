@@ -3,6 +3,7 @@ kohya forms (is_reg, --reg_data_dir), the one-line errors, and exact resume with
 
 from __future__ import annotations
 
+import argparse
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -217,3 +218,33 @@ def test_kohya_regularisation_images_are_the_class_samples(assets, tmp_path, for
         assert collated["is_class"].tolist() == [False, False, True, True]
     used = [i for batch in batches for i in batch[2:]]
     assert len(set(used)) == 4  # the class batches walk through the class images before repeating any
+
+
+def test_instance_and_class_batches_of_different_sizes_run_as_parts_with_the_same_loss():
+    parser = argparse.ArgumentParser()
+    objectives.add_objective_args(parser)
+    args = parser.parse_args([])
+    args.prior_loss_weight = WEIGHT
+    objective = objectives.Objective(
+        args, SimpleNamespace(config=SimpleNamespace(num_train_timesteps=1000, prediction_type="epsilon"))
+    )
+    generator = torch.Generator().manual_seed(0)
+    examples = [
+        {name: torch.randn(4, 8, width, generator=generator) for name in ("pred", "noise")}
+        | {"is_class": torch.tensor(width == 4)}
+        for width in (8, 8, 4, 4)  # two instance samples in one bucket, two class samples in another
+    ]
+    batch = data.collate(examples)
+    assert [part["is_class"].tolist() for part in batch["parts"]] == [[False, False], [True, True]]
+
+    def compute_loss(part, models):
+        draw = objectives.Draw(objective, part["noise"], torch.zeros(2, dtype=torch.long), None)
+        return draw.loss(part["pred"], None, part)
+
+    loss, parts = training.batch_loss(compute_loss, batch, {})
+    instance = F.mse_loss(
+        torch.stack([e["pred"] for e in examples[:2]]), torch.stack([e["noise"] for e in examples[:2]])
+    )
+    prior = F.mse_loss(torch.stack([e["pred"] for e in examples[2:]]), torch.stack([e["noise"] for e in examples[2:]]))
+    assert torch.allclose(loss, instance + WEIGHT * prior, rtol=1e-6, atol=0)
+    assert torch.allclose(parts["instance"], instance) and torch.allclose(parts["prior"], prior)
