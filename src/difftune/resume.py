@@ -45,7 +45,7 @@ IGNORED = frozenset(
         "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logging_dir", "report_to",
         "checkpointing_steps", "checkpoints_total_limit", "max_nonfinite_steps", "validation_prompt",
         "num_validation_images", "validation_steps", "validation_inference_steps", "dataloader_num_workers",
-        "cache_dir", "seed", "use_8bit_adam", "init_adapter", "sample_batch_size",
+        "cache_dir", "seed", "use_8bit_adam", "init_adapter", "sample_batch_size", "instance_data_dir",
     }
 )  # fmt: skip
 
