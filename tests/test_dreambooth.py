@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import load_script
 from helpers import adapter_weights, max_difference, one_line_error, resumed_copy, sdxl_args, spy_on_training
 
-from difftune import class_images, data, objectives, sdxl, training
+from difftune import class_images, data, dreambooth, objectives, sdxl, training
 
 WEIGHT = 0.5  # --prior_loss_weight: not 1, so that a dropped weight shows
 
@@ -241,7 +241,7 @@ def test_instance_and_class_batches_of_different_sizes_run_as_parts_with_the_sam
         draw = objectives.Draw(objective, part["noise"], torch.zeros(2, dtype=torch.long), None)
         return draw.loss(part["pred"], None, part)
 
-    loss, parts = training.batch_loss(compute_loss, batch, {})
+    loss, parts = dreambooth.batch_loss(compute_loss, batch, {})
     instance = F.mse_loss(
         torch.stack([e["pred"] for e in examples[:2]]), torch.stack([e["noise"] for e in examples[:2]])
     )

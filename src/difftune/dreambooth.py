@@ -11,9 +11,13 @@ loss is the instance loss + --prior_loss_weight x the class loss (objectives.pri
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from difftune.data import folders
 from difftune.errors import UserError
@@ -117,3 +121,21 @@ def class_rows(args, columns: list[str], scanning: tuple):
     for more, (_, source) in zip(selected[1:], parts[1:], strict=True):
         images = append_rows(images, more.select_columns(keep), source)
     return images
+
+
+def batch_loss(compute_loss: Callable[..., torch.Tensor], batch: dict, models: dict) -> tuple[torch.Tensor, dict]:
+    """The micro-batch's loss and its prior-preservation parts ({} without class samples): a batch whose
+    instance and class samples differ in size (buckets) runs as two parts, whose losses add up."""
+    if "parts" not in batch:
+        loss = compute_loss(batch, models)
+        return loss, batch.get("loss_parts", {})
+    loss, parts = 0.0, {}
+    for part in batch["parts"]:
+        loss = loss + compute_loss(part, models)
+        parts.update(part.get("loss_parts", {}))
+    return loss, parts
+
+
+def class_seed(seed: int) -> int:
+    """The class batches' shuffling seed: apart from the instance batches' (seed + epoch)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:class-batches".encode()).digest()[:4], "little")

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from difftune import adapters as adapter_io
-from difftune import checkpoints, integrity
+from difftune import checkpoints, dreambooth, integrity
 from difftune.args import DTYPES
 from difftune.data import EpochBatchSampler, PairedBatchSampler, collate, num_update_steps_per_epoch, to_device
 from difftune.ema import make_ema
@@ -154,24 +154,6 @@ def check_resumable(state: dict, kind: str, num_processes: int, resume_dir: Path
         )
 
 
-def batch_loss(compute_loss: Callable[..., torch.Tensor], batch: dict, models: dict) -> tuple[torch.Tensor, dict]:
-    """The micro-batch's loss and its prior-preservation parts ({} without class samples): a batch whose
-    instance and class samples differ in size (buckets) runs as two parts, whose losses add up."""
-    if "parts" not in batch:
-        loss = compute_loss(batch, models)
-        return loss, batch.get("loss_parts", {})
-    loss, parts = 0.0, {}
-    for part in batch["parts"]:
-        loss = loss + compute_loss(part, models)
-        parts.update(part.get("loss_parts", {}))
-    return loss, parts
-
-
-def class_seed(seed: int) -> int:
-    """The class batches' shuffling seed: apart from the instance batches' (seed + epoch)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:class-batches".encode()).digest()[:4], "little")
-
-
 def gathered_losses(accelerator, losses: list[torch.Tensor]) -> tuple[float, bool]:
     """(mean loss over micro-batches and processes, whether every process's losses were finite)."""
     gathered = accelerator.gather(torch.stack(losses)).cpu()
@@ -264,7 +246,7 @@ class TrainingRun:
         self.sampler = batches(self.train_indices, args.seed)
         sampler = self.sampler
         if class_indices:
-            classes = batches(sorted(class_indices), class_seed(args.seed))
+            classes = batches(sorted(class_indices), dreambooth.class_seed(args.seed))
             sampler = self.sampler = PairedBatchSampler(
                 self.sampler, classes, self.train_indices, sorted(class_indices)
             )
@@ -393,7 +375,7 @@ class TrainingRun:
             torch.manual_seed(micro_batch_seed(self.args.seed, self.global_step, micro, accelerator.process_index))
             with update.micro_batch(last=micro == micro_batches - 1):
                 tick = time.perf_counter()
-                loss, micro_parts = batch_loss(self.compute_loss, batch, update.models)
+                loss, micro_parts = dreambooth.batch_loss(self.compute_loss, batch, update.models)
                 phase["forward"] += time.perf_counter() - tick
                 tick = time.perf_counter()
                 update.backward(loss, micro_batches)
