@@ -11,6 +11,7 @@ import torch
 
 from difftune.data.captions import add_caption_args, check_caption_args
 from difftune.data.masks import add_mask_args, check_mask_args
+from difftune.dreambooth import add_dreambooth_args, check_dreambooth_args
 from difftune.errors import UserError
 from difftune.objectives import check_objective_args
 
@@ -72,6 +73,7 @@ def add_data_args(parser: argparse.ArgumentParser, *, resolution: int) -> None:
     group.add_argument("--dataloader_num_workers", type=int, default=0)
     add_mask_args(group)
     add_caption_args(parser)
+    add_dreambooth_args(parser)
 
 
 def add_cache_args(parser: argparse.ArgumentParser, image_flag: str, image_help: str) -> None:
@@ -242,6 +244,7 @@ def check_optimizer_args(args: argparse.Namespace) -> None:
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, image_cache_flag: str) -> argparse.Namespace:
     """Parse a training script's flags and refuse impossible combinations."""
     args = parser.parse_args(argv)
+    check_dreambooth_args(args, parser)
     if args.dataset_config and (args.train_data_dir or args.dataset_name != parser.get_default("dataset_name")):
         given = "--train_data_dir" if args.train_data_dir else "--dataset_name"
         raise UserError(f"--dataset_config and {given} both name the training data: pass one of them")

@@ -43,6 +43,7 @@ def write_model_card(
         f"| adapter | {adapter}, rank {args.rank}, alpha {alpha}, on {targets} |",
         f"| text encoder(s) trained | {'yes' if args.train_text_encoder else 'no'} |",
         f"| data | {data} |",
+        *prior_preservation_rows(args),
         f"| resolution | {args.resolution} |",
         f"| steps | {args.max_train_steps} (batch {args.train_batch_size} per process, "
         f"accumulation {args.gradient_accumulation_steps}) |",
@@ -80,3 +81,16 @@ def evaluation_table(output_dir: Path) -> list[str]:
         return []
     header = ["## Held-out loss", "", "| checkpoint | loss | EMA weights' loss |", "|---|---|---|"]
     return [*header, *rows, ""]
+
+
+def prior_preservation_rows(args: argparse.Namespace) -> list[str]:
+    """The class images' table row, for DreamBooth runs."""
+    sources = []
+    if getattr(args, "with_prior_preservation", False):
+        prompt = f", {args.class_prompt!r}" if args.class_prompt else ""
+        sources.append(f"{args.num_class_images} from {args.class_data_dir}{prompt}")
+    if getattr(args, "reg_data_dir", None):
+        sources.append(f"kohya folders in {args.reg_data_dir}")
+    if not sources:
+        return []
+    return [f"| prior preservation | class images: {'; '.join(sources)}; weight {args.prior_loss_weight} |"]

@@ -262,19 +262,40 @@ class Objective:
     def loss(
         self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The batch's loss, in fp32: element loss (times the --masked_loss `mask`, reduced to the latent grid)
-        averaged per sample, weighted, averaged. The plain objective (held-out loss) ignores the mask."""
+        """The batch's loss, in fp32: element loss (times the --masked_loss `mask`) averaged per sample,
+        weighted, averaged."""
+        masked = mask is not None and getattr(self.args, "masked_loss", False)
+        if self.args.loss_type == "l2" and self.sample_weights(timesteps) is None and not masked:
+            return F.mse_loss(pred.float(), target.float())
+        return self.per_sample_loss(pred, target, timesteps, mask).mean()
+
+    def per_sample_loss(
+        self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Each sample's loss, in fp32: its element loss (times the --masked_loss `mask`, reduced to the latent
+        grid) averaged, weighted. The plain objective (held-out loss) ignores the mask."""
         a = self.args
         weights = self.sample_weights(timesteps)
-        mask = mask if getattr(a, "masked_loss", False) else None
-        if a.loss_type == "l2" and weights is None and mask is None:
-            return F.mse_loss(pred.float(), target.float())
         c = self.huber_c(timesteps) if a.loss_type != "l2" else None
         elements = elementwise_loss(pred, target, a.loss_type, c)
-        if mask is not None:  # kohya's apply_masked_loss: not renormalised by the mask's area
+        if mask is not None and getattr(a, "masked_loss", False):  # kohya's apply_masked_loss: not renormalised
             elements = elements * on_grid(mask.to(elements.device), elements.shape[-2:])
         per_sample = elements.mean(dim=list(range(1, pred.ndim)))
-        return (per_sample if weights is None else per_sample * weights).mean()
+        return per_sample if weights is None else per_sample * weights
+
+
+def prior_preservation_loss(
+    per_sample: torch.Tensor, is_class: torch.Tensor, weight: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DreamBooth's loss: the instance samples' mean + `weight` x the class samples' mean (a part without samples
+    adds nothing), and each part's mean (detached) by name: "instance", "prior"."""
+    total, parts = per_sample.new_zeros(()), {}
+    for name, chosen, factor in (("instance", ~is_class, 1.0), ("prior", is_class, weight)):
+        if chosen.any():
+            mean = per_sample[chosen].mean()
+            total = total + factor * mean
+            parts[name] = mean.detach()
+    return total, parts
 
 
 @dataclass
@@ -286,6 +307,14 @@ class Draw:
     timesteps: torch.Tensor
     noisy_input: torch.Tensor
 
-    def loss(self, pred: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, pred: torch.Tensor, x0: torch.Tensor, batch: dict | None = None) -> torch.Tensor:
+        """The loss of `pred` (weighted by batch["mask"] with --masked_loss); a batch with class samples (prior
+        preservation) gets each part reduced apart, and their means put in batch["loss_parts"] for the log."""
         target = self.objective.target(x0, self.noise, self.timesteps)
-        return self.objective.loss(pred, target, self.timesteps, mask)
+        mask = None if batch is None else batch.get("mask")
+        if batch is None or "is_class" not in batch:
+            return self.objective.loss(pred, target, self.timesteps, mask)
+        per_sample = self.objective.per_sample_loss(pred, target, self.timesteps, mask)
+        weight = getattr(self.objective.args, "prior_loss_weight", 1.0)
+        loss, batch["loss_parts"] = prior_preservation_loss(per_sample, batch["is_class"], weight)
+        return loss

@@ -32,6 +32,9 @@ REFUSED = frozenset(
         "timestep_bias_portion", "timestep_bias_begin", "timestep_bias_end", "timestep_sampling", "loss_type",
         "huber_schedule", "huber_c", "debiased_estimation", "input_perturbation", "multires_noise_iterations",
         "multires_noise_discount", "proportion_empty_prompts", "masked_loss",
+        # prior preservation: the class images and their share of the objective
+        "with_prior_preservation", "prior_loss_weight", "class_data_dir", "class_prompt", "num_class_images",
+        "reg_data_dir",
         # the optimizer's saved state and the held-out images
         "optimizer", "use_ema", "validation_split", "eval_data_dir",
     }
@@ -42,7 +45,7 @@ IGNORED = frozenset(
         "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logging_dir", "report_to",
         "checkpointing_steps", "checkpoints_total_limit", "max_nonfinite_steps", "validation_prompt",
         "num_validation_images", "validation_steps", "validation_inference_steps", "dataloader_num_workers",
-        "cache_dir", "seed", "use_8bit_adam", "init_adapter",
+        "cache_dir", "seed", "use_8bit_adam", "init_adapter", "sample_batch_size", "instance_data_dir",
     }
 )  # fmt: skip
 

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from difftune import adapters as adapter_io
-from difftune import checkpoints, integrity
+from difftune import checkpoints, dreambooth, integrity
 from difftune.args import DTYPES
-from difftune.data import EpochBatchSampler, collate, num_update_steps_per_epoch, to_device
+from difftune.data import EpochBatchSampler, PairedBatchSampler, collate, num_update_steps_per_epoch, to_device
 from difftune.ema import make_ema
 from difftune.errors import UserError
 from difftune.evaluation import eval_mode, evaluation_loss, held_out_split
@@ -206,7 +206,7 @@ class TrainingRun:
             num_warmup_steps=args.lr_warmup_steps,
             num_training_steps=self.max_steps,
         )
-        self.global_step, self.nonfinite_steps, self.last_loss = 0, 0, math.nan
+        self.global_step, self.nonfinite_steps, self.last_loss, self.last_parts = 0, 0, math.nan, {}
         self.replaces_old_run = args.overwrite_output_dir
         self.evaluated: dict[int, dict[str, float]] = {}
         self.times = StepTimes()
@@ -216,17 +216,29 @@ class TrainingRun:
         args, dataset, accelerator = self.args, self.dataset, self.accelerator
         self.train_indices, self.held_out = held_out_split(dataset, args.validation_split, args.seed)
         sizes = getattr(dataset, "batch_groups", None) or getattr(dataset, "target_sizes", None)  # one per batch
-        self.sampler = EpochBatchSampler(
-            len(self.train_indices),
-            args.train_batch_size,
-            args.seed,
-            accelerator.num_processes,
-            accelerator.process_index,
-            groups=[sizes[i] for i in self.train_indices] if sizes else None,
-        )
+        is_class = getattr(dataset, "class_sample", None)
+        class_indices = [i for i in self.train_indices + self.held_out if is_class[i]] if is_class else []
+        if is_class:  # class images pair with the instance batches; they are never held out
+            self.train_indices = [i for i in self.train_indices if not is_class[i]]
+            self.held_out = [i for i in self.held_out if not is_class[i]]
+
+        def batches(indices: list[int], seed: int) -> EpochBatchSampler:
+            return EpochBatchSampler(
+                len(indices), args.train_batch_size, seed, accelerator.num_processes, accelerator.process_index,
+                groups=[sizes[i] for i in indices] if sizes else None,
+            )  # fmt: skip
+
+        self.sampler = batches(self.train_indices, args.seed)
+        sampler = self.sampler
+        if class_indices:
+            classes = batches(sorted(class_indices), dreambooth.class_seed(args.seed))
+            sampler = self.sampler = PairedBatchSampler(
+                self.sampler, classes, self.train_indices, sorted(class_indices)
+            )
+            logger.info("prior preservation: %d class samples, a class batch with every batch", len(class_indices))
         self.loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(dataset, self.train_indices) if self.held_out else dataset,
-            batch_sampler=self.sampler,
+            torch.utils.data.Subset(dataset, self.train_indices) if self.held_out and not class_indices else dataset,
+            batch_sampler=sampler,
             collate_fn=collate,
             num_workers=args.dataloader_num_workers,
             pin_memory=accelerator.device.type == "cuda",
@@ -308,7 +320,9 @@ class TrainingRun:
                     lr = self.lr_scheduler.get_last_lr()[0]
                     progress.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
                     progress.update(1)  # redraws at most every 0.1 s
-                    accelerator.log({"train/loss": self.last_loss, "train/lr": lr}, step=self.global_step)
+                    logged = {"train/loss": self.last_loss, "train/lr": lr}
+                    logged.update({f"train/{name}_loss": value for name, value in self.last_parts.items()})
+                    accelerator.log(logged, step=self.global_step)
 
                     stopped_by = stop.agreed(accelerator)
                     self.times.steps[-1]["total"] = time.perf_counter() - step_start  # no checkpoints, validation
@@ -337,7 +351,7 @@ class TrainingRun:
         accelerator, update = self.accelerator, self.update
         step_start = time.perf_counter()
         phase = self.times.start_step()
-        losses = []
+        losses, parts = [], {}
         for micro in range(micro_batches):
             tick = time.perf_counter()
             batch = to_device(next(batches), accelerator.device)
@@ -345,14 +359,17 @@ class TrainingRun:
             torch.manual_seed(micro_batch_seed(self.args.seed, self.global_step, micro, accelerator.process_index))
             with update.micro_batch(last=micro == micro_batches - 1):
                 tick = time.perf_counter()
-                loss = self.compute_loss(batch, update.models)
+                loss, micro_parts = dreambooth.batch_loss(self.compute_loss, batch, update.models)
                 phase["forward"] += time.perf_counter() - tick
                 tick = time.perf_counter()
                 update.backward(loss, micro_batches)
                 phase["backward"] += time.perf_counter() - tick
             losses.append(loss.detach().float())
+            for name, value in micro_parts.items():
+                parts.setdefault(name, []).append(value.float())
         tick = time.perf_counter()
         self.last_loss, finite = gathered_losses(accelerator, losses)
+        self.last_parts = {name: gathered_losses(accelerator, values)[0] for name, values in sorted(parts.items())}
         if not finite:
             self.count_nonfinite_step()
         stepped = update.step(finite)

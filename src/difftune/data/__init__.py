@@ -11,13 +11,21 @@ from difftune.data.buckets import assign_buckets, make_buckets
 from difftune.data.captions import Tokenize, pick_caption
 from difftune.data.dataset import CaptionedImageDataset
 from difftune.data.images import ImageTransform, draw_flip, image_name, image_source, open_image, sample_rng
-from difftune.data.sampling import EpochBatchSampler, collate, epochs_for, num_update_steps_per_epoch, to_device
+from difftune.data.sampling import (
+    EpochBatchSampler,
+    PairedBatchSampler,
+    collate,
+    epochs_for,
+    num_update_steps_per_epoch,
+    to_device,
+)
 from difftune.data.sources import append_rows, dataset_from_args, drop_unreadable_images, load_captioned_images
 
 __all__ = [
     "CaptionedImageDataset",
     "EpochBatchSampler",
     "ImageTransform",
+    "PairedBatchSampler",
     "Tokenize",
     "append_rows",
     "assign_buckets",

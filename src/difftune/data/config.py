@@ -27,7 +27,7 @@ CAPTION_KEYS = {
     "shuffle_caption": "shuffle",
     "caption_tag_dropout_rate": "tag_dropout_rate",
 }
-SUBSET_KEYS = {"image_dir", "num_repeats", "class_tokens", "caption_extension", "alpha_mask", *CAPTION_KEYS}
+SUBSET_KEYS = {"image_dir", "num_repeats", "class_tokens", "caption_extension", "alpha_mask", "is_reg", *CAPTION_KEYS}
 DATASET_KEYS = {"resolution", "enable_bucket", "batch_size"}
 KOHYA_CAPTION_EXTENSION = ".caption"
 
@@ -67,12 +67,13 @@ def subset_of(settings: dict, base: CaptionOptions, path: Path) -> Subset:
     repeats = settings.get("num_repeats", 1)
     if not isinstance(repeats, int) or repeats < 1:
         raise UserError(f"--dataset_config {path}: num_repeats must be an integer >= 1 (1: no repetition)")
-    if not isinstance(settings.get("alpha_mask", False), bool):
-        raise UserError(f"--dataset_config {path}: alpha_mask must be true or false")
+    for key in ("alpha_mask", "is_reg"):
+        if not isinstance(settings.get(key, False), bool):
+            raise UserError(f"--dataset_config {path}: {key} must be true or false")
     image_dir = Path(settings["image_dir"]).expanduser()
     return Subset(
         image_dir, repeats, settings.get("class_tokens"), settings["caption_extension"], options,
-        settings.get("alpha_mask", False),
+        alpha_mask=settings.get("alpha_mask", False), is_reg=settings.get("is_reg", False),
     )  # fmt: skip
 
 

@@ -55,6 +55,7 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         self.caption_variants = 0  # --caption_variants: K processed forms per caption, one drawn per sample
         self.unreadable: set[str] = set()  # images found unreadable after the scan (each warned about once)
         self.mask_sources: list[str | None] | None = None  # --masked_loss: each row's (difftune.data.masks)
+        self.class_sample: list[bool] | None = None  # per sample: a class image (prior preservation)
 
     def __len__(self) -> int:
         return len(self.rows) if self.sample_rows is None else len(self.sample_rows)
@@ -68,8 +69,9 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         self.sample_rows = [row for row, count in enumerate(repeats) for _ in range(count)]
 
     def samples_per_epoch(self) -> int:
-        """The training samples, repeats counted (the --eval_data_dir images are not trained on)."""
-        return len(self) - len(self.held_out_indices or [])
+        """The training samples, repeats counted (the --eval_data_dir images are not trained on, and class images
+        come with them)."""
+        return len(self) - len(self.held_out_indices or []) - sum(self.class_sample or [])
 
     def row(self, index: int) -> int:
         return index if self.sample_rows is None else self.sample_rows[index]
@@ -167,6 +169,8 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         else:
             out = self.load(index, rng=rng)
         caption = self.caption(index)
+        if self.class_sample is not None:
+            out["is_class"] = torch.tensor(self.class_sample[index])
         if self.text_cache is not None:
             return {**out, **self.text_cache.sample(self.text_ids[caption])}
         return {**out, **self.tokenize(caption)}

@@ -34,6 +34,7 @@ class Subset:
     caption_extension: str = ".txt"
     options: CaptionOptions | None = None
     alpha_mask: bool = False  # --masked_loss: its images' alpha channels are their masks
+    is_reg: bool = False  # kohya's regularisation subset: its images are class images (prior preservation)
 
 
 @dataclass
@@ -89,8 +90,11 @@ def read_caption_file(path: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()] or [""]
 
 
-def read_subsets(subsets: list[Subset], source: str, fallback_prompt: str | None = None) -> FolderRows:
-    """Every image of the subsets with its captions; a one-line error for images with no caption at all."""
+def read_subsets(
+    subsets: list[Subset], source: str, fallback_prompt: str | None = None, prompt_flag: str = "--instance_prompt"
+) -> FolderRows:
+    """Every image of the subsets with its captions (`fallback_prompt`, the flag `prompt_flag`, for images with
+    neither a caption file nor class tokens); a one-line error for images with no caption at all."""
     rows, missing, total = FolderRows(), [], 0
     for number, subset in enumerate(subsets):
         if not subset.image_dir.is_dir():
@@ -118,7 +122,8 @@ def read_subsets(subsets: list[Subset], source: str, fallback_prompt: str | None
         extension = subsets[0].caption_extension
         raise UserError(
             f"{len(missing)} of {total} images in {source} have no caption file ({extension}), the first {missing[0]}: "
-            "add caption files, put them in a '<repeats>_<class tokens>' subfolder, or give a metadata.jsonl"
+            f"add caption files, put them in a '<repeats>_<class tokens>' subfolder, give a metadata.jsonl, or "
+            f"caption them all with {prompt_flag}"
         )
     if not rows.paths:
         raise UserError(
@@ -126,6 +131,11 @@ def read_subsets(subsets: list[Subset], source: str, fallback_prompt: str | None
             "'<repeats>_<class tokens>' subfolders"
         )
     return rows
+
+
+def first_rows(rows: FolderRows, count: int) -> FolderRows:
+    """The first `count` images of `rows`."""
+    return FolderRows(*(getattr(rows, name)[:count] for name in FolderRows.__dataclass_fields__))
 
 
 def folder_dataset(rows: FolderRows, image_column: str, caption_column: str):

@@ -77,28 +77,31 @@ def mask_files(folder: Path) -> dict[str, str]:
 
 
 def mask_sources(
-    args: argparse.Namespace, rows, image_column: str, alpha_rows: list[bool], training_rows: int
+    args: argparse.Namespace, rows, image_column: str, alpha_rows: list[bool], class_rows: list[bool]
 ) -> list[str | None] | None:
-    """Each row's mask source (ALPHA, a file, or None: trains unmasked), None without --masked_loss. Rows
-    from `training_rows` on are held out (their loss is plain): they get none. Warns with the count of
-    training images without a mask."""
+    """Each row's mask source (ALPHA, a file, or None: trains unmasked), None without --masked_loss. The rows
+    of `class_rows` (one per training row) that are True are class images (prior preservation), and the rows
+    after them held out: both train, or score, unmasked. Warns with the count of training images without a mask."""
     if not getattr(args, "masked_loss", False):
         if any(alpha_rows):
             raise UserError("--dataset_config: a subset sets alpha_mask = true: add --masked_loss to train with it")
         return None
     if not args.mask_dir and not any(alpha_rows):
         raise UserError("--masked_loss needs masks: add --alpha_mask, --mask_dir DIR, or alpha_mask = true in a subset")
-    records = column(rows, image_column)[:training_rows]
+    records = column(rows, image_column)[: len(class_rows)]
     files = mask_files(Path(args.mask_dir)) if args.mask_dir else {}
     sources: list[str | None] = []
-    for record, alpha in zip(records, alpha_rows, strict=False):
-        if alpha:
+    for record, alpha, is_class in zip(records, alpha_rows, class_rows, strict=True):
+        if is_class:
+            sources.append(None)
+        elif alpha:
             sources.append(ALPHA if has_alpha(record) else None)
         else:
             stem = Path(record.get("path") or "").stem
             sources.append(files.get(stem))
-    missing = sources.count(None)
-    if missing == len(sources):
+    instances = class_rows.count(False)
+    missing = sources.count(None) - class_rows.count(True)
+    if missing == instances:
         what = f"--mask_dir {args.mask_dir} has no file" if args.mask_dir else "no image has an alpha channel"
         raise UserError(f"--masked_loss: {what} for any of the {missing} training images (masks share their stem)")
     if missing:
@@ -106,8 +109,8 @@ def mask_sources(
         if any(alpha_rows):
             why.insert(0, "no alpha channel" if all(alpha_rows) or args.mask_dir else "no alpha_mask or no alpha")
         logger.warning("--masked_loss: %d of %d training images have no mask (%s): they train unmasked", missing,
-                       len(sources), " / ".join(why))  # fmt: skip
-    return sources + [None] * (len(rows) - training_rows)
+                       instances, " / ".join(why))  # fmt: skip
+    return sources + [None] * (len(rows) - len(class_rows))
 
 
 def open_mask(record: dict, source: str | None, size: tuple[int, int]) -> Image.Image:

@@ -10,11 +10,20 @@ import torch
 from difftune.errors import UserError
 
 
-def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def collate(examples: list[dict[str, torch.Tensor]]) -> dict:
+    """The examples stacked; examples of different shapes (an instance and a class batch from different
+    buckets) as {"parts": [one stacked batch per shape, in order of appearance]}."""
+    by_shape: dict[tuple, list] = {}
+    for example in examples:
+        by_shape.setdefault(tuple(tuple(v.shape) for v in example.values()), []).append(example)
+    if len(by_shape) > 1:
+        return {"parts": [collate(group) for group in by_shape.values()]}
     return {key: torch.stack([e[key] for e in examples]) for key in examples[0]}
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
+    if "parts" in batch:
+        return {"parts": [to_device(part, device) for part in batch["parts"]]}
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
@@ -75,8 +84,50 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.global_batches()[self.start :]:
-            offset = self.process_index * self.batch_size
-            yield batch[offset : offset + self.batch_size]
+            yield self.share(batch)
+
+    def share(self, global_batch: list[int]) -> list[int]:
+        """This process's part of a global batch."""
+        offset = self.process_index * self.batch_size
+        return global_batch[offset : offset + self.batch_size]
+
+
+class PairedBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Prior preservation: each instance batch, then a class batch, as indices of the data set.
+
+    The class batches are `classes`' own shuffled (and bucketed) batches, taken in turn across instance
+    batches and epochs: the k-th instance batch of the run is paired with the k-th class batch, a function of
+    (seed, epoch, step) only, so resuming is exact; each process takes its share of both global batches.
+    """
+
+    def __init__(
+        self, instance: EpochBatchSampler, classes: EpochBatchSampler, instance_indices: list[int],
+        class_indices: list[int],
+    ) -> None:  # fmt: skip
+        self.instance, self.classes = instance, classes
+        self.instance_indices, self.class_indices = instance_indices, class_indices
+        self.epoch, self.start = 0, 0
+        self._class_epoch: tuple[int, list[list[int]]] | None = None
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.instance.set_epoch(epoch, start)
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return len(self.instance)
+
+    def class_batch(self, position: int) -> list[int]:
+        """This process's share of the run's `position`-th class batch."""
+        epoch, index = divmod(position, len(self.classes))
+        if self._class_epoch is None or self._class_epoch[0] != epoch:
+            self.classes.set_epoch(epoch)
+            self._class_epoch = (epoch, self.classes.global_batches())
+        return self.classes.share(self._class_epoch[1][index])
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for position, batch in enumerate(self.instance, start=self.epoch * len(self.instance) + self.start):
+            classes = self.class_batch(position)
+            yield [self.instance_indices[i] for i in batch] + [self.class_indices[i] for i in classes]
 
 
 def num_update_steps_per_epoch(batches_per_epoch: int, gradient_accumulation_steps: int) -> int:

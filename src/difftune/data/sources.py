@@ -35,10 +35,11 @@ def load_captioned_images(
     caption_extension: str = ".txt",
     cache_dir: str | None = None,
     workers: int = 0,
+    fallback_prompt: str | None = None,
 ):
     """A datasets.Dataset with undecoded images, checked columns, and unreadable images dropped. A folder
-    without a metadata file is read with its caption files and kohya subfolders (difftune.data.folders):
-    then the data set has "repeats" and "subset" columns too."""
+    without a metadata file is read with its caption files and kohya subfolders (difftune.data.folders;
+    `fallback_prompt` captions the images with neither): then the data set has "repeats" and "subset" columns too."""
     import datasets
 
     if train_data_dir is not None:
@@ -48,7 +49,7 @@ def load_captioned_images(
         metadata = folders.metadata_file(train_data_dir)
         if metadata is None:
             subsets = folders.kohya_subsets(Path(train_data_dir), caption_extension, folder_flag)
-            rows = folders.read_subsets(subsets, source)
+            rows = folders.read_subsets(subsets, source, fallback_prompt)
             dataset = folders.folder_dataset(rows, image_column, caption_column)
             return checked_selection(dataset, image_column, max_train_samples, seed, source, cache_dir, workers)
         ignored = folders.caption_files_beside(Path(train_data_dir), caption_extension)
@@ -106,14 +107,18 @@ def dataset_from_args(
 ) -> CaptionedImageDataset:
     """The training data set described by the data flags (see difftune.args.add_data_args). The images of
     --eval_data_dir come after the training images, as `held_out_indices`: transformed and cached alike,
-    each once (repeats count for training only)."""
+    each once (repeats count for training only). Class images (difftune.dreambooth) come between the two:
+    `class_sample` marks them."""
+    from difftune import dreambooth
+
     columns = [args.image_column, args.caption_column]
     extension = getattr(args, "caption_extension", None) or ".txt"
     specs, scanning = None, (getattr(args, "cache_dir", None), args.dataloader_num_workers)
     if getattr(args, "dataset_config", None):
         specs = load_dataset_config(args.dataset_config, args)
         source = f"--dataset_config {args.dataset_config}"
-        rows = folders.read_subsets([subset for spec in specs for subset in spec.subsets], source)
+        subsets = [subset for spec in specs for subset in spec.subsets]
+        rows = folders.read_subsets(subsets, source, getattr(args, "instance_prompt", None))
         images = folders.folder_dataset(rows, *columns)
         images = checked_selection(images, args.image_column, args.max_train_samples, args.seed, source, *scanning)
     else:
@@ -127,9 +132,17 @@ def dataset_from_args(
             caption_extension=extension,
             cache_dir=scanning[0],
             workers=scanning[1],
+            fallback_prompt=getattr(args, "instance_prompt", None),
         )
     repeats = column(images, "repeats") if "repeats" in images.column_names else [1] * len(images)
-    subsets = column(images, "subset") if specs else None
+    row_subsets = column(images, "subset") if specs else None
+    is_class = [subsets[s].is_reg for s in row_subsets] if specs else [False] * len(images)
+    classes = dreambooth.class_rows(args, columns, scanning) if hasattr(args, "with_prior_preservation") else None
+    if classes is not None:
+        instances = dreambooth.with_caption_lists(images.select_columns(columns), args.caption_column)
+        images = append_rows(instances, classes.select_columns(columns), "the class images")
+        repeats, is_class = repeats + column(classes, "repeats"), is_class + [True] * len(classes)
+        row_subsets = row_subsets + [None] * len(classes) if specs else None
     held_out = 0
     if getattr(args, "eval_data_dir", None):
         evaluation = load_captioned_images(
@@ -145,13 +158,18 @@ def dataset_from_args(
         dataset.repeat_rows(repeats + [1] * held_out)
         logger.info("%d images, %d samples per epoch with their repeats", len(repeats), len(dataset) - held_out)
     dataset.held_out_indices = list(range(len(dataset) - held_out, len(dataset))) if held_out else None
+    if any(is_class):
+        rows_class = is_class + [False] * held_out
+        dataset.class_sample = [rows_class[dataset.row(i)] for i in range(len(dataset))]
     dataset.caption_options = [options_from_args(args)] if hasattr(args, "caption_prefix") else [CaptionOptions()]
     dataset.caption_variants = getattr(args, "caption_variants", 0)
     if specs:
-        apply_dataset_specs(dataset, specs, subsets + [None] * held_out)
-    flat = [subset for spec in specs or [] for subset in spec.subsets]
-    alpha_rows = [flat[s].alpha_mask for s in subsets] if specs else [getattr(args, "alpha_mask", False)] * len(repeats)
-    dataset.mask_sources = masks.mask_sources(args, images, args.image_column, alpha_rows, len(repeats))
+        apply_dataset_specs(dataset, specs, row_subsets + [None] * held_out)
+    if specs:
+        alpha_rows = [s is not None and subsets[s].alpha_mask for s in row_subsets]
+    else:
+        alpha_rows = [getattr(args, "alpha_mask", False)] * len(repeats)
+    dataset.mask_sources = masks.mask_sources(args, images, args.image_column, alpha_rows, is_class)
     return dataset
 
 
