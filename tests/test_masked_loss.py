@@ -47,8 +47,9 @@ def record_losses(monkeypatch) -> list[dict]:
     """Each training loss with what it was computed from (epsilon prediction: the target is the noise)."""
     calls = []
 
-    def loss(draw, pred, x0, mask=None):
-        out = REAL_DRAW_LOSS(draw, pred, x0, mask)
+    def loss(draw, pred, x0, batch=None):
+        out = REAL_DRAW_LOSS(draw, pred, x0, batch)
+        mask = batch["mask"]
         calls.append({"pred": pred.detach(), "target": draw.noise, "mask": mask, "loss": out.item()})
         return out
 
