@@ -42,7 +42,8 @@ IGNORED = frozenset(
         "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logging_dir", "report_to",
         "checkpointing_steps", "checkpoints_total_limit", "max_nonfinite_steps", "validation_prompt",
         "num_validation_images", "validation_steps", "validation_inference_steps", "dataloader_num_workers",
-        "cache_dir", "seed", "use_8bit_adam", "init_adapter",
+        "cache_dir", "seed", "use_8bit_adam", "init_adapter", "validation_prompts_file", "validation_samples",
+        "validation_negative_prompt", "validation_guidance_scale", "validation_seed",
     }
 )  # fmt: skip
 
