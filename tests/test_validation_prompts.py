@@ -7,11 +7,10 @@ import types
 
 import numpy as np
 import pytest
+from helpers import sdxl_args, wuerstchen_args
 from PIL import Image
 
 from difftune import prompts, validation
-from difftune.errors import UserError
-from helpers import sdxl_args, wuerstchen_args
 
 # kohya: split at " --"; -- n runs to the next " --"; option names in any case; "#" lines and blanks skipped.
 PROMPTS_FILE = """\
@@ -24,17 +23,15 @@ a green square --H 96 --W 64 --d 3
 RED = {"prompt": "a red circle", "width": 96, "height": 64, "seed": 7, "negative_prompt": "a blue square, blurry",
        "guidance_scale": 3.0, "steps": 2, "line": 3}  # fmt: skip
 GREEN = {"prompt": "a green square", "height": 96, "width": 64, "seed": 3, "line": 5}
+FULL = {"prompt": "a dog on a beach", "negative_prompt": "blurry, low quality", "width": 1024, "height": 768,
+        "seed": 42, "guidance_scale": 6.5, "steps": 30}  # fmt: skip
 
 
 @pytest.mark.parametrize(
     ("line", "expected"),
     [
         ("a dog", {"prompt": "a dog"}),
-        (
-            "a dog on a beach --n blurry, low quality --w 1024 --h 768 --d 42 --l 6.5 --s 30",
-            {"prompt": "a dog on a beach", "negative_prompt": "blurry, low quality", "width": 1024, "height": 768,
-             "seed": 42, "guidance_scale": 6.5, "steps": 30},
-        ),  # fmt: skip
+        ("a dog on a beach --n blurry, low quality --w 1024 --h 768 --d 42 --l 6.5 --s 30", FULL),
         ("  a dog  --W 512 --H 640  ", {"prompt": "a dog", "width": 512, "height": 640}),
         ("a dog --l 7 --d 0", {"prompt": "a dog", "guidance_scale": 7.0, "seed": 0}),
         ("a dog --d 1 --d 2", {"prompt": "a dog", "seed": 2}),  # the last one counts
@@ -119,7 +116,7 @@ def test_trackers_get_each_prompt_as_the_caption(tmp_path):
     accelerator = types.SimpleNamespace(trackers=[types.SimpleNamespace(name="tensorboard", writer=writer)])
     rows = [[Image.new("RGB", (96, 64))] * 2, [Image.new("RGB", (64, 96))]]
     paths = validation.save_and_log(accelerator, ["a red circle", "a red circle"], rows, 12, tmp_path)
-    assert [p.name for p in paths] == ["step000012_prompt0_0.png", "step000012_prompt0_1.png", "step000012_prompt1_0.png"]
+    assert [p.name for p in paths] == [f"step000012_prompt{p}_{i}.png" for p, i in ((0, 0), (0, 1), (1, 0))]
     assert calls == [
         ("images", "validation/prompt0", (2, 64, 96, 3), 12),
         ("text", "validation/prompt0", "a red circle", 12),
