@@ -195,3 +195,19 @@ def test_wuerstchen_validation_sizes_follow_the_decoder_rule(assets, tmp_path, r
     assert run_main("train_wuerstchen_lora", argv) == 0
     sizes = [Image.open(out / "validation" / f"step000001_prompt{p}_0.png").size for p in range(2)]
     assert sizes == [(256, 128), (256, 256)]
+
+
+def test_sdxl_sizes_round_down_to_a_multiple_of_8():
+    """kohya's rule for SDXL; the line's own settings go over the run-wide ones (the pipeline's names)."""
+    said = []
+    pipe = types.SimpleNamespace()  # not a combined (prior + decoder) pipeline
+    entry = {"prompt": "a", "width": 100, "height": 515, "seed": 9, "steps": 4, "guidance_scale": 2.0, "line": 6}
+    defaults = {"height": 64, "width": 64, "num_inference_steps": 30, "negative_prompt": "b"}
+    (sample,) = validation.resolve_samples(pipe, [entry], defaults, seed=0, say=said.append)
+    assert sample == validation.Sample(
+        "a", 9, {"height": 512, "width": 96, "num_inference_steps": 4, "negative_prompt": "b", "guidance_scale": 2.0}
+    )
+    assert said == [
+        "line 6: generating at height 512: SDXL needs a multiple of 8, not height 515",
+        "line 6: generating at width 96: SDXL needs a multiple of 8, not width 100",
+    ]

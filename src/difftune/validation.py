@@ -58,7 +58,8 @@ def resolve_samples(
             fitted = fit_side(pipe, kwargs[side])
             if fitted != kwargs[side]:
                 where = f"line {entry['line']}" if "line" in entry else f"prompt {index}"
-                say(f"{where}: generating at {side} {fitted}: the pipeline cannot generate {side} {kwargs[side]}")
+                why = "the decoder cannot generate" if is_combined(pipe) else "SDXL needs a multiple of 8, not"
+                say(f"{where}: generating at {side} {fitted}: {why} {side} {kwargs[side]}")
                 kwargs[side] = fitted
         samples.append(Sample(entry["prompt"], entry.get("seed", seed), kwargs))
     return samples
