@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
-from difftune import inference, integrity, wuerstchen
+from difftune import inference, integrity, prompts, validation, wuerstchen
 from difftune.args import DTYPES, ErrorOnlyParser
 from difftune.checkpoints import ARGS_FILE, read_json
 from difftune.ema import adapter_dir
@@ -28,7 +27,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = ErrorOnlyParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="A training run's OUTPUT_DIR/step<N>.")
     parser.add_argument("--prompt", action="append", default=[], help="Repeat for several prompts.")
-    parser.add_argument("--prompts_file", type=Path, default=None, help="One prompt a line.")
+    parser.add_argument(
+        "--prompts_file",
+        type=Path,
+        default=None,
+        help="One prompt a line, with kohya's inline options (--n, --w, --h, --d, --l, --s; see the README), "
+        "after the --prompt ones.",
+    )
     parser.add_argument("--negative_prompt", default=None)
     parser.add_argument("--num_images_per_prompt", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="Image i of each prompt uses seed + i.")
@@ -56,15 +61,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
-    prompts = list(args.prompt)
-    if args.prompts_file is not None:
-        if not args.prompts_file.is_file():
-            raise UserError(f"--prompts_file {args.prompts_file} does not exist")
-        prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
-    if not prompts:
+def read_prompts(args: argparse.Namespace) -> list[dict]:
+    entries = prompts.prompt_entries(args.prompt, args.prompts_file, "--prompts_file")
+    if not entries:
         raise UserError("no prompt: pass --prompt (repeatable) or --prompts_file")
-    return prompts
+    return entries
 
 
 def build_pipeline(args: argparse.Namespace, family: str, run: dict, dtype: torch.dtype):
@@ -117,26 +118,14 @@ def fit_decodable_size(pipe, kwargs: dict, name: str = "Wuerstchen") -> None:
             kwargs[side] = size
 
 
-def generate(pipe, prompts: list[str], count: int, seed: int, kwargs: dict, desc: str) -> list[list[Image.Image]]:
-    pipe.set_progress_bar_config(disable=True)
-    rows = []
-    with tqdm(total=len(prompts) * count, desc=desc, unit="image") as progress, torch.no_grad():
-        for prompt in prompts:
-            row = []
-            for i in range(count):
-                generator = torch.Generator("cpu").manual_seed(seed + i)
-                row.append(pipe(prompt, generator=generator, **kwargs).images[0])
-                progress.update(1)
-            rows.append(row)
-    return rows
-
-
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "prompt"
 
 
 def save_grid(rows: list[list[Image.Image]], path: Path) -> None:
-    width, height = rows[0][0].size
+    # Cells as large as the largest image (a prompts file may ask for several sizes).
+    width = max(image.width for row in rows for image in row)
+    height = max(image.height for row in rows for image in row)
     grid = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)), "white")
     for y, row in enumerate(rows):
         for x, image in enumerate(row):
@@ -146,12 +135,12 @@ def save_grid(rows: list[list[Image.Image]], path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    entries = read_prompts(args)  # a malformed prompts file fails here, before anything loads
     family = inference.checkpoint_family(args.checkpoint)
     integrity.check_checkpoint(args.checkpoint, "--checkpoint")
     if not (args.checkpoint / ARGS_FILE).is_file():
         raise UserError(f"--checkpoint {args.checkpoint} has no {ARGS_FILE}: was it written by difftune?")
     run = read_json(args.checkpoint / ARGS_FILE)
-    prompts = read_prompts(args)
     if args.num_images_per_prompt <= 0:
         raise UserError("--num_images_per_prompt must be positive")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -163,20 +152,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     kwargs = pipeline_kwargs(args, family, run)
     if family == "wuerstchen":
         fit_decodable_size(pipe, kwargs, wuerstchen.family_of_run(run).title.removesuffix(" v2"))
+    samples = validation.resolve_samples(pipe, entries, kwargs, args.seed, say=print)
+    count = args.num_images_per_prompt
     base_rows = None
     if args.compare_base:
-        base_rows = generate(pipe, prompts, args.num_images_per_prompt, args.seed, kwargs, "base")
+        base_rows = validation.generate_samples(pipe, samples, count, device, desc="base")
     inference.load_adapters(pipe, family, adapter_dir(args.checkpoint, args.ema), args.adapter_scale, args.fuse)
     pipe.to(device)
-    rows = generate(pipe, prompts, args.num_images_per_prompt, args.seed, kwargs, "adapted")
+    rows = validation.generate_samples(pipe, samples, count, device, desc="adapted")
 
     out = args.output_dir or args.checkpoint.parent / "samples" / (args.checkpoint.name + ("-ema" if args.ema else ""))
     out.mkdir(parents=True, exist_ok=True)
     grid_rows = []
-    for p, (prompt, row) in enumerate(zip(prompts, rows, strict=True)):
+    for p, (sample, row) in enumerate(zip(samples, rows, strict=True)):
         grid_row = []
         for i, image in enumerate(row):
-            stem = f"{p:02d}_{slug(prompt)}_{i:02d}"
+            stem = f"{p:02d}_{slug(sample.prompt)}_{i:02d}"
             image.save(out / f"{stem}.png")
             if base_rows is not None:
                 base_rows[p][i].save(out / f"{stem}_base.png")
@@ -184,9 +175,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             grid_row.append(image)
         grid_rows.append(grid_row)
     save_grid(grid_rows, out / "grid.png")
-    count = len(prompts) * args.num_images_per_prompt
     extra = " (each beside its base-model image in the grid)" if base_rows is not None else ""
-    print(f"wrote {count} image(s) and grid.png to {out}{extra}")
+    print(f"wrote {len(samples) * count} image(s) and grid.png to {out}{extra}")
 
 
 if __name__ == "__main__":

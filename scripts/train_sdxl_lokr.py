@@ -104,7 +104,7 @@ def write_card(
         pipeline=pipeline + ("" if own_vae else "vae=vae, "),
         scheduler=SCHEDULER.format(prediction_type=args.prediction_type, zsnr=zsnr) if args.prediction_type else "",
         text_encoders=TEXT_ENCODERS if args.train_text_encoder else "",
-        prompt=literal((args.validation_prompt or ["a photo"])[0]),
+        prompt=literal(validation.first_prompt(args)),
     )
     base_models = [getattr(args, "base_model_file", base)]
     return write_model_card(

@@ -163,7 +163,7 @@ def write_card(args: argparse.Namespace, checkpoint: Path, samples_per_epoch: in
                 prior=literal(prior), decoder=literal(decoder), checkpoint=literal(checkpoint),
                 prior_subfolder=literal(args.prior_subfolder), decoder_subfolder=literal(args.decoder_subfolder),
                 te_peft=TE_PEFT.format(checkpoint="{checkpoint}") if args.train_text_encoder else "",
-                prompt=literal((args.validation_prompt or ["a photo"])[0]),
+                prompt=literal(validation.first_prompt(args)),
             ),
         )  # fmt: skip
     loading = LOADING.format(
@@ -172,7 +172,7 @@ def write_card(args: argparse.Namespace, checkpoint: Path, samples_per_epoch: in
         checkpoint=literal(checkpoint),
         te_and=" and text encoder" if args.train_text_encoder else "",
         te_peft=TE_PEFT.format(checkpoint="{checkpoint}") if args.train_text_encoder else "",
-        prompt=literal((args.validation_prompt or ["a photo"])[0]),
+        prompt=literal(validation.first_prompt(args)),
     )
     return write_model_card(
         args.output_dir,
@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Which generation (v2 or Stable Cascade) the prior folder holds decides everything below.
     decoder_given = args.pretrained_decoder_model_name_or_path is not None
     family = wuerstchen.resolve_family(args)
-    if args.validation_prompt or decoder_given or args.with_prior_preservation:
+    if args.validation_samples or decoder_given or args.with_prior_preservation:
         family.check_decoder(args.pretrained_decoder_model_name_or_path, args.revision)
     start = init_adapter.prepare(args, argv, ["prior", "text_encoder"])
     objectives.check_timestep_range(args, lambda: objectives.CONTINUOUS_BINS)

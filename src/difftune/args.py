@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -14,6 +15,7 @@ from difftune.data.masks import add_mask_args, check_mask_args
 from difftune.dreambooth import add_dreambooth_args, check_dreambooth_args
 from difftune.errors import UserError
 from difftune.objectives import check_objective_args
+from difftune.prompts import check_validation_args
 
 logger = logging.getLogger("difftune")
 
@@ -168,6 +170,20 @@ def add_training_args(parser: argparse.ArgumentParser, *, output_dir: str) -> No
 
     group = parser.add_argument_group("validation")
     group.add_argument("--validation_prompt", action="append", default=None, help="Repeat for several prompts.")
+    group.add_argument(
+        "--validation_prompts_file",
+        type=Path,
+        default=None,
+        help="One prompt a line with kohya's inline options (--n, --w, --h, --d, --l, --s; see the README), "
+        "after the --validation_prompt ones.",
+    )
+    group.add_argument("--validation_negative_prompt", default=None, help="For every prompt without its own --n.")
+    group.add_argument(
+        "--validation_guidance_scale", type=float, default=None, help="Default: the pipeline's (SDXL 5, prior 4)."
+    )
+    group.add_argument(
+        "--validation_seed", type=int, default=None, help="Image i of a prompt uses seed + i. Default: --seed."
+    )
     group.add_argument("--num_validation_images", type=int, default=4, help="Images per prompt.")
     group.add_argument("--validation_steps", type=int, default=500, help="Validate every N steps and at the end.")
     group.add_argument("--validation_inference_steps", type=int, default=30)
@@ -212,6 +228,7 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise UserError("--checkpoints_total_limit must be positive")
     check_optimizer_args(args)
     check_caption_args(args)
+    check_validation_args(args)
     if getattr(args, "text_encoder_lr", None) is not None and not args.train_text_encoder:
         logger.warning("--text_encoder_lr is unused without --train_text_encoder")
     if not 0.0 <= args.validation_split < 1.0:

@@ -46,6 +46,8 @@ IGNORED = frozenset(
         "checkpointing_steps", "checkpoints_total_limit", "max_nonfinite_steps", "validation_prompt",
         "num_validation_images", "validation_steps", "validation_inference_steps", "dataloader_num_workers",
         "cache_dir", "seed", "use_8bit_adam", "init_adapter", "sample_batch_size", "instance_data_dir",
+        "validation_prompts_file", "validation_samples", "validation_negative_prompt", "validation_guidance_scale",
+        "validation_seed",
     }
 )  # fmt: skip
 

@@ -420,7 +420,7 @@ class TrainingRun:
         accelerator = self.accelerator
         if accelerator.is_main_process:
             self.evaluate(step)
-            if self.validate is not None and self.args.validation_prompt:
+            if self.validate is not None and self.args.validation_samples:
                 with eval_mode(self.adapters):
                     if self.ema is None:
                         self.validate(step, self.adapters)
