@@ -30,7 +30,7 @@ demo: venv assets
 
 test: venv
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -13,6 +14,8 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="difftune-hf-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 
@@ -22,13 +25,29 @@ SCRIPTS = ROOT / "scripts"
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> Path:
-    """Tiny models and toy data, made by the project's own script (or, for tools/mutation_check.py, made once
-    by it and named in DIFFTUNE_TEST_ASSETS)."""
+    """Tiny models and toy data, made by the project's own script once per test run, shared by pytest-xdist's
+    workers (or, for tools/mutation_check.py, made once by it and named in DIFFTUNE_TEST_ASSETS)."""
     if os.environ.get("DIFFTUNE_TEST_ASSETS"):
         return Path(os.environ["DIFFTUNE_TEST_ASSETS"])
-    out = tmp_path_factory.mktemp("assets")
-    subprocess.run([sys.executable, str(SCRIPTS / "make_tiny_assets.py"), str(out)], check=True, capture_output=True)
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's directory above each worker's own
+    out = shared / "assets"
+    with FileLock(str(shared / "assets.lock")):
+        if not (out / ".done").is_file():
+            command = [sys.executable, str(SCRIPTS / "make_tiny_assets.py"), str(out)]
+            subprocess.run(command, check=True, capture_output=True)
+            (out / ".done").touch()
     return out
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now: parallel test workers must not share the DDP rendezvous port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def load_script(name: str):
@@ -71,6 +90,8 @@ def launch_command(
     """The `accelerate launch` command line (quiet: our one-line errors are the only output) and its environment."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--quiet"]
     env = dict(os.environ)
+    if processes > 1:
+        command += ["--main_process_port", str(free_port())]
     if config_file is not None:
         command += ["--config_file", str(config_file), "--num_processes", str(processes)]
     elif processes > 1:
