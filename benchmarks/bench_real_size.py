@@ -38,6 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import reset_peak_rss, rss_mib
+from memory_estimate import STAGE_C, STAGE_C_LITE
 
 # (in, out, tokens) at 256 px (32x32 latents): self-attention at 640 (16x16) and 1280 (8x8) channels,
 # cross-attention k/v from the 77 text tokens of width 2048, CLIP-L and OpenCLIP-bigG projections at 77 tokens.
@@ -55,12 +56,6 @@ VARIANTS = ("floor", "peft", "factored")
 PRIOR_VARIANTS = ("prior-floor", "prior-lora")
 CASCADE_VARIANTS = ("cascade-floor", "cascade-lora")
 LITE_VARIANTS = ("lite-floor", "lite-lora")
-# stabilityai/stable-cascade-prior's prior/ and prior_lite/ configs (what differs from StableCascadeUNet's defaults).
-STAGE_C = {"clip_text_in_channels": 1280, "clip_image_in_channels": 768, "switch_level": (False,)}
-STAGE_C_LITE = {
-    **STAGE_C, "conditioning_dim": 1536, "block_out_channels": (1536, 1536), "num_attention_heads": (24, 24),
-    "down_num_layers_per_block": (4, 12), "up_num_layers_per_block": (12, 4),
-}  # fmt: skip
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -348,13 +343,15 @@ def measured_in_child(variant: str, *extra: str) -> list[float]:
 
 
 def estimated_activations(variant: str) -> float | None:
-    """benchmarks/memory_estimate.py's saved bytes for this variant at the measured setting (fp32, 256 px,
-    batch 1), in GiB; None for peft's LoKr path, which the estimator does not model."""
-    from memory_estimate import GIB, sdxl, wuerstchen
+    """benchmarks/memory_estimate.py's saved bytes for this variant at the measured setting (fp32, 256 px or
+    stage C's 1024 px, batch 1), in GiB; None for peft's LoKr path, which the estimator does not model."""
+    from memory_estimate import GIB, sdxl, stable_cascade, wuerstchen
 
     if variant in PRIOR_VARIANTS:
         estimate = wuerstchen(256, 1, torch.float32, adapter=variant == "prior-lora")
-    elif variant == "peft" or variant in (*CASCADE_VARIANTS, *LITE_VARIANTS):
+    elif variant in (*CASCADE_VARIANTS, *LITE_VARIANTS):  # at 1024 px
+        estimate = stable_cascade(variant in LITE_VARIANTS, 1024, 1, torch.float32, adapter=variant.endswith("lora"))
+    elif variant == "peft":
         return None
     else:
         estimate = sdxl(256, torch.float32, adapter=variant == "factored")
