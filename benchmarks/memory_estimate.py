@@ -370,9 +370,34 @@ def saved_by_module_type(lite: bool, dtype: torch.dtype, adapter: bool, resoluti
     return per_type
 
 
+def stage_c_flops(lite: bool, adapter: bool, resolution: int = 1024) -> int:
+    """FLOPs of one fwd+bwd of stage C at batch 1 (torch's FlopCounterMode on meta tensors; real SDPA)."""
+    from accelerate import init_empty_weights
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with init_empty_weights():
+        prior = stable_cascade_models(lite)[0]
+    model = add_adapter(prior, "lora", 8)[1] if adapter else prior.requires_grad_(False)
+    side = resolution * 3 // 128
+
+    def meta(*shape):
+        return torch.zeros(*shape, device="meta")
+
+    x = meta(1, 16, side, side).requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        text = {"clip_text": meta(1, 77, 1280), "clip_text_pooled": meta(1, 1, 1280), "clip_img": meta(1, 1, 768)}
+        model(x, meta(1), **text, return_dict=False)[0].square().mean().backward()
+    return counter.get_total_flops()
+
+
 def breakdown() -> None:
-    """Per module type, what stage C saves for backward, frozen vs LoRA r8 (1024 px, batch 1)."""
+    """Per module type, what stage C saves for backward, frozen vs LoRA r8 (1024 px, batch 1); and the FLOPs."""
     for lite in (True, False):
+        frozen, lora = stage_c_flops(lite, False), stage_c_flops(lite, True)
+        print(
+            f"stage C{' lite' if lite else ''}, 1024 px, batch 1, fwd+bwd (input requiring grad when frozen): "
+            f"{frozen / 1e12:.3f} TFLOP frozen, {lora / 1e12:.3f} TFLOP LoRA r8 ({lora / frozen:.4f}x)"
+        )
         for dtype in (torch.bfloat16, torch.float32):
             frozen, lora = saved_by_module_type(lite, dtype, False), saved_by_module_type(lite, dtype, True)
             total_f, total_l = sum(frozen.values()), sum(lora.values())
