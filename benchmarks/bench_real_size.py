@@ -174,8 +174,13 @@ def real_stage_c(lite: bool) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
+    from difftune.lora import use_lean_forward
+
     prior = StableCascadeUNet(**(STAGE_C_LITE if lite else STAGE_C)).requires_grad_(False)
-    return get_peft_model(prior, LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    config = LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    peft_model = get_peft_model(prior, config)
+    use_lean_forward(peft_model)  # as the training script runs it (difftune.lora)
+    return peft_model
 
 
 def stage_c_inputs():
