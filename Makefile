@@ -21,7 +21,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 assets: $(ASSETS)/.done
 
-$(ASSETS)/.done: $(VENV)/.installed scripts/make_tiny_assets.py
+$(ASSETS)/.done: $(VENV)/.installed scripts/make_tiny_assets.py $(wildcard scripts/tiny_assets/*.py)
 	$(BIN)/python scripts/make_tiny_assets.py $(ASSETS)
 	touch $@
 

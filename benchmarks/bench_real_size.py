@@ -6,7 +6,8 @@
     python benchmarks/bench_real_size.py --only memory   # the same, peak RSS, one fresh process per variant
     python benchmarks/bench_real_size.py --only wuerstchen  # real Wuerstchen v2 prior, floor vs LoRA r8: time, peak
     python benchmarks/bench_real_size.py --only cascade  # real Stable Cascade stage C (3.6 B) and lite (1 B), 1024 px
-    python benchmarks/bench_real_size.py --only cascade-lite  # the lite stage C only (~4 GB instead of ~15 GB)
+    python benchmarks/bench_real_size.py --only cascade-lite  # the lite stage C only (~9 GB instead of ~20 GB)
+    python benchmarks/bench_real_size.py --only cascade-block  # one stage C attention block: peft's vs lean LoRA
     python benchmarks/bench_real_size.py --only script   # train_sdxl_lokr.py itself on a real-size SDXL on disk
     python benchmarks/bench_real_size.py --only export   # export.py --format checkpoint of it: peak RSS
 
@@ -24,6 +25,7 @@ loads the same components with the same code and runs the frozen fwd+bwd.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import shutil
@@ -38,6 +40,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import reset_peak_rss, rss_mib
+from memory_estimate import STAGE_C, STAGE_C_LITE
 
 # (in, out, tokens) at 256 px (32x32 latents): self-attention at 640 (16x16) and 1280 (8x8) channels,
 # cross-attention k/v from the 77 text tokens of width 2048, CLIP-L and OpenCLIP-bigG projections at 77 tokens.
@@ -55,12 +58,6 @@ VARIANTS = ("floor", "peft", "factored")
 PRIOR_VARIANTS = ("prior-floor", "prior-lora")
 CASCADE_VARIANTS = ("cascade-floor", "cascade-lora")
 LITE_VARIANTS = ("lite-floor", "lite-lora")
-# stabilityai/stable-cascade-prior's prior/ and prior_lite/ configs (what differs from StableCascadeUNet's defaults).
-STAGE_C = {"clip_text_in_channels": 1280, "clip_image_in_channels": 768, "switch_level": (False,)}
-STAGE_C_LITE = {
-    **STAGE_C, "conditioning_dim": 1536, "block_out_channels": (1536, 1536), "num_attention_heads": (24, 24),
-    "down_num_layers_per_block": (4, 12), "up_num_layers_per_block": (12, 4),
-}  # fmt: skip
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -179,8 +176,13 @@ def real_stage_c(lite: bool) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
+    from difftune.lora import use_lean_forward
+
     prior = StableCascadeUNet(**(STAGE_C_LITE if lite else STAGE_C)).requires_grad_(False)
-    return get_peft_model(prior, LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    config = LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    peft_model = get_peft_model(prior, config)
+    use_lean_forward(peft_model)  # as the training script runs it (difftune.lora)
+    return peft_model
 
 
 def stage_c_inputs():
@@ -199,6 +201,55 @@ def stable_cascade(repeats: int, lite_only: bool) -> None:
         print(f"real {name}, 1024 px (24x24 latents), batch 1, LoRA r8 on to_q,to_k,to_v,to_out.0, fwd+bwd")
         memory(variants)  # first, as in wuerstchen()
         report(name, interleaved(real_stage_c(lite), stage_c_inputs, repeats, variants))
+
+
+def cascade_block(repeats: int) -> None:
+    """One real-size stage C attention block (1536 channels, 24 x 24 tokens + 85 conditioning ones), fwd+bwd:
+    frozen vs LoRA r8 with peft's forward vs difftune's (interleaved); then the rank-8 products alone."""
+    from diffusers.models.unets.unet_stable_cascade import SDCascadeAttnBlock
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import Linear
+
+    from difftune.lora import use_lean_forward
+
+    torch.manual_seed(0)
+    block = nn.Sequential(SDCascadeAttnBlock(1536, 1536, 24, self_attn=True, dropout=0.1)).requires_grad_(False)
+    model = get_peft_model(block, LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    model.train()
+
+    def run(variant: str) -> float:
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.__class__ = Linear
+        if variant == "lean":
+            use_lean_forward(model)
+        x, kv = torch.randn(1, 1536, 24, 24, requires_grad=True), torch.randn(1, 85, 1536)
+        start = time.perf_counter()
+        with model.disable_adapter() if variant == "floor" else contextlib.nullcontext():
+            model.base_model.model[0](x, kv).square().mean().backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    times = {variant: [] for variant in ("floor", "peft", "lean")}
+    for _ in range(repeats + 1):  # the first round warms up
+        for variant, measured in times.items():
+            measured.append(run(variant))
+    report("stage C attention block", {variant: measured[1:] for variant, measured in times.items()})
+
+    def best(product, n: int = 20) -> float:
+        return min(timed(product) for _ in range(n)) * 1e3
+
+    def timed(product) -> float:
+        start = time.perf_counter()
+        product()
+        return time.perf_counter() - start
+
+    x, w, a, h = torch.randn(576, 1536), torch.randn(1536, 1536), torch.randn(8, 1536), torch.randn(576, 8)
+    print(
+        f"  alone, best of 20: (576x1536)@(1536x1536) {best(lambda: x @ w.t()):.2f} ms | (576x1536)@(1536x8) "
+        f"{best(lambda: x @ a.t()):.2f} ms | (576x8)@(8x1536) {best(lambda: h @ a):.2f} ms",
+        flush=True,
+    )
 
 
 def save_real_sdxl(directory: Path) -> None:
@@ -348,13 +399,15 @@ def measured_in_child(variant: str, *extra: str) -> list[float]:
 
 
 def estimated_activations(variant: str) -> float | None:
-    """benchmarks/memory_estimate.py's saved bytes for this variant at the measured setting (fp32, 256 px,
-    batch 1), in GiB; None for peft's LoKr path, which the estimator does not model."""
-    from memory_estimate import GIB, sdxl, wuerstchen
+    """benchmarks/memory_estimate.py's saved bytes for this variant at the measured setting (fp32, 256 px or
+    stage C's 1024 px, batch 1), in GiB; None for peft's LoKr path, which the estimator does not model."""
+    from memory_estimate import GIB, sdxl, stable_cascade, wuerstchen
 
     if variant in PRIOR_VARIANTS:
         estimate = wuerstchen(256, 1, torch.float32, adapter=variant == "prior-lora")
-    elif variant == "peft" or variant in (*CASCADE_VARIANTS, *LITE_VARIANTS):
+    elif variant in (*CASCADE_VARIANTS, *LITE_VARIANTS):  # at 1024 px
+        estimate = stable_cascade(variant in LITE_VARIANTS, 1024, 1, torch.float32, adapter=variant.endswith("lora"))
+    elif variant == "peft":
         return None
     else:
         estimate = sdxl(256, torch.float32, adapter=variant == "factored")
@@ -381,7 +434,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--only",
-        choices=["layers", "unet", "memory", "wuerstchen", "cascade", "cascade-lite", "script", "export"],
+        choices=[
+            "layers",
+            "unet",
+            "memory",
+            "wuerstchen",
+            "cascade",
+            "cascade-lite",
+            "cascade-block",
+            "script",
+            "export",
+        ],
         default=None,
     )
     parser.add_argument("--repeats", type=int, default=5)
@@ -410,6 +473,8 @@ def main() -> None:
         unet(max(1, args.repeats // 2))
     if args.only in (None, "wuerstchen"):
         wuerstchen(max(1, args.repeats // 2))
+    if args.only in (None, "cascade-block"):
+        cascade_block(args.repeats)
     if args.only in (None, "cascade", "cascade-lite"):
         stable_cascade(max(1, args.repeats // 2), lite_only=args.only == "cascade-lite")
     if args.only in (None, "script"):

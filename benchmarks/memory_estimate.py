@@ -1,6 +1,8 @@
-"""Estimate GPU memory for real SDXL LoKr (1024 px) and Wuerstchen prior LoRA (768 px) training.
+"""Estimate GPU memory for real SDXL LoKr (1024 px), Wuerstchen prior LoRA (768 px) and Stable Cascade stage C
+LoRA (1024 px) training.
 
-    python benchmarks/memory_estimate.py
+    python benchmarks/memory_estimate.py              # the README's GPU memory table
+    python benchmarks/memory_estimate.py --breakdown  # stage C: saved bytes per module type, frozen vs LoRA r8
 
 Nothing is downloaded and no GPU is needed: the real architectures are built on the meta device from
 their published configs, so parameter counts are exact; activation memory is the total size of the
@@ -11,9 +13,16 @@ checkpointed blocks, plus each block's input, plus the largest single block's ac
 one block at a time). Memory = frozen weights (bf16) + adapter weights and gradients (fp32) + AdamW8bit
 state (2 bytes per adapter parameter) + activations (bf16) + 1 GiB for the CUDA context and workspaces.
 With caching (--cache_latents/--cache_image_embeddings, --cache_text_embeddings) the encoders leave the GPU.
+Stage C's attention has more keys than queries (its own tokens and the 77 + 8 conditioning ones), so its maps
+are not square: there SDPA is replaced during the count by a stand-in that saves what the CPU / GPU flash
+kernels save (query, key, value, output and the log-sum-exp), not the map.
 """
 
 from __future__ import annotations
+
+import argparse
+import contextlib
+from collections import Counter
 
 import torch
 from torch import nn
@@ -238,10 +247,177 @@ def wuerstchen(resolution: int = 768, batch: int = 4, dtype: torch.dtype = torch
     }
 
 
+# stabilityai/stable-cascade-prior's prior/ and prior_lite/ configs (what differs from StableCascadeUNet's defaults).
+STAGE_C = {"clip_text_in_channels": 1280, "clip_image_in_channels": 768, "switch_level": (False,)}
+STAGE_C_LITE = {
+    **STAGE_C, "conditioning_dim": 1536, "block_out_channels": (1536, 1536), "num_attention_heads": (24, 24),
+    "down_num_layers_per_block": (4, 12), "up_num_layers_per_block": (12, 4),
+}  # fmt: skip
+
+
+class _FlashAttention(torch.autograd.Function):
+    """SDPA's output with what the flash kernels save for backward (meta tensors only: never computed)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):
+        out = torch.empty_like(query)
+        ctx.save_for_backward(query, key, value, out, query.new_empty(query.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, *_ = ctx.saved_tensors
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+@contextlib.contextmanager
+def flash_attention():
+    """torch.nn.functional.scaled_dot_product_attention saving no attention map (no mask / dropout support)."""
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        assert attn_mask is None and not is_causal, "the stand-in has no mask"
+        return _FlashAttention.apply(query, key, value)
+
+    torch.nn.functional.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+
+
+def stable_cascade_models(lite: bool = False) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """The real Stable Cascade stage C (prior/ or prior_lite/ config), its CLIP-G text encoder with projection and
+    the EfficientNet image encoder (random weights; call under accelerate.init_empty_weights() for meta tensors)."""
+    from diffusers import StableCascadeUNet
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from difftune.wuerstchen import EfficientNetEncoder
+
+    prior = StableCascadeUNet(**(STAGE_C_LITE if lite else STAGE_C))
+    text = CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG, projection_dim=1280))
+    return prior, text, EfficientNetEncoder(affine=False)
+
+
+def stage_c_run(model: nn.Module, resolution: int, batch: int, dtype: torch.dtype, adapter: bool):
+    """One forward of stage C on meta inputs: 16 x (resolution / 42.67) latents, CLIP-G text, zero CLIP image."""
+    side = resolution * 3 // 128  # 1024 px: 24 x 24 (the pipeline's resolution_multiple 42.67)
+
+    def meta(*shape):
+        return torch.zeros(*shape, device="meta", dtype=dtype)
+
+    def run():
+        x = meta(batch, 16, side, side).requires_grad_(not adapter)
+        text = {"clip_text": meta(batch, 77, 1280), "clip_text_pooled": meta(batch, 1, 1280)}
+        with flash_attention():
+            return model(x, meta(batch), **text, clip_img=meta(batch, 1, 768), return_dict=False)[0]
+
+    return run
+
+
+def stable_cascade(
+    lite: bool = False, resolution: int = 1024, batch: int = 1, dtype: torch.dtype = torch.bfloat16, adapter=True
+) -> dict:
+    """Parameter counts and saved bytes for stage C with LoRA r8 (or frozen, input requiring grad)."""
+    from accelerate import init_empty_weights
+    from diffusers.models.unets.unet_stable_cascade import SDCascadeAttnBlock, SDCascadeResBlock, SDCascadeTimestepBlock
+
+    with init_empty_weights():
+        prior, text, effnet = stable_cascade_models(lite)
+    frozen = count(prior)
+    trained, model = add_adapter(prior, "lora", 8) if adapter else (0, prior.requires_grad_(False))
+    kinds = (SDCascadeAttnBlock, SDCascadeResBlock, SDCascadeTimestepBlock)
+    blocks = [m for m in prior.modules() if isinstance(m, kinds)]
+    prior.to(dtype)
+    saved = SavedTensors(prior, stage_c_run(model, resolution, batch, dtype, adapter), blocks)
+    return {
+        "name": f"Stable Cascade stage C{' lite' if lite else ''} LoRA r8, {resolution} px, batch {batch}",
+        "denoiser": frozen,
+        "adapter": trained,
+        "encoders": count(text) + count(effnet),
+        **totals(saved),
+    }
+
+
+def saved_by_module_type(lite: bool, dtype: torch.dtype, adapter: bool, resolution: int = 1024) -> Counter:
+    """Stage C's saved bytes (as SavedTensors counts them) by the type of the innermost module saving each storage
+    first; LoRA's lora_A / lora_B are named as such."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        prior = stable_cascade_models(lite)[0]
+    model = add_adapter(prior, "lora", 8)[1] if adapter else prior.requires_grad_(False)
+    prior.to(dtype)
+    parameters = {id(p) for p in model.parameters()}
+    stack, per_type, seen = ["(outside modules)"], Counter(), {}
+
+    def pack(tensor):
+        base = storage_of(tensor)
+        if id(base) not in parameters and id(base) not in seen:
+            seen[id(base)] = base
+            per_type[stack[-1]] += base.untyped_storage().nbytes()
+        return tensor
+
+    handles = []
+    for name, module in model.named_modules():
+        label = name.rsplit(".", 2)[-2] if name.endswith(".default") else type(module).__name__
+        handles.append(module.register_forward_pre_hook(lambda m, a, label=label: stack.append(label)))
+        handles.append(module.register_forward_hook(lambda m, a, out: stack.pop() and None))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        stage_c_run(model, resolution, 1, dtype, adapter)()
+    for handle in handles:
+        handle.remove()
+    return per_type
+
+
+def stage_c_flops(lite: bool, adapter: bool, resolution: int = 1024) -> int:
+    """FLOPs of one fwd+bwd of stage C at batch 1 (torch's FlopCounterMode on meta tensors; real SDPA)."""
+    from accelerate import init_empty_weights
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with init_empty_weights():
+        prior = stable_cascade_models(lite)[0]
+    model = add_adapter(prior, "lora", 8)[1] if adapter else prior.requires_grad_(False)
+    side = resolution * 3 // 128
+
+    def meta(*shape):
+        return torch.zeros(*shape, device="meta")
+
+    x = meta(1, 16, side, side).requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        text = {"clip_text": meta(1, 77, 1280), "clip_text_pooled": meta(1, 1, 1280), "clip_img": meta(1, 1, 768)}
+        model(x, meta(1), **text, return_dict=False)[0].square().mean().backward()
+    return counter.get_total_flops()
+
+
+def breakdown() -> None:
+    """Per module type, what stage C saves for backward, frozen vs LoRA r8 (1024 px, batch 1); and the FLOPs."""
+    for lite in (True, False):
+        frozen, lora = stage_c_flops(lite, False), stage_c_flops(lite, True)
+        print(
+            f"stage C{' lite' if lite else ''}, 1024 px, batch 1, fwd+bwd (input requiring grad when frozen): "
+            f"{frozen / 1e12:.3f} TFLOP frozen, {lora / 1e12:.3f} TFLOP LoRA r8 ({lora / frozen:.4f}x)"
+        )
+        for dtype in (torch.bfloat16, torch.float32):
+            frozen, lora = saved_by_module_type(lite, dtype, False), saved_by_module_type(lite, dtype, True)
+            total_f, total_l = sum(frozen.values()), sum(lora.values())
+            print(
+                f"stage C{' lite' if lite else ''}, {str(dtype).removeprefix('torch.')}, 1024 px, batch 1: saved "
+                f"{total_f / GIB:.3f} GiB frozen, {total_l / GIB:.3f} GiB LoRA r8 (+{(total_l - total_f) / GIB:.3f})"
+            )
+            for kind in sorted(frozen.keys() | lora.keys(), key=lambda k: -max(frozen[k], lora[k])):
+                print(f"  {kind:<24} {frozen[kind] / 2**20:9.1f} MiB  {lora[kind] / 2**20:9.1f} MiB")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--breakdown", action="store_true", help="Stage C's saved bytes per module type.")
+    if parser.parse_args().breakdown:
+        return breakdown()
     print("| run | gradient checkpointing | encoders on GPU (no caching) | with caching |")
     print("|---|---|---|---|")
-    for estimate in (sdxl(), wuerstchen()):
+    cascade = [stable_cascade(lite, batch=batch) for lite in (True, False) for batch in (1, 4)]
+    for estimate in (sdxl(), wuerstchen(), *cascade):
         weights = estimate["denoiser"] * BF16
         adapter = estimate["adapter"] * (4 + 4 + 2)  # fp32 weights + fp32 grads + 8-bit Adam's two states
         for checkpointing in (False, True):

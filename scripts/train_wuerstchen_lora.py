@@ -190,8 +190,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Which generation (v2 or Stable Cascade) the prior folder holds decides everything below.
     decoder_given = args.pretrained_decoder_model_name_or_path is not None
     family = wuerstchen.resolve_family(args)
-    if args.validation_samples or decoder_given or args.with_prior_preservation:
-        family.check_decoder(args.pretrained_decoder_model_name_or_path, args.revision)
+    if args.validation_samples or decoder_given or args.with_prior_preservation:  # these load the decoder
+        family.check_decoder(args.pretrained_decoder_model_name_or_path, args.decoder_subfolder, args.revision)
     start = init_adapter.prepare(args, argv, ["prior", "text_encoder"])
     objectives.check_timestep_range(args, lambda: objectives.CONTINUOUS_BINS)
     accelerator = run_setup.setup_run(args)

@@ -210,6 +210,16 @@ def neither_prior(assets, tmp_path):
     return repo
 
 
+def mixed_decoder(assets, tmp_path, index_from: str, decoder_from: str):
+    """A decoder repo whose model_index.json is `index_from`'s but whose decoder/ config is `decoder_from`'s
+    (config files only: the check must not need weights)."""
+    repo = tmp_path / "mixed"
+    (repo / "decoder").mkdir(parents=True)
+    shutil.copy(assets / index_from / "model_index.json", repo / "model_index.json")
+    shutil.copy(assets / decoder_from / "decoder" / "config.json", repo / "decoder" / "config.json")
+    return repo
+
+
 @pytest.mark.parametrize(
     ("generation", "flag", "value", "message"),
     [
@@ -219,6 +229,11 @@ def neither_prior(assets, tmp_path):
          "is a WuerstchenDecoderPipeline pipeline, but the prior is a Stable Cascade prior"),
         ("v2", "--pretrained_decoder_model_name_or_path", "stable-cascade",
          "is a StableCascadeDecoderPipeline pipeline, but the prior is a Wuerstchen v2 prior"),
+        ("v3", "--pretrained_decoder_model_name_or_path", "MIXED",
+         "decoder/ holds a WuerstchenDiffNeXt, not a Stable Cascade decoder (StableCascadeUNet)"),
+        ("v2", "--pretrained_decoder_model_name_or_path", "MIXED",
+         "decoder/ holds a StableCascadeUNet, not a Wuerstchen v2 decoder (WuerstchenDiffNeXt)"),
+        ("v3", "--decoder_subfolder", "decoder_big", "has no decoder_big/config.json"),
         ("v3", "--image_encoder_path", "stable-cascade/missing.safetensors", "does not exist"),
         ("v3", "--image_encoder_path", "effnet/effnet.safetensors", "not an EfficientNetV2-S Stable Cascade image"),
         ("v3", "--prior_subfolder", "prior_big", "has no prior_big/config.json"),
@@ -227,6 +242,9 @@ def neither_prior(assets, tmp_path):
 def test_bad_input(assets, tmp_path, run_main, capsys, generation, flag, value, message):
     argv = (cascade_args if generation == "v3" else wuerstchen_args)(assets, tmp_path / "out")
     value = neither_prior(assets, tmp_path) if value == "NEITHER" else value
+    if value == "MIXED":  # the model index of the prior's generation, the decoder config of the other
+        own, other = ("stable-cascade", "wuerstchen") if generation == "v3" else ("wuerstchen", "stable-cascade")
+        value = mixed_decoder(assets, tmp_path, own, other)
     value = value if flag.endswith("subfolder") else assets / value
     if flag in argv:
         argv[argv.index(flag) + 1] = str(value)
@@ -234,6 +252,20 @@ def test_bad_input(assets, tmp_path, run_main, capsys, generation, flag, value, 
         argv += [flag, str(value)]
     assert run_main("train_wuerstchen_lora", argv) == 2
     assert message in one_line_error(capsys)
+
+
+def test_the_decoder_is_needed_only_for_validation(assets, tmp_path, run_main, capsys):
+    """Without the decoder flag the default is a Hub repo, unreachable offline: training without validation
+    prompts must not touch it, and with them must refuse at start, before any model loads."""
+    argv = cascade_args(assets, tmp_path / "out", steps=1, checkpointing_steps=1)
+    at = argv.index("--pretrained_decoder_model_name_or_path")
+    del argv[at : at + 2]
+    assert run_main("train_wuerstchen_lora", [*argv, "--validation_prompt", "a cat"]) == 2
+    expected = "--pretrained_decoder_model_name_or_path stabilityai/stable-cascade is not a local directory"
+    assert expected in one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+    assert run_main("train_wuerstchen_lora", argv) == 0
+    assert (tmp_path / "out" / "step1" / "prior" / "adapter_model.safetensors").is_file()
 
 
 def test_infer_generates_with_the_adapters(cascade_run, tmp_path, run_main, capsys):
@@ -277,3 +309,39 @@ def test_two_process_ddp_trains(assets, tmp_path):
     ups = [v for k, v in weights.items() if k.startswith("prior/") and "lora_B" in k]
     assert ups and all(torch.isfinite(v).all() for v in weights.values())
     assert max(v.abs().max().item() for v in ups) > 0  # lora_B starts at zero: it moved
+
+
+def test_the_lean_lora_forward_equals_peft(assets):
+    """The training path's LoRA Linear (difftune.lora) against peft's own layer on the tiny stage C: same
+    output, input and adapter gradients (1e-5 relative), same state dict; scaling 3 / 8 and dropout in play."""
+    import copy
+
+    from diffusers import StableCascadeUNet
+    from peft import LoraConfig, get_peft_model
+
+    from difftune import adapters
+
+    prior = StableCascadeUNet.from_pretrained(assets / "stable-cascade-prior", subfolder="prior")
+    config = LoraConfig(
+        r=8, lora_alpha=3, lora_dropout=0.3, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        init_lora_weights=False,
+    )  # fmt: skip
+    peft_model = get_peft_model(copy.deepcopy(prior).requires_grad_(False), config)
+    lean = adapters.attach(copy.deepcopy(prior), config)
+    lean.load_state_dict(peft_model.state_dict())
+    assert type(lean.get_base_model().down_blocks[0][2].attention.to_q).__module__ == "difftune.lora"
+    assert lean.state_dict().keys() == peft_model.state_dict().keys()
+    results = []
+    for model in (peft_model, lean):
+        model.train()
+        inputs = cascade_prior_inputs(prior)
+        inputs["sample"].requires_grad_(True)
+        torch.manual_seed(0)  # the same dropout draws
+        out = model(**inputs, return_dict=False)[0]
+        out.square().mean().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results.append((out, inputs["sample"].grad, grads))
+    (out, x_grad, grads), (lean_out, lean_x_grad, lean_grads) = results
+    assert (out - prior(**cascade_prior_inputs(prior), return_dict=False)[0]).abs().max() > 1e-3  # LoRA acts
+    for expected, got in [(out, lean_out), (x_grad, lean_x_grad), *((grads[k], lean_grads[k]) for k in grads)]:
+        assert (expected - got).abs().max() <= 1e-5 * expected.abs().max()

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from difftune import lokr
+from difftune import lokr, lora
 from difftune.args import comma_list
 from difftune.errors import UserError
 
@@ -108,6 +108,7 @@ def attach(
     # Recorded in adapter_config.json, so a checkpoint names the base model it belongs to.
     peft_model.peft_config["default"].base_model_name_or_path = base_model_name_or_path
     lokr.use_factored_forward(peft_model)  # LoKr Linear layers only; a no-op for LoRA
+    lora.use_lean_forward(peft_model)  # LoRA Linear layers only; a no-op for LoKr
     for parameter in peft_model.parameters():
         if parameter.requires_grad:
             # Under mixed precision the frozen weights go low-precision; the trained ones stay fp32.

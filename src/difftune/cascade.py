@@ -28,7 +28,7 @@ PRIOR_STEPS = 20
 class CascadeFamily(PriorFamily):
     name = "cascade"
     title = "Stable Cascade"
-    prior_class = "StableCascadeUNet"
+    prior_class = decoder_class = "StableCascadeUNet"  # stage C and stage B are the same diffusers class
     prior_pipeline, decoder_pipeline = PRIOR_PIPELINE, DECODER_PIPELINE
     default_decoder, default_image_encoder = DEFAULT_DECODER, DEFAULT_IMAGE_ENCODER
     text_fields = ("prompt_embeds", "pooled_prompt_embeds")

@@ -252,7 +252,7 @@ class PriorFamily:
 
     name = "wuerstchen"
     title = "Wuerstchen v2"
-    prior_class = "WuerstchenPrior"
+    prior_class, decoder_class = "WuerstchenPrior", "WuerstchenDiffNeXt"
     prior_pipeline, decoder_pipeline = PRIOR_PIPELINE, DECODER_PIPELINE
     default_decoder, default_image_encoder = DEFAULT_DECODER, DEFAULT_IMAGE_ENCODER
     text_fields: tuple[str, ...] = ("prompt_embeds",)
@@ -285,14 +285,22 @@ class PriorFamily:
 
         return {"prior_timesteps": DEFAULT_STAGE_C_TIMESTEPS, "num_inference_steps": decoder_steps}
 
-    def check_decoder(self, path: str, revision: str | None) -> None:
-        """Refuse a decoder repo of the other generation before anything trains."""
+    def check_decoder(self, path: str, subfolder: str, revision: str | None) -> None:
+        """Refuse a decoder repo of the other generation before anything trains, from its config files only
+        (model_index.json and `subfolder`/config.json; no weights are read)."""
         flag = "--pretrained_decoder_model_name_or_path"
         found = json.loads(fetch_file(path, "model_index.json", revision, flag).read_text()).get("_class_name")
         if found != self.decoder_pipeline:
             raise UserError(
                 f"{flag} {path} is a {found} pipeline, but the prior is a {self.title} prior ({self.prior_class}): "
                 f"pass a {self.decoder_pipeline} repo such as {self.default_decoder}"
+            )
+        config = fetch_file(path, f"{subfolder}/config.json", revision, f"{flag} (with --decoder_subfolder)")
+        found = json.loads(config.read_text()).get("_class_name")
+        if found != self.decoder_class:
+            raise UserError(
+                f"{flag} {path}: {subfolder}/ holds a {found}, not a {self.title} decoder ({self.decoder_class}): "
+                f"pass a {self.title} decoder repo such as {self.default_decoder} and its decoder subfolder"
             )
 
 
