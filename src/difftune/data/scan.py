@@ -1,9 +1,14 @@
 """One scan of the images (size and readability), in parallel, kept beside the caches.
 
-A full decode is the only sure test of a readable image (a header check misses truncated files), and it
-costs milliseconds per image: so it is done once per image file, in a thread pool (Pillow decodes
-without the GIL), and its result is kept in CACHE_DIR/image-scan.json keyed by path, file size and
-modification time. An unchanged data set then starts without decoding anything. Only the main process
+What a start needs of an image is its size (the buckets) and whether it can be read. The size is in the
+header. Readability: the common damage is a file cut short (a copy or download that stopped), and a JPEG or
+PNG shows it at its tail, which must end with the end-of-image marker (JPEG) or the IEND chunk (PNG). So a
+JPEG or PNG whose header opens and whose tail is complete counts as readable without decoding its pixels
+(a file damaged in the middle can still fail later: the sample then trains on the next readable image of its
+size, with a warning, see CaptionedImageDataset.open_or_substitute). Other formats, and files whose tail is
+not the expected marker (a JPEG with trailing data, for one), are decoded (JPEGs at 1/8 scale), once.
+The scan runs in a thread pool and its result is kept in CACHE_DIR/image-scan.json keyed by path, file size
+and modification time: an unchanged data set then starts without opening any image. Only the main process
 scans; the others wait for it and read its result.
 """
 
@@ -26,17 +31,36 @@ SCAN_FILE = "image-scan.json"
 SIZES: dict[str, tuple[int, int]] = {}  # this process's scanned sizes by file_key, for the buckets
 
 
+TAILS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}  # how a complete file of the format ends
+
+
 def probe(record: dict) -> tuple[int, int] | str:
     """(height, width) of a readable image, or why it cannot be read."""
     try:
         with Image.open(image_source(record)) as image:
             size = image.height, image.width
-            if image.format == "JPEG":
-                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))  # all of it, at 1/8 scale
-            image.load()
+            if not complete_tail(image):
+                if image.format == "JPEG":
+                    image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))  # all of it, at 1/8
+                image.load()
         return size
     except Exception as error:  # noqa: BLE001 - any decode failure means unreadable
         return str(error) or type(error).__name__
+
+
+def complete_tail(image: Image.Image) -> bool:
+    """Whether an opened single-frame JPEG or PNG ends as a complete file does (False: decode it to know)."""
+    tail = TAILS.get(image.format)
+    if tail is None or getattr(image, "n_frames", 1) != 1:
+        return False
+    fp, position = image.fp, image.fp.tell()
+    try:
+        if fp.seek(0, os.SEEK_END) < len(tail):
+            return False
+        fp.seek(-len(tail), os.SEEK_END)
+        return fp.read(len(tail)) == tail
+    finally:
+        fp.seek(position)
 
 
 def file_key(record: dict) -> str | None:
