@@ -32,8 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(1152, 864), (864, 1152), (1024, 1024), (1344, 768), (768, 1344)]  # (width, height), about 1 MP
 
 
+DISTINCT = 2_000  # drawn images; the rest of a larger folder are copies of them (drawing is slow: ~10/s/core)
+
+
 def write_images(folder: Path, count: int) -> None:
-    """count JPEGs (smooth gradients with a few shapes: photo-like sizes on disk), each with a caption file."""
+    """count JPEGs (smooth gradients with a few shapes: photo-like sizes on disk), each with a caption file;
+    past the first DISTINCT, file i is a copy of file i % DISTINCT (its own file, with its own caption)."""
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -41,6 +45,10 @@ def write_images(folder: Path, count: int) -> None:
     have = len(list(folder.glob("*.jpg")))
     rng = np.random.default_rng(0)
     for i in range(have, count):
+        if i >= DISTINCT:
+            shutil.copyfile(folder / f"{i % DISTINCT:06d}.jpg", folder / f"{i:06d}.jpg")
+            (folder / f"{i:06d}.txt").write_text(f"image {i}, shapes, gradient")
+            continue
         width, height = SIZES[i % len(SIZES)]
         x = np.linspace(0, 255, width, dtype=np.float32)[None, :]
         y = np.linspace(0, 255, height, dtype=np.float32)[:, None]
