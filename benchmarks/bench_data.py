@@ -12,7 +12,7 @@ Writes N synthetic JPEGs (mixed aspect ratios, about 1 MP each, caption files be
 - seconds to build the data set in a fresh process (scan, captions, buckets), cold and warm: the part that
   grows with N, measured without the model loading that dominates the tiny runs' noise;
 - the latent cache build's images/s (decode, resize, encode, write) beside the VAE-encode-only images/s on
-  the same images, already decoded.
+  the same images, already decoded, in --rounds alternating rounds (build, encode only, build, ...).
 --src runs the scripts with another source tree first on the path (e.g. main's, for today's figures).
 """
 
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(1152, 864), (864, 1152), (1024, 1024), (1344, 768), (768, 1344)]  # (width, height), about 1 MP
 
 
-DISTINCT = 2_000  # drawn images; the rest of a larger folder are copies of them (drawing is slow: ~10/s/core)
+DISTINCT = 1_000  # drawn images; the rest of a larger folder are copies of them (drawing is slow: ~10/s/core)
 
 
 def write_images(folder: Path, count: int) -> None:
@@ -169,19 +169,26 @@ def cache_build(args: argparse.Namespace, assets: Path, data: Path) -> None:
     def encode(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"latent_mean": vae.encode(pixels).latent_dist.mean}
 
-    start = time.perf_counter()
-    cache.cache_images(accelerator, namespace, dataset, "bench", {}, encode, ["latent_mean"], "latents")
     rows = getattr(dataset, "num_rows", len(dataset))  # (a source tree without repeats has no num_rows)
-    build = rows / (time.perf_counter() - start)
-    count = min(rows, 512)
-    pixels = [dataset.load(i, flip=False)["pixel_values"] for i in range(count)]
-    start = time.perf_counter()
-    with torch.no_grad():
-        for i in range(0, count, 8):
-            encode(torch.stack(pixels[i : i + 8]))
-    encode_only = count / (time.perf_counter() - start)
-    print(f"latent cache build at {args.resolution} px: {build:.1f} images/s; VAE encode only: {encode_only:.1f} "
-          f"images/s (ratio {build / encode_only:.2f}); {os.cpu_count()} CPUs")  # fmt: skip
+    builds, encodes = [], []
+    for round_ in range(args.rounds):  # interleaved, so both rates see the same machine load
+        shutil.rmtree(namespace.cache_dir, ignore_errors=True)
+        start = time.perf_counter()
+        cache.cache_images(accelerator, namespace, dataset, "bench", {}, encode, ["latent_mean"], "latents")
+        builds.append(rows / (time.perf_counter() - start))
+        dataset.image_cache = None
+        pixels = [dataset.load(i, flip=False)["pixel_values"] for i in range(rows)]  # decoded, not timed
+        start = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, rows, namespace.train_batch_size):
+                encode(torch.stack(pixels[i : i + namespace.train_batch_size]))
+        encodes.append(rows / (time.perf_counter() - start))
+        print(f"  round {round_}: build {builds[-1]:.1f} images/s, encode only {encodes[-1]:.1f} images/s")
+    build, encode_only = sum(builds) / len(builds), sum(encodes) / len(encodes)
+    workers = namespace.dataloader_num_workers or "default"
+    ratio = build / encode_only
+    print(f"latent cache build at {args.resolution} px, {rows} images, {workers} workers: {build:.1f} images/s; "
+          f"VAE encode only: {encode_only:.1f} images/s (ratio {ratio:.2f}); {os.cpu_count()} CPUs")  # fmt: skip
 
 
 def main() -> None:
@@ -193,7 +200,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256, help="The cache build's training resolution.")
     parser.add_argument("--only", choices=["data", "startup", "cache"], action="append", help="Default: all three.")
     parser.add_argument("--layout", choices=["captions", "metadata"], default="captions")
-    parser.add_argument("--cache_images", type=int, default=256, help="Images for the cache-build figures.")
+    parser.add_argument("--cache_images", type=int, default=128, help="Images for the cache-build figures.")
+    parser.add_argument("--rounds", type=int, default=2, help="Cache builds, each followed by an encode-only pass.")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     assets = args.assets or args.work / "assets"
