@@ -130,6 +130,7 @@ def test_two_processes_with_buckets_and_caches(assets, tmp_path):
     )  # fmt: skip
     proc = launch("train_sdxl_lokr", args, processes=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("scanning images:   0%") == 1  # the main process scans, the other reads its result
     from safetensors.torch import load_file
 
     from difftune import checkpoints

@@ -28,7 +28,7 @@ from difftune.data.images import column, image_name, image_source
 logger = logging.getLogger(__name__)
 
 SCAN_FILE = "image-scan.json"
-SIZES: dict[str, tuple[int, int]] = {}  # this process's scanned sizes by file_key, for the buckets
+SIZES: dict[str, tuple[int, int]] = {}  # this process's scanned sizes by path, for the buckets
 
 
 TAILS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}  # how a complete file of the format ends
@@ -63,16 +63,19 @@ def complete_tail(image: Image.Image) -> bool:
         fp.seek(position)
 
 
-def file_key(record: dict) -> str | None:
-    """path|size|mtime of an image file (None for images held as bytes: those are probed every time)."""
+def file_key(record: dict, stat: tuple[int, int] | None = None) -> str | None:
+    """path|size|mtime of an image file, from `stat` (size, mtime_ns) when the caller has it (None for images
+    held as bytes: those are probed every time)."""
     path = record.get("path")
     if record.get("bytes") or not path:
         return None
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+    if stat is None:
+        try:
+            result = os.stat(path)
+        except OSError:
+            return None
+        stat = result.st_size, result.st_mtime_ns
+    return f"{os.path.abspath(path)}|{stat[0]}|{stat[1]}"
 
 
 def main_process_first():
@@ -84,14 +87,17 @@ def main_process_first():
     return PartialState().main_process_first()
 
 
-def scan_images(records: list[dict], cache_dir: str | Path | None, workers: int = 0) -> list[tuple[int, int] | str]:
-    """Each record's (height, width), or the reason it is unreadable; known files come from the scan file."""
+def scan_images(
+    records: list[dict], cache_dir: str | Path | None, workers: int = 0, stats: list[tuple[int, int]] | None = None
+) -> list[tuple[int, int] | str]:
+    """Each record's (height, width), or the reason it is unreadable; known files come from the scan file.
+    `stats`: each file's (size, mtime_ns), when the caller has them (else each file is stat'ed)."""
     from tqdm.auto import tqdm
 
     path = Path(cache_dir) / SCAN_FILE if cache_dir else None
     with main_process_first():
         known = read_scan(path)
-        keys = [file_key(record) for record in records]
+        keys = [file_key(record, stat) for record, stat in zip(records, stats or [None] * len(records), strict=True)]
         todo = [i for i, key in enumerate(keys) if key is None or key not in known]
         results = {i: tuple(known[key]) if isinstance(known[key], list) else known[key] for i, key in enumerate(keys)
                    if key is not None and key in known}  # fmt: skip
@@ -107,14 +113,14 @@ def scan_images(records: list[dict], cache_dir: str | Path | None, workers: int 
             if path is not None:
                 known.update({keys[i]: results[i] for i in todo if keys[i] is not None})
                 write_scan(path, known)
-    SIZES.update({key: results[i] for i, key in enumerate(keys) if key is not None and isinstance(results[i], tuple)})
+    SIZES.update({records[i]["path"]: size for i, size in results.items() if keys[i] and isinstance(size, tuple)})
     return [results[i] for i in range(len(records))]
 
 
 def known_size(record: dict) -> tuple[int, int] | None:
-    """The scanned (height, width) of an image file, if this process scanned (or read the scan of) it."""
-    key = file_key(record)
-    return SIZES.get(key) if key else None
+    """The scanned (height, width) of an image file, if this process scanned (or read the scan of) it (by path:
+    the scan was this start's, moments ago)."""
+    return None if record.get("bytes") else SIZES.get(record.get("path"))
 
 
 def read_scan(path: Path | None) -> dict:
@@ -138,8 +144,11 @@ def readable_rows(
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """The rows whose images are readable (a warning naming each other one) and their (height, width)."""
     records = column(dataset, image_column) if len(dataset) else []
+    stats = None  # a folder's rows hold each file's size and mtime, read as the folder was listed
+    if records and {"size", "mtime"} <= set(dataset.column_names):
+        stats = list(zip(column(dataset, "size"), column(dataset, "mtime"), strict=True))
     good, sizes = [], []
-    for index, result in enumerate(scan_images(records, cache_dir, workers)):
+    for index, result in enumerate(scan_images(records, cache_dir, workers, stats)):
         if isinstance(result, str):
             logger.warning("skipping unreadable image %s (%s)", image_name(records[index]), result)
             continue
