@@ -132,17 +132,25 @@ def one_step_seconds(assets: Path, data: Path, work: Path, cache: Path, src: Pat
 def startup(args: argparse.Namespace, assets: Path, data: Path, small: Path) -> None:
     print(f"1-step runs of train_sdxl_lokr.py (tiny models), {args.images} images vs 10, source {args.src}:")
     for buckets in (False, True):
-        cache = args.work / "cache-startup"
+        cache, small_cache = args.work / "cache-startup", args.work / "cache-startup-10"
         shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(small_cache, ignore_errors=True)
         cold = one_step_seconds(assets, data, args.work, cache, args.src, buckets)
-        warm = one_step_seconds(assets, data, args.work, cache, args.src, buckets)
+        warms, tens = [], []
+        for _ in range(args.repeats):  # warm runs alternate with 10-image runs: the pairs share the load
+            warms.append(one_step_seconds(assets, data, args.work, cache, args.src, buckets))
+            tens.append(one_step_seconds(assets, small, args.work, small_cache, args.src, buckets))
         shutil.rmtree(cache, ignore_errors=True)
-        ten = one_step_seconds(assets, small, args.work, cache, args.src, buckets)
+        ten, warm = tens[0], warms[0]
         label = "with --aspect_ratio_buckets" if buckets else "without buckets"
         print(
             f"  {label:28s} cold {cold:6.1f} s  warm {warm:6.1f} s  10 images {ten:5.1f} s  "
             f"-> overhead cold {cold - ten:6.1f} s, warm {warm - ten:6.1f} s"
         )
+        if args.repeats > 1:
+            overheads = sorted(w - t for w, t in zip(warms, tens, strict=True))
+            listed, median = ", ".join(f"{o:.1f}" for o in overheads), overheads[len(overheads) // 2]
+            print(f"    warm overhead of {args.repeats} alternating pairs: {listed} s, median {median:.1f} s")
 
 
 def cache_build(args: argparse.Namespace, assets: Path, data: Path) -> None:
@@ -201,6 +209,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["data", "startup", "cache"], action="append", help="Default: all three.")
     parser.add_argument("--layout", choices=["captions", "metadata"], default="captions")
     parser.add_argument("--cache_images", type=int, default=128, help="Images for the cache-build figures.")
+    parser.add_argument("--repeats", type=int, default=1, help="Warm / 10-image run pairs (a median if > 1).")
     parser.add_argument("--rounds", type=int, default=2, help="Cache builds, each followed by an encode-only pass.")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
