@@ -159,8 +159,9 @@ def cache_images(
         workers = args.dataloader_num_workers or min(4, os.cpu_count() or 1)
         ahead = max(2, math.ceil(2 * args.train_batch_size / workers))
         loader = torch.utils.data.DataLoader(
-            rows, batch_size=None, sampler=order, num_workers=workers, prefetch_factor=ahead
-        )
+            rows, batch_size=None, sampler=order, num_workers=workers, prefetch_factor=ahead,
+            generator=torch.Generator(),  # its workers' seed: not drawn from the training's global RNG
+        )  # fmt: skip
         batches = iter(loader)
 
     def encode_indices(indices: list[int]) -> dict[str, torch.Tensor]:
