@@ -165,7 +165,8 @@ def cache_build(args: argparse.Namespace, assets: Path, data: Path) -> None:
     parser = cli.ErrorOnlyParser()
     cli.add_data_args(parser, resolution=args.resolution)
     cli.add_cache_args(parser, "--cache_latents", "")
-    namespace = parser.parse_args(["--train_data_dir", str(data), "--center_crop", "--cache_latents"])
+    flags = ["--train_data_dir", str(data), "--center_crop", "--cache_latents"]
+    namespace = parser.parse_args([*flags, "--dataloader_num_workers", str(args.workers)])
     namespace.max_train_samples = args.cache_images
     namespace.seed, namespace.train_batch_size, namespace.cache_dir = 0, 8, str(args.work / "cache-build")
     shutil.rmtree(namespace.cache_dir, ignore_errors=True)
@@ -209,6 +210,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["data", "startup", "cache"], action="append", help="Default: all three.")
     parser.add_argument("--layout", choices=["captions", "metadata"], default="captions")
     parser.add_argument("--cache_images", type=int, default=128, help="Images for the cache-build figures.")
+    parser.add_argument("--workers", type=int, default=0, help="The cache build's --dataloader_num_workers.")
     parser.add_argument("--repeats", type=int, default=1, help="Warm / 10-image run pairs (a median if > 1).")
     parser.add_argument("--rounds", type=int, default=2, help="Cache builds, each followed by an encode-only pass.")
     args = parser.parse_args()
