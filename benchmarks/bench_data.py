@@ -12,7 +12,7 @@ Writes N synthetic JPEGs (mixed aspect ratios, about 1 MP each, caption files be
 - seconds to build the data set in a fresh process (scan, captions, buckets), cold and warm: the part that
   grows with N, measured without the model loading that dominates the tiny runs' noise;
 - the latent cache build's images/s (decode, resize, encode, write) beside the VAE-encode-only images/s on
-  the same images, already decoded.
+  the same images, already decoded, in --rounds alternating rounds (build, encode only, build, ...).
 --src runs the scripts with another source tree first on the path (e.g. main's, for today's figures).
 """
 
@@ -32,8 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(1152, 864), (864, 1152), (1024, 1024), (1344, 768), (768, 1344)]  # (width, height), about 1 MP
 
 
+DISTINCT = 1_000  # drawn images; the rest of a larger folder are copies of them (drawing is slow: ~10/s/core)
+
+
 def write_images(folder: Path, count: int) -> None:
-    """count JPEGs (smooth gradients with a few shapes: photo-like sizes on disk), each with a caption file."""
+    """count JPEGs (smooth gradients with a few shapes: photo-like sizes on disk), each with a caption file;
+    past the first DISTINCT, file i is a copy of file i % DISTINCT (its own file, with its own caption)."""
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -41,6 +45,10 @@ def write_images(folder: Path, count: int) -> None:
     have = len(list(folder.glob("*.jpg")))
     rng = np.random.default_rng(0)
     for i in range(have, count):
+        if i >= DISTINCT:
+            shutil.copyfile(folder / f"{i % DISTINCT:06d}.jpg", folder / f"{i:06d}.jpg")
+            (folder / f"{i:06d}.txt").write_text(f"image {i}, shapes, gradient")
+            continue
         width, height = SIZES[i % len(SIZES)]
         x = np.linspace(0, 255, width, dtype=np.float32)[None, :]
         y = np.linspace(0, 255, height, dtype=np.float32)[:, None]
@@ -124,17 +132,25 @@ def one_step_seconds(assets: Path, data: Path, work: Path, cache: Path, src: Pat
 def startup(args: argparse.Namespace, assets: Path, data: Path, small: Path) -> None:
     print(f"1-step runs of train_sdxl_lokr.py (tiny models), {args.images} images vs 10, source {args.src}:")
     for buckets in (False, True):
-        cache = args.work / "cache-startup"
+        cache, small_cache = args.work / "cache-startup", args.work / "cache-startup-10"
         shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(small_cache, ignore_errors=True)
         cold = one_step_seconds(assets, data, args.work, cache, args.src, buckets)
-        warm = one_step_seconds(assets, data, args.work, cache, args.src, buckets)
+        warms, tens = [], []
+        for _ in range(args.repeats):  # warm runs alternate with 10-image runs: the pairs share the load
+            warms.append(one_step_seconds(assets, data, args.work, cache, args.src, buckets))
+            tens.append(one_step_seconds(assets, small, args.work, small_cache, args.src, buckets))
         shutil.rmtree(cache, ignore_errors=True)
-        ten = one_step_seconds(assets, small, args.work, cache, args.src, buckets)
+        ten, warm = tens[0], warms[0]
         label = "with --aspect_ratio_buckets" if buckets else "without buckets"
         print(
             f"  {label:28s} cold {cold:6.1f} s  warm {warm:6.1f} s  10 images {ten:5.1f} s  "
             f"-> overhead cold {cold - ten:6.1f} s, warm {warm - ten:6.1f} s"
         )
+        if args.repeats > 1:
+            overheads = sorted(w - t for w, t in zip(warms, tens, strict=True))
+            listed, median = ", ".join(f"{o:.1f}" for o in overheads), overheads[len(overheads) // 2]
+            print(f"    warm overhead of {args.repeats} alternating pairs: {listed} s, median {median:.1f} s")
 
 
 def cache_build(args: argparse.Namespace, assets: Path, data: Path) -> None:
@@ -149,7 +165,8 @@ def cache_build(args: argparse.Namespace, assets: Path, data: Path) -> None:
     parser = cli.ErrorOnlyParser()
     cli.add_data_args(parser, resolution=args.resolution)
     cli.add_cache_args(parser, "--cache_latents", "")
-    namespace = parser.parse_args(["--train_data_dir", str(data), "--center_crop", "--cache_latents"])
+    flags = ["--train_data_dir", str(data), "--center_crop", "--cache_latents"]
+    namespace = parser.parse_args([*flags, "--dataloader_num_workers", str(args.workers)])
     namespace.max_train_samples = args.cache_images
     namespace.seed, namespace.train_batch_size, namespace.cache_dir = 0, 8, str(args.work / "cache-build")
     shutil.rmtree(namespace.cache_dir, ignore_errors=True)
@@ -161,19 +178,26 @@ def cache_build(args: argparse.Namespace, assets: Path, data: Path) -> None:
     def encode(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"latent_mean": vae.encode(pixels).latent_dist.mean}
 
-    start = time.perf_counter()
-    cache.cache_images(accelerator, namespace, dataset, "bench", {}, encode, ["latent_mean"], "latents")
     rows = getattr(dataset, "num_rows", len(dataset))  # (a source tree without repeats has no num_rows)
-    build = rows / (time.perf_counter() - start)
-    count = min(rows, 512)
-    pixels = [dataset.load(i, flip=False)["pixel_values"] for i in range(count)]
-    start = time.perf_counter()
-    with torch.no_grad():
-        for i in range(0, count, 8):
-            encode(torch.stack(pixels[i : i + 8]))
-    encode_only = count / (time.perf_counter() - start)
-    print(f"latent cache build at {args.resolution} px: {build:.1f} images/s; VAE encode only: {encode_only:.1f} "
-          f"images/s (ratio {build / encode_only:.2f}); {os.cpu_count()} CPUs")  # fmt: skip
+    builds, encodes = [], []
+    for round_ in range(args.rounds):  # interleaved, so both rates see the same machine load
+        shutil.rmtree(namespace.cache_dir, ignore_errors=True)
+        start = time.perf_counter()
+        cache.cache_images(accelerator, namespace, dataset, "bench", {}, encode, ["latent_mean"], "latents")
+        builds.append(rows / (time.perf_counter() - start))
+        dataset.image_cache = None
+        pixels = [dataset.load(i, flip=False)["pixel_values"] for i in range(rows)]  # decoded, not timed
+        start = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, rows, namespace.train_batch_size):
+                encode(torch.stack(pixels[i : i + namespace.train_batch_size]))
+        encodes.append(rows / (time.perf_counter() - start))
+        print(f"  round {round_}: build {builds[-1]:.1f} images/s, encode only {encodes[-1]:.1f} images/s")
+    build, encode_only = sum(builds) / len(builds), sum(encodes) / len(encodes)
+    workers = namespace.dataloader_num_workers or "default"
+    ratio = build / encode_only
+    print(f"latent cache build at {args.resolution} px, {rows} images, {workers} workers: {build:.1f} images/s; "
+          f"VAE encode only: {encode_only:.1f} images/s (ratio {ratio:.2f}); {os.cpu_count()} CPUs")  # fmt: skip
 
 
 def main() -> None:
@@ -185,7 +209,10 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256, help="The cache build's training resolution.")
     parser.add_argument("--only", choices=["data", "startup", "cache"], action="append", help="Default: all three.")
     parser.add_argument("--layout", choices=["captions", "metadata"], default="captions")
-    parser.add_argument("--cache_images", type=int, default=256, help="Images for the cache-build figures.")
+    parser.add_argument("--cache_images", type=int, default=128, help="Images for the cache-build figures.")
+    parser.add_argument("--workers", type=int, default=0, help="The cache build's --dataloader_num_workers.")
+    parser.add_argument("--repeats", type=int, default=1, help="Warm / 10-image run pairs (a median if > 1).")
+    parser.add_argument("--rounds", type=int, default=2, help="Cache builds, each followed by an encode-only pass.")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     assets = args.assets or args.work / "assets"

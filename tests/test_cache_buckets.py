@@ -3,6 +3,7 @@
 import json
 import math
 import random
+import types
 
 import pytest
 from conftest import launch
@@ -129,6 +130,7 @@ def test_two_processes_with_buckets_and_caches(assets, tmp_path):
     )  # fmt: skip
     proc = launch("train_sdxl_lokr", args, processes=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("scanning images:   0%") == 1  # the main process scans, the other reads its result
     from safetensors.torch import load_file
 
     from difftune import checkpoints
@@ -155,3 +157,36 @@ def test_two_processes_with_buckets_and_caches(assets, tmp_path):
     assert (state["global_step"], state["num_processes"]) == (4, 2)
     assert max_difference(adapter_weights(out / "step2"), adapter_weights(out / "step4")) > 1e-4
     assert checkpoints.load_torch_state(out / "step4" / checkpoints.SCHEDULER_FILE)["last_epoch"] == 4
+
+
+def test_image_cache_holds_what_live_loading_gives(assets, tmp_path, monkeypatch):
+    """Built by DataLoader workers (the default number of them), shard by shard: each row's own images."""
+    import torch
+
+    from difftune import args as cli
+    from difftune import cache, data
+
+    monkeypatch.setattr(cache, "SHARD_SIZE", 7)  # several shards, the last one short
+    parser = cli.ErrorOnlyParser()
+    cli.add_data_args(parser, resolution=128)
+    cli.add_cache_args(parser, "--cache_latents", "")
+    args = parser.parse_args(
+        ["--train_data_dir", str(assets / "data"), "--center_crop", "--random_flip", "--dataloader_num_workers", "0"]
+    )  # fmt: skip
+    args.seed, args.train_batch_size, args.cache_dir = 0, 3, tmp_path / "cache"
+    args.aspect_ratio_buckets = True  # (an SDXL flag)
+    dataset = data.dataset_from_args(args, data.ImageTransform(True, True), lambda caption: {})
+    dataset.target_sizes = data.assign_buckets(dataset, data.make_buckets(128))
+    accelerator = types.SimpleNamespace(process_index=0, num_processes=1, is_main_process=True,
+                                        device=torch.device("cpu"), wait_for_everyone=lambda: None)  # fmt: skip
+
+    def encode(pixels):
+        return {"pooled": torch.nn.functional.avg_pool2d(pixels, 16)}
+
+    cache.cache_images(accelerator, args, dataset, "test", {}, encode, ["pooled"], "test images")
+    assert dataset.num_rows == 20 and len({dataset.target_size(i) for i in range(20)}) > 1
+    for row in range(dataset.num_rows):
+        for flip in (False, True):
+            live, cached = dataset.load_row(row, flip), dataset.image_cache.sample(row, flip)
+            assert torch.equal(cached["pooled"], encode(live["pixel_values"][None])["pooled"][0]), (row, flip)
+            assert torch.equal(cached["time_ids"], live["time_ids"]), (row, flip)

@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
@@ -80,3 +80,21 @@ def test_sampler_shards_and_reshuffles():
 def test_sampler_refuses_too_few_samples():
     with pytest.raises(UserError, match="cannot fill one batch"):
         EpochBatchSampler(3, 4, seed=0)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_scan_finds_cut_files_without_decoding_whole_ones(tmp_path, fmt, monkeypatch):
+    from difftune.data import scan
+
+    pixels = torch.randint(0, 255, (48, 40, 3), dtype=torch.uint8).numpy()
+    whole, cut = tmp_path / f"whole.{fmt.lower()}", tmp_path / f"cut.{fmt.lower()}"
+    Image.fromarray(pixels).save(whole, format=fmt)
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 3 // 4])  # a copy that stopped: header intact
+    with Image.open(cut) as image:
+        assert image.size == (40, 48)  # the header alone does not show the damage
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self) or real_load(self))
+    assert scan.probe({"path": str(whole), "bytes": None}) == (48, 40)
+    assert decoded == []  # a complete file is not decoded
+    assert isinstance(scan.probe({"path": str(cut), "bytes": None}), str)

@@ -10,13 +10,13 @@ waits, then reads it); with several processes each builds its own share of the s
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import math
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -50,15 +50,17 @@ def build(
     batch_size: int,
     fields: dict,
     desc: str,
+    plan: Callable[[list[int]], None] | None = None,
 ) -> None:
     """Fill the cache at `path` unless it is complete and verifies (one run at a time: another run building
-    it is waited for, then read): `encode(indices)` returns tensors keyed "<index>.<name>"."""
+    it is waited for, then read): `encode(indices)` returns tensors keyed "<index>.<name>"; `plan`, if given,
+    is told first every index this process will encode, in the order of the calls to `encode`."""
     with runlock.building(path, accelerator.is_main_process):
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             discard_damaged(path)
         accelerator.wait_for_everyone()
-        fill(accelerator, path, num_samples, encode, batch_size, fields, desc)
+        fill(accelerator, path, num_samples, encode, batch_size, fields, desc, plan)
 
 
 def discard_damaged(path: Path) -> None:
@@ -86,6 +88,7 @@ def fill(
     batch_size: int,
     fields: dict,
     desc: str,
+    plan: Callable[[list[int]], None] | None = None,
 ) -> None:
     """Encode the shards `path` lacks (this process's share of them), then mark the cache complete."""
     from safetensors.torch import save_file
@@ -97,8 +100,10 @@ def fill(
     path.mkdir(parents=True, exist_ok=True)
     shards = range(accelerator.process_index, math.ceil(num_samples / SHARD_SIZE), accelerator.num_processes)
     todo = [s for s in shards if not shard_file(path, s).is_file()]
-    total = sum(min(SHARD_SIZE, num_samples - s * SHARD_SIZE) for s in todo)
-    with tqdm(total=total, desc=f"caching {desc}", unit="image", disable=not accelerator.is_main_process) as bar:
+    order = [i for s in todo for i in range(s * SHARD_SIZE, min(num_samples, (s + 1) * SHARD_SIZE))]
+    if plan is not None:
+        plan(order)
+    with tqdm(total=len(order), desc=f"caching {desc}", unit="image", disable=not accelerator.is_main_process) as bar:
         for shard in todo:
             indices = list(range(shard * SHARD_SIZE, min(num_samples, (shard + 1) * SHARD_SIZE)))
             tensors = {}
@@ -152,28 +157,28 @@ def cache_images(
     reduced to the grid of the first encoding.
     """
     flips = [False, True] if args.random_flip else [False]
-    # Decoding and resizing run in a thread pool (Pillow and torch release the GIL), the next chunk of the
-    # shard while this one encodes: the encoder, not the JPEG decoder, sets the pace.
-    pool = ThreadPoolExecutor(args.dataloader_num_workers or min(8, os.cpu_count() or 1))
-    pending: dict[tuple[int, bool], object] = {}
-    dataset.first_sample(0)  # built once here, not raced for by the threads
+    rows, batches = RowImages(dataset, flips), iter(())
 
-    def submit(rows: range) -> None:
-        for row in rows:
-            for flip in flips:
-                pending.setdefault((row, flip), pool.submit(dataset.load_row, row, flip))
+    def start(order: list[int]) -> None:
+        # Worker processes decode and resize the rows in order, far enough ahead that the encoder never waits.
+        nonlocal batches
+        workers = args.dataloader_num_workers or min(4, os.cpu_count() or 1)
+        ahead = max(2, math.ceil(2 * args.train_batch_size / workers))
+        loader = torch.utils.data.DataLoader(
+            rows, batch_size=None, sampler=order, num_workers=workers, prefetch_factor=ahead,
+            generator=torch.Generator(),  # its workers' seed: not drawn from the training's global RNG
+        )  # fmt: skip
+        batches = iter(loader)
 
     def encode_indices(indices: list[int]) -> dict[str, torch.Tensor]:
-        submit(range(indices[0], indices[-1] + 1))
-        shard_end = min(dataset.num_rows, (indices[0] // SHARD_SIZE + 1) * SHARD_SIZE)
-        submit(range(indices[-1] + 1, min(shard_end, indices[-1] + 1 + len(indices))))
+        loaded = [next(batches) for _ in indices]
+        assert [row for row, _ in loaded] == indices, "the cache build read rows out of order"
         out = {}
-        for flip in flips:
+        for f, flip in enumerate(flips):
             prefix = "flip." if flip else ""
-            items = [(i, pending.pop((i, flip)).result()) for i in indices]
             groups: dict[tuple, list] = {}  # bucketed images differ in size: encode each size apart
-            for item in items:
-                groups.setdefault(tuple(item[1]["pixel_values"].shape), []).append(item)
+            for i, samples in loaded:
+                groups.setdefault(tuple(samples[f]["pixel_values"].shape), []).append((i, samples[f]))
             for group in groups.values():
                 encoded = encode(torch.stack([sample["pixel_values"] for _, sample in group]))
                 for row, (i, sample) in enumerate(group):
@@ -186,10 +191,31 @@ def cache_images(
 
     fields = {**fields, **data_fields(args, dataset)}
     path = cache_path(args.cache_dir, kind, fields)
-    with pool:
-        build(accelerator, path, dataset.num_rows, encode_indices, args.train_batch_size, fields, desc)
+    try:
+        build(accelerator, path, dataset.num_rows, encode_indices, args.train_batch_size, fields, desc, start)
+    finally:
+        batches = iter(())  # the workers stop
     extra = ["time_ids"] + (["mask"] if dataset.mask_sources is not None else [])
     dataset.image_cache = CacheReader(path, [*names, *extra], flips=len(flips) > 1)
+
+
+class RowImages(torch.utils.data.Dataset):
+    """A data set's rows as its image cache holds them, (row, [sample per orientation]), for DataLoader workers:
+    a copy of the data set without its tokenizer, caches and caption column, so that it pickles cheaply."""
+
+    def __init__(self, dataset, flips: list[bool]) -> None:
+        view = copy.copy(dataset)
+        view.rows = dataset.rows.select_columns([dataset.image_column])
+        view.tokenize, view.image_cache, view.text_cache, view.text_ids = None, None, None, {}
+        view.unreadable = set()
+        view.first_sample(0)  # built once, here
+        self.dataset, self.flips = view, flips
+
+    def __len__(self) -> int:
+        return self.dataset.num_rows
+
+    def __getitem__(self, row: int) -> tuple[int, list[dict[str, torch.Tensor]]]:
+        return row, [self.dataset.load_row(row, flip) for flip in self.flips]
 
 
 def cache_texts(

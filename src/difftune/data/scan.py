@@ -1,9 +1,14 @@
 """One scan of the images (size and readability), in parallel, kept beside the caches.
 
-A full decode is the only sure test of a readable image (a header check misses truncated files), and it
-costs milliseconds per image: so it is done once per image file, in a thread pool (Pillow decodes
-without the GIL), and its result is kept in CACHE_DIR/image-scan.json keyed by path, file size and
-modification time. An unchanged data set then starts without decoding anything. Only the main process
+What a start needs of an image is its size (the buckets) and whether it can be read. The size is in the
+header. Readability: the common damage is a file cut short (a copy or download that stopped), and a JPEG or
+PNG shows it at its tail, which must end with the end-of-image marker (JPEG) or the IEND chunk (PNG). So a
+JPEG or PNG whose header opens and whose tail is complete counts as readable without decoding its pixels
+(a file damaged in the middle can still fail later: the sample then trains on the next readable image of its
+size, with a warning, see CaptionedImageDataset.open_or_substitute). Other formats, and files whose tail is
+not the expected marker (a JPEG with trailing data, for one), are decoded (JPEGs at 1/8 scale), once.
+The scan runs in a thread pool and its result is kept in CACHE_DIR/image-scan.json keyed by path, file size
+and modification time: an unchanged data set then starts without opening any image. Only the main process
 scans; the others wait for it and read its result.
 """
 
@@ -23,7 +28,10 @@ from difftune.data.images import column, image_name, image_source
 logger = logging.getLogger(__name__)
 
 SCAN_FILE = "image-scan.json"
-SIZES: dict[str, tuple[int, int]] = {}  # this process's scanned sizes by file_key, for the buckets
+SIZES: dict[str, tuple[int, int]] = {}  # this process's scanned sizes by path, for the buckets
+
+
+TAILS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}  # how a complete file of the format ends
 
 
 def probe(record: dict) -> tuple[int, int] | str:
@@ -31,24 +39,43 @@ def probe(record: dict) -> tuple[int, int] | str:
     try:
         with Image.open(image_source(record)) as image:
             size = image.height, image.width
-            if image.format == "JPEG":
-                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))  # all of it, at 1/8 scale
-            image.load()
+            if not complete_tail(image):
+                if image.format == "JPEG":
+                    image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))  # all of it, at 1/8
+                image.load()
         return size
     except Exception as error:  # noqa: BLE001 - any decode failure means unreadable
         return str(error) or type(error).__name__
 
 
-def file_key(record: dict) -> str | None:
-    """path|size|mtime of an image file (None for images held as bytes: those are probed every time)."""
+def complete_tail(image: Image.Image) -> bool:
+    """Whether an opened single-frame JPEG or PNG ends as a complete file does (False: decode it to know)."""
+    tail = TAILS.get(image.format)
+    if tail is None or getattr(image, "n_frames", 1) != 1:
+        return False
+    fp, position = image.fp, image.fp.tell()
+    try:
+        if fp.seek(0, os.SEEK_END) < len(tail):
+            return False
+        fp.seek(-len(tail), os.SEEK_END)
+        return fp.read(len(tail)) == tail
+    finally:
+        fp.seek(position)
+
+
+def file_key(record: dict, stat: tuple[int, int] | None = None) -> str | None:
+    """path|size|mtime of an image file, from `stat` (size, mtime_ns) when the caller has it (None for images
+    held as bytes: those are probed every time)."""
     path = record.get("path")
     if record.get("bytes") or not path:
         return None
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+    if stat is None:
+        try:
+            result = os.stat(path)
+        except OSError:
+            return None
+        stat = result.st_size, result.st_mtime_ns
+    return f"{os.path.abspath(path)}|{stat[0]}|{stat[1]}"
 
 
 def main_process_first():
@@ -60,14 +87,17 @@ def main_process_first():
     return PartialState().main_process_first()
 
 
-def scan_images(records: list[dict], cache_dir: str | Path | None, workers: int = 0) -> list[tuple[int, int] | str]:
-    """Each record's (height, width), or the reason it is unreadable; known files come from the scan file."""
+def scan_images(
+    records: list[dict], cache_dir: str | Path | None, workers: int = 0, stats: list[tuple[int, int]] | None = None
+) -> list[tuple[int, int] | str]:
+    """Each record's (height, width), or the reason it is unreadable; known files come from the scan file.
+    `stats`: each file's (size, mtime_ns), when the caller has them (else each file is stat'ed)."""
     from tqdm.auto import tqdm
 
     path = Path(cache_dir) / SCAN_FILE if cache_dir else None
     with main_process_first():
         known = read_scan(path)
-        keys = [file_key(record) for record in records]
+        keys = [file_key(record, stat) for record, stat in zip(records, stats or [None] * len(records), strict=True)]
         todo = [i for i, key in enumerate(keys) if key is None or key not in known]
         results = {i: tuple(known[key]) if isinstance(known[key], list) else known[key] for i, key in enumerate(keys)
                    if key is not None and key in known}  # fmt: skip
@@ -83,14 +113,14 @@ def scan_images(records: list[dict], cache_dir: str | Path | None, workers: int 
             if path is not None:
                 known.update({keys[i]: results[i] for i in todo if keys[i] is not None})
                 write_scan(path, known)
-    SIZES.update({key: results[i] for i, key in enumerate(keys) if key is not None and isinstance(results[i], tuple)})
+    SIZES.update({records[i]["path"]: size for i, size in results.items() if keys[i] and isinstance(size, tuple)})
     return [results[i] for i in range(len(records))]
 
 
 def known_size(record: dict) -> tuple[int, int] | None:
-    """The scanned (height, width) of an image file, if this process scanned (or read the scan of) it."""
-    key = file_key(record)
-    return SIZES.get(key) if key else None
+    """The scanned (height, width) of an image file, if this process scanned (or read the scan of) it (by path:
+    the scan was this start's, moments ago)."""
+    return None if record.get("bytes") else SIZES.get(record.get("path"))
 
 
 def read_scan(path: Path | None) -> dict:
@@ -114,8 +144,11 @@ def readable_rows(
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """The rows whose images are readable (a warning naming each other one) and their (height, width)."""
     records = column(dataset, image_column) if len(dataset) else []
+    stats = None  # a folder's rows hold each file's size and mtime, read as the folder was listed
+    if records and {"size", "mtime"} <= set(dataset.column_names):
+        stats = list(zip(column(dataset, "size"), column(dataset, "mtime"), strict=True))
     good, sizes = [], []
-    for index, result in enumerate(scan_images(records, cache_dir, workers)):
+    for index, result in enumerate(scan_images(records, cache_dir, workers, stats)):
         if isinstance(result, str):
             logger.warning("skipping unreadable image %s (%s)", image_name(records[index]), result)
             continue
