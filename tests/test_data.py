@@ -98,3 +98,24 @@ def test_scan_finds_cut_files_without_decoding_whole_ones(tmp_path, fmt, monkeyp
     assert scan.probe({"path": str(whole), "bytes": None}) == (48, 40)
     assert decoded == []  # a complete file is not decoded
     assert isinstance(scan.probe({"path": str(cut), "bytes": None}), str)
+
+
+def test_a_large_jpeg_decodes_small_but_keeps_its_size_in_the_conditioning(tmp_path, monkeypatch):
+    import datasets
+
+    from difftune.data import CaptionedImageDataset
+
+    path = tmp_path / "photo.jpg"
+    gradient_image(1000, 640).save(path, quality=95)
+    rows = datasets.Dataset.from_dict({"image": [{"path": str(path), "bytes": None}], "text": ["a photo"]})
+    data = CaptionedImageDataset(rows, "image", "text", ImageTransform(True, False), lambda text: {}, 64, 0)
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or real_load(self))
+    sample = data.load(0, flip=False)
+    assert decoded[0][0] <= 1000 // 4  # 640 x 1000 covering 64 x 64 (resized to 64 x 100): decoded at 1/8 scale
+    assert sample["time_ids"].tolist() == [640, 1000, 0, 18, 64, 64]  # the file's size, the crop, the target
+    with Image.open(path) as image:  # a full decode, resized and cropped alike
+        full, *_ = ImageTransform(True, False)(image.convert("RGB"), (64, 64), None)
+    difference = (sample["pixel_values"] - full).abs()
+    assert difference.mean() < 0.02 and difference.max() < 0.2  # in [-1, 1]: a DCT-scaled decode, then the resize

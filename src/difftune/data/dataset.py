@@ -94,16 +94,18 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
     def load(self, index: int, flip: bool | None = None, rng: random.Random | None = None) -> dict[str, torch.Tensor]:
         """One transformed image with its size conditioning (`flip` forced, or drawn from `rng`), and with
         --masked_loss its loss mask, cropped and flipped alike."""
-        (image, row), target = self.open_or_substitute(index), self.target_size(index)
+        target = self.target_size(index)
+        image, original, row = self.open_or_substitute(index)
         mask = None
         if self.mask_sources is not None:
             mask = open_mask(self.rows[row][self.image_column], self.mask_sources[row], image.size)
-        pixels, original, crop, mask = self.transform.with_mask(image, target, rng, flip, mask)
+        pixels, original, crop, mask = self.transform.with_mask(image, target, rng, flip, mask, original)
         out = {"pixel_values": pixels, "time_ids": torch.tensor([*original, *crop, *target], dtype=torch.float32)}
         return out if mask is None else {**out, "mask": mask}
 
     def open_or_substitute(self, index: int):
-        """Sample `index`'s image and row; if it became unreadable after the scan, the next readable image of the
+        """Sample `index`'s image (decoded at a size that still covers its target), its size in the file and its
+        row; if it became unreadable after the scan, the next readable image of the
         same target size, with a warning (a batch still gets its images, the run goes on)."""
         for step in range(len(self)):
             candidate = (index + step) % len(self)
@@ -111,7 +113,7 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
                 continue
             record = self.rows[self.row(candidate)][self.image_column]
             try:
-                return open_image(record), self.row(candidate)
+                return *open_image(record, self.target_size(index)), self.row(candidate)
             except Exception as error:  # noqa: BLE001 - any decode failure means unreadable
                 if image_name(record) not in self.unreadable:
                     self.unreadable.add(image_name(record))

@@ -7,6 +7,7 @@ index), not from a global RNG, so a resumed run sees exactly the batches an unin
 from __future__ import annotations
 
 import io
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,11 +30,18 @@ def image_source(record: dict):
     return io.BytesIO(record["bytes"]) if record.get("bytes") else record["path"]
 
 
-def open_image(record: dict) -> Image.Image:
-    """Decode an undecoded datasets image record to RGB."""
+def open_image(record: dict, covering: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode an undecoded datasets image record to RGB; returns it with its (height, width) in the file. With
+    `covering` (height, width), a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) at which it still
+    covers that size once resized to it: a photo much larger than the training size decodes several times
+    faster, and the resize that follows starts from a smaller image."""
     image = Image.open(image_source(record))
+    original = image.height, image.width
+    if covering is not None and image.format == "JPEG":
+        scale = max(covering[0] / image.height, covering[1] / image.width)
+        image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
     image.load()
-    return image.convert("RGB")
+    return image.convert("RGB"), original
 
 
 def sample_rng(seed: int, epoch: int, index: int, stream: str = "") -> random.Random:
@@ -73,6 +81,7 @@ class ImageTransform:
         rng: random.Random | None,
         flip: bool | None = None,
         mask: Image.Image | None = None,
+        original: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int], torch.Tensor | None]:
         """As a call, and the `mask` (a grayscale image, stretched to the image's size) through the same
         resize, crop and flip, as a (1, height, width) tensor in [0, 1] (None without one)."""
@@ -80,7 +89,7 @@ class ImageTransform:
         from torchvision.transforms import functional as F
 
         target_h, target_w = size
-        original = (image.height, image.width)
+        original = original or (image.height, image.width)  # (a JPEG decoded smaller: its size in the file)
         scale = max(target_h / image.height, target_w / image.width)
         resized_h = max(target_h, round(image.height * scale))
         resized_w = max(target_w, round(image.width * scale))
