@@ -34,9 +34,9 @@ class ReadSpy:
             finally:
                 self.phase = "train"
 
-        def open_image(record):
+        def open_image(record, covering=None):
             self.opened[self.phase] += 1
-            return real_open(record)
+            return real_open(record, covering)
 
         monkeypatch.setattr(data.CaptionedImageDataset, "__getitem__", getitem)
         monkeypatch.setattr(training, "evaluation_loss", held_out_loss)
