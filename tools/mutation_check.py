@@ -464,6 +464,39 @@ MUTATIONS = [
         ("tests/test_evaluation.py", "-k", "eval_data_dir_is_held_out"),
         "the prior trained on latents outside its range",
     ),
+    # personalisation (issue 20), the lean LoRA forward and the JPEG decode
+    Mutation(
+        "personal: the loss mask not flipped with its image",
+        files(*DATA), "None if mask is None else F.hflip(mask)", "mask",
+        ("tests/test_masked_loss.py::test_mask_follows_the_crop_and_the_flip",),
+        "a flipped image trains the wrong half: the subject's mask lands on the background",
+    ),
+    Mutation(
+        "personal: --prior_loss_weight dropped",
+        files("src/difftune/objectives.py"), '("prior", is_class, weight)', '("prior", is_class, 1.0)',
+        ("tests/test_dreambooth.py::test_instance_and_class_batches_of_different_sizes_run_as_parts_with_the_same_loss",),
+        "the class images weigh as much as the subject whatever the flag says",
+    ),
+    Mutation(
+        "personal: a prompt line's --d seed ignored",
+        files("src/difftune/validation.py"), 'entry.get("seed", seed)', "seed",
+        ("tests/test_validation_prompts.py::test_sdxl_validation_images_follow_each_prompt_s_settings",),
+        "every prompt of a file sampled from the run's seed: the line's seed silently does nothing",
+    ),
+    Mutation(
+        "lora: the lean forward drops the scaling",
+        files("src/difftune/lora.py"), "up = lora_B.weight if scaling == 1 else lora_B.weight * scaling",
+        "up = lora_B.weight",
+        ("tests/test_cascade.py::test_the_lean_lora_forward_equals_peft",),
+        "every LoRA trained at strength 1 instead of alpha / rank, unlike the peft layer that loads it",
+    ),
+    Mutation(
+        "images: a JPEG's decoded size in SDXL's conditioning",
+        files(*DATA), "self.transform.with_mask(image, target, rng, flip, mask, original)",
+        "self.transform.with_mask(image, target, rng, flip, mask)",
+        ("tests/test_data.py::test_a_large_jpeg_decodes_small_but_keeps_its_size_in_the_conditioning",),
+        "SDXL conditioned on the reduced decode's size instead of the photo's: low-resolution conditioning",
+    ),
 ]  # fmt: skip
 
 
