@@ -67,10 +67,15 @@ def use_factored_forward(model: nn.Module) -> int:
     returns how many. Conv layers keep peft's own path."""
     from peft.tuners.lokr.layer import Linear
 
-    factored = _factored_class(Linear)
+    return swap_class(model, Linear, _factored_class(Linear))
+
+
+def swap_class(model: nn.Module, layer_type: type, replacement: type) -> int:
+    """Give every module of exactly `layer_type` in `model` the class `replacement` (a subclass with another
+    forward; parameters and state untouched); returns how many."""
     count = 0
     for module in model.modules():
-        if type(module) is Linear:
-            module.__class__ = factored
+        if type(module) is layer_type:
+            module.__class__ = replacement
             count += 1
     return count

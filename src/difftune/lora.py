@@ -17,6 +17,8 @@ import functools
 import torch
 from torch import nn
 
+from difftune.lokr import swap_class
+
 
 @functools.cache
 def _lean_class(linear: type) -> type:
@@ -50,10 +52,4 @@ def use_lean_forward(model: nn.Module) -> int:
     many. Other LoRA layer types (Conv, Embedding) keep peft's forward."""
     from peft.tuners.lora.layer import Linear
 
-    lean = _lean_class(Linear)
-    count = 0
-    for module in model.modules():
-        if type(module) is Linear:
-            module.__class__ = lean
-            count += 1
-    return count
+    return swap_class(model, Linear, _lean_class(Linear))
