@@ -12,7 +12,9 @@ Writes N synthetic JPEGs (mixed aspect ratios, about 1 MP each, caption files be
 - seconds to build the data set in a fresh process (scan, captions, buckets), cold and warm: the part that
   grows with N, measured without the model loading that dominates the tiny runs' noise;
 - the latent cache build's images/s (decode, resize, encode, write) beside the VAE-encode-only images/s on
-  the same images, already decoded, in --rounds alternating rounds (build, encode only, build, ...).
+  the same images, already decoded, in --rounds alternating rounds (build, encode only, build, ...): the
+  ratio is taken per round, from a build and the encode-only pass right after it (the machine's speed
+  drifts between rounds), and their median printed, with the share of the build the encoder was busy.
 --src runs the scripts with another source tree first on the path (e.g. main's, for today's figures).
 """
 
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -175,29 +178,42 @@ def cache_build(args: argparse.Namespace, assets: Path, data: Path) -> None:
     accelerator = types.SimpleNamespace(process_index=0, num_processes=1, is_main_process=True,
                                         device=torch.device("cpu"), wait_for_everyone=lambda: None)  # fmt: skip
 
+    busy = [0.0]  # seconds inside the encoder during a build
+
     def encode(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"latent_mean": vae.encode(pixels).latent_dist.mean}
+        start = time.perf_counter()
+        out = {"latent_mean": vae.encode(pixels).latent_dist.mean}
+        busy[0] += time.perf_counter() - start
+        return out
 
     rows = getattr(dataset, "num_rows", len(dataset))  # (a source tree without repeats has no num_rows)
-    builds, encodes = [], []
-    for round_ in range(args.rounds):  # interleaved, so both rates see the same machine load
+    ratios, builds, encodes, shares = [], [], [], []
+    for round_ in range(args.rounds):  # each build is paired with an encode-only pass right after it
         shutil.rmtree(namespace.cache_dir, ignore_errors=True)
-        start = time.perf_counter()
+        busy[0], start = 0.0, time.perf_counter()
         cache.cache_images(accelerator, namespace, dataset, "bench", {}, encode, ["latent_mean"], "latents")
-        builds.append(rows / (time.perf_counter() - start))
+        build_seconds, build_busy = time.perf_counter() - start, busy[0]
         dataset.image_cache = None
         pixels = [dataset.load(i, flip=False)["pixel_values"] for i in range(rows)]  # decoded, not timed
         start = time.perf_counter()
         with torch.no_grad():
             for i in range(0, rows, namespace.train_batch_size):
                 encode(torch.stack(pixels[i : i + namespace.train_batch_size]))
-        encodes.append(rows / (time.perf_counter() - start))
-        print(f"  round {round_}: build {builds[-1]:.1f} images/s, encode only {encodes[-1]:.1f} images/s")
-    build, encode_only = sum(builds) / len(builds), sum(encodes) / len(encodes)
+        encode_seconds = time.perf_counter() - start
+        builds.append(rows / build_seconds)
+        encodes.append(rows / encode_seconds)
+        ratios.append(encode_seconds / build_seconds)
+        shares.append(build_busy / build_seconds)
+        print(f"  round {round_}: build {builds[-1]:.1f} images/s, encode only {encodes[-1]:.1f} images/s, "
+              f"ratio {ratios[-1]:.2f}; the encoder busy {100 * shares[-1]:.0f}% of the build")  # fmt: skip
     workers = namespace.dataloader_num_workers or "default"
-    ratio = build / encode_only
-    print(f"latent cache build at {args.resolution} px, {rows} images, {workers} workers: {build:.1f} images/s; "
-          f"VAE encode only: {encode_only:.1f} images/s (ratio {ratio:.2f}); {os.cpu_count()} CPUs")  # fmt: skip
+    ratio, share = statistics.median(ratios), statistics.median(shares)
+    print(
+        f"latent cache build at {args.resolution} px, {rows} images, {workers} workers, {args.rounds} rounds: "
+        f"build {statistics.median(builds):.1f} images/s, VAE encode only {statistics.median(encodes):.1f} "
+        f"images/s (medians); ratio of each round's pair: median {ratio:.2f} (range {min(ratios):.2f}-"
+        f"{max(ratios):.2f}); the encoder busy {100 * share:.0f}% of the build (median); {os.cpu_count()} CPUs"
+    )
 
 
 def main() -> None:
@@ -212,7 +228,7 @@ def main() -> None:
     parser.add_argument("--cache_images", type=int, default=128, help="Images for the cache-build figures.")
     parser.add_argument("--workers", type=int, default=0, help="The cache build's --dataloader_num_workers.")
     parser.add_argument("--repeats", type=int, default=1, help="Warm / 10-image run pairs (a median if > 1).")
-    parser.add_argument("--rounds", type=int, default=2, help="Cache builds, each followed by an encode-only pass.")
+    parser.add_argument("--rounds", type=int, default=6, help="Cache builds, each followed by an encode-only pass.")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     assets = args.assets or args.work / "assets"

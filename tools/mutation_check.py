@@ -216,7 +216,7 @@ MUTATIONS = [
     ),
     Mutation(
         "lokr: conv layers switched to the Linear forward",
-        files("src/difftune/lokr.py"), "if type(module) is Linear:", 'if hasattr(module, "lokr_w1"):',
+        files("src/difftune/lokr.py"), "if type(module) is layer_type:", 'if hasattr(module, "lokr_w1"):',
         ("tests/test_lokr_factored.py::test_conv_layers_keep_peft_s_path",),
         "a duck-typed check that also catches LoKr Conv2d layers",
     ),
@@ -260,6 +260,12 @@ MUTATIONS = [
         files("src/difftune/cache.py"), '"resolution": args.resolution,\n', "",
         ("tests/test_cache_buckets.py", "-k", "reused_and_rebuilt"),
         "a run at another resolution trains on stale latents",
+    ),
+    Mutation(
+        "cache: a size group's rows all take its first row's size conditioning",
+        files("src/difftune/cache.py"), 'group["time_ids"][position]', 'group["time_ids"][0]',
+        ("tests/test_cache_buckets.py::test_image_cache_holds_what_live_loading_gives",),
+        "the workers stack each size group's time_ids: an index slip gives every row the same crop and size",
     ),
     Mutation(
         "sdxl: cached latents use the posterior mean",

@@ -50,7 +50,7 @@ def build(
     batch_size: int,
     fields: dict,
     desc: str,
-    plan: Callable[[list[int]], None] | None = None,
+    plan: Callable[[list[list[int]]], None] | None = None,
 ) -> None:
     """Fill the cache at `path` unless it is complete and verifies (one run at a time: another run building
     it is waited for, then read): `encode(indices)` returns tensors keyed "<index>.<name>"; `plan`, if given,
@@ -88,7 +88,7 @@ def fill(
     batch_size: int,
     fields: dict,
     desc: str,
-    plan: Callable[[list[int]], None] | None = None,
+    plan: Callable[[list[list[int]]], None] | None = None,
 ) -> None:
     """Encode the shards `path` lacks (this process's share of them), then mark the cache complete."""
     from safetensors.torch import save_file
@@ -100,16 +100,15 @@ def fill(
     path.mkdir(parents=True, exist_ok=True)
     shards = range(accelerator.process_index, math.ceil(num_samples / SHARD_SIZE), accelerator.num_processes)
     todo = [s for s in shards if not shard_file(path, s).is_file()]
-    order = [i for s in todo for i in range(s * SHARD_SIZE, min(num_samples, (s + 1) * SHARD_SIZE))]
+    chunks = {s: batched(range(s * SHARD_SIZE, min(num_samples, (s + 1) * SHARD_SIZE)), batch_size) for s in todo}
     if plan is not None:
-        plan(order)
-    with tqdm(total=len(order), desc=f"caching {desc}", unit="image", disable=not accelerator.is_main_process) as bar:
+        plan([chunk for shard in todo for chunk in chunks[shard]])
+    total = sum(len(chunk) for shard in todo for chunk in chunks[shard])
+    with tqdm(total=total, desc=f"caching {desc}", unit="image", disable=not accelerator.is_main_process) as bar:
         for shard in todo:
-            indices = list(range(shard * SHARD_SIZE, min(num_samples, (shard + 1) * SHARD_SIZE)))
             tensors = {}
             with torch.no_grad():
-                for start in range(0, len(indices), batch_size):
-                    chunk = indices[start : start + batch_size]
+                for chunk in chunks[shard]:
                     tensors.update({k: v.float().cpu().contiguous() for k, v in encode(chunk).items()})
                     bar.update(len(chunk))
             partial = shard_file(path, shard).with_suffix(f".partial-{os.getpid()}")
@@ -123,6 +122,10 @@ def fill(
         record = {**fields, "num_samples": num_samples, SHARDS: integrity.digests(path, names)}
         (path / COMPLETE).write_text(json.dumps(record, indent=2, default=str))
     accelerator.wait_for_everyone()
+
+
+def batched(indices: range, size: int) -> list[list[int]]:
+    return [list(indices[start : start + size]) for start in range(0, len(indices), size)]
 
 
 def data_fields(args, dataset) -> dict:
@@ -157,36 +160,34 @@ def cache_images(
     reduced to the grid of the first encoding.
     """
     flips = [False, True] if args.random_flip else [False]
-    rows, batches = RowImages(dataset, flips), iter(())
+    chunks, batches = ChunkImages(dataset, flips), iter(())
 
-    def start(order: list[int]) -> None:
-        # Worker processes decode and resize the rows in order, far enough ahead that the encoder never waits.
+    def start(order: list[list[int]]) -> None:
+        # Worker processes decode, resize and stack each call's images (one message per call: on a CPU the
+        # workers share the encoder's cores), two calls ahead in all so that the encoder never waits.
         nonlocal batches
         workers = args.dataloader_num_workers or min(4, os.cpu_count() or 1)
-        ahead = max(2, math.ceil(2 * args.train_batch_size / workers))
         loader = torch.utils.data.DataLoader(
-            rows, batch_size=None, sampler=order, num_workers=workers, prefetch_factor=ahead,
+            chunks, batch_size=None, sampler=order, num_workers=workers, prefetch_factor=math.ceil(2 / workers),
             generator=torch.Generator(),  # its workers' seed: not drawn from the training's global RNG
         )  # fmt: skip
         batches = iter(loader)
 
     def encode_indices(indices: list[int]) -> dict[str, torch.Tensor]:
-        loaded = [next(batches) for _ in indices]
-        assert [row for row, _ in loaded] == indices, "the cache build read rows out of order"
+        rows, per_flip = next(batches)
+        assert rows == indices, "the cache build read rows out of order"
         out = {}
-        for f, flip in enumerate(flips):
+        for flip, groups in zip(flips, per_flip, strict=True):
             prefix = "flip." if flip else ""
-            groups: dict[tuple, list] = {}  # bucketed images differ in size: encode each size apart
-            for i, samples in loaded:
-                groups.setdefault(tuple(samples[f]["pixel_values"].shape), []).append((i, samples[f]))
-            for group in groups.values():
-                encoded = encode(torch.stack([sample["pixel_values"] for _, sample in group]))
-                for row, (i, sample) in enumerate(group):
-                    out.update({f"{i}.{prefix}{name}": encoded[name][row] for name in names})
-                    out[f"{i}.{prefix}time_ids"] = sample["time_ids"]
-                    if "mask" in sample:
-                        grid = encoded[names[0]].shape[-2:]
-                        out[f"{i}.{prefix}mask"] = masks.on_grid(sample["mask"][None], grid)[0]
+            for group in groups:
+                encoded = encode(group["pixel_values"])
+                for position, i in enumerate(group["rows"]):
+                    out.update({f"{i}.{prefix}{name}": encoded[name][position] for name in names})
+                    out[f"{i}.{prefix}time_ids"] = group["time_ids"][position]
+                if "mask" in group:
+                    grid = encoded[names[0]].shape[-2:]
+                    for position, mask in enumerate(masks.on_grid(group["mask"], grid)):
+                        out[f"{group['rows'][position]}.{prefix}mask"] = mask
         return out
 
     fields = {**fields, **data_fields(args, dataset)}
@@ -199,9 +200,10 @@ def cache_images(
     dataset.image_cache = CacheReader(path, [*names, *extra], flips=len(flips) > 1)
 
 
-class RowImages(torch.utils.data.Dataset):
-    """A data set's rows as its image cache holds them, (row, [sample per orientation]), for DataLoader workers:
-    a copy of the data set without its tokenizer, caches and caption column, so that it pickles cheaply."""
+class ChunkImages(torch.utils.data.Dataset):
+    """For DataLoader workers: a list of rows -> (rows, per orientation the rows' samples stacked by size, as
+    groups {"rows", "pixel_values", "time_ids"[, "mask"]}). Holds a copy of the data set without its
+    tokenizer, caches and caption column, so that it pickles cheaply."""
 
     def __init__(self, dataset, flips: list[bool]) -> None:
         view = copy.copy(dataset)
@@ -214,8 +216,21 @@ class RowImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.dataset.num_rows
 
-    def __getitem__(self, row: int) -> tuple[int, list[dict[str, torch.Tensor]]]:
-        return row, [self.dataset.load_row(row, flip) for flip in self.flips]
+    def __getitem__(self, rows: list[int]) -> tuple[list[int], list[list[dict]]]:
+        per_flip = []
+        for flip in self.flips:
+            by_size: dict[tuple, list] = {}  # bucketed images differ in size: each size is encoded apart
+            for row in rows:
+                sample = self.dataset.load_row(row, flip)
+                by_size.setdefault(tuple(sample["pixel_values"].shape), []).append((row, sample))
+            groups = []
+            for members in by_size.values():
+                group = {"rows": [row for row, _ in members]}
+                for key in members[0][1]:
+                    group[key] = torch.stack([sample[key] for _, sample in members])
+                groups.append(group)
+            per_flip.append(groups)
+        return rows, per_flip
 
 
 def cache_texts(
