@@ -490,6 +490,12 @@ MUTATIONS = [
         "every prompt of a file sampled from the run's seed: the line's seed silently does nothing",
     ),
     Mutation(
+        "lora: the lean forward's update computed but not added in place",
+        files("src/difftune/lora.py"), ".addmm_(h.reshape", ".addmm(h.reshape",
+        ("tests/test_cascade.py::test_the_lean_lora_forward_equals_peft",),
+        "addmm for addmm_: the update goes to a discarded tensor and the LoRA trains nothing",
+    ),
+    Mutation(
         "lora: the lean forward drops the scaling",
         files("src/difftune/lora.py"), "up = lora_B.weight if scaling == 1 else lora_B.weight * scaling",
         "up = lora_B.weight",

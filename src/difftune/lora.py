@@ -4,10 +4,11 @@ peft adds the adapter as `result + lora_B(lora_A(dropout(x))) * scaling`: three 
 tensors written forward (B's product, its scaled copy, the sum) and one more backward (the gradient times
 scaling), for a rank-r update whose own FLOPs are ~1 % of the layer's. On the CPU at Stable Cascade's size
 those elementwise passes, not the FLOPs, are most of the adapter's cost. Here the scaling goes on the small
-(out x r) factor and the up-projection is added to the base output by one addmm: one full-size write forward,
-none for the scaling backward. Parameters, names, dropout draws, merge / unmerge and every other case (adapters
-disabled or merged, several adapters, mixed batches, DoRA and other variants, lora_bias, a dtype mismatch
-between the base output and the adapter) stay peft's own code, so checkpoints are identical.
+(out x r) factor and the up-projection is added into the base output by one in-place addmm: no full-size
+tensor written forward beyond the base output, none for the scaling backward. Parameters, names, dropout
+draws, merge / unmerge and every other case (adapters disabled or merged, several adapters, mixed batches,
+DoRA and other variants, lora_bias, a dtype mismatch between the base output and the adapter) stay peft's
+own code, so checkpoints are identical.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from difftune.lokr import swap_class
 @functools.cache
 def _lean_class(linear: type) -> type:
     class LeanLinear(linear):
-        """peft's LoRA Linear adding its update with one addmm."""
+        """peft's LoRA Linear adding its update with one in-place addmm."""
 
         def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             active = [name for name in self.active_adapters if name in self.lora_A]
@@ -40,8 +41,9 @@ def _lean_class(linear: type) -> type:
                 return (result + lora_B(h) * self.scaling[name]).to(result.dtype)
             scaling = self.scaling[name]
             up = lora_B.weight if scaling == 1 else lora_B.weight * scaling
-            out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), up.t())
-            return out.view(result.shape)
+            # In place: the frozen base layer's output is needed by no backward, so no full-size copy is made.
+            result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t())
+            return result
 
     LeanLinear.__name__ = LeanLinear.__qualname__ = linear.__name__
     return LeanLinear
