@@ -491,7 +491,7 @@ MUTATIONS = [
     ),
     Mutation(
         "lora: the lean forward's update computed but not added in place",
-        files("src/difftune/lora.py"), ".addmm_(h.reshape", ".addmm(h.reshape",
+        files("src/difftune/lora.py"), "result.addmm_(h, up.t())", "result.addmm(h, up.t())",
         ("tests/test_cascade.py::test_the_lean_lora_forward_equals_peft",),
         "addmm for addmm_: the update goes to a discarded tensor and the LoRA trains nothing",
     ),

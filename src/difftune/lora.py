@@ -35,15 +35,18 @@ def _lean_class(linear: type) -> type:
             if name in self.lora_variant or lora_B.bias is not None:
                 return super().forward(x, *args, **kwargs)
             self._check_forward_args(x)
-            result = self.base_layer(x)
-            h = lora_A(self.lora_dropout[name](self._cast_input_dtype(x, lora_A.weight.dtype)))
+            flat = x.reshape(-1, x.shape[-1])
+            result = self.base_layer(flat)
+            h = lora_A(self.lora_dropout[name](self._cast_input_dtype(flat, lora_A.weight.dtype)))
             if h.dtype != result.dtype:  # peft's own expression: it promotes, then casts back
-                return (result + lora_B(h) * self.scaling[name]).to(result.dtype)
-            scaling = self.scaling[name]
-            up = lora_B.weight if scaling == 1 else lora_B.weight * scaling
-            # In place: the frozen base layer's output is needed by no backward, so no full-size copy is made.
-            result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t())
-            return result
+                result = (result + lora_B(h) * self.scaling[name]).to(result.dtype)
+            else:
+                scaling = self.scaling[name]
+                up = lora_B.weight if scaling == 1 else lora_B.weight * scaling
+                # No backward needs the frozen base layer's output, so the update goes into it in place; into
+                # the 2-D tensor itself, as an in-place op on a view would copy the gradient backward.
+                result.addmm_(h, up.t())
+            return result.view(*x.shape[:-1], result.shape[-1])
 
     LeanLinear.__name__ = LeanLinear.__qualname__ = linear.__name__
     return LeanLinear
