@@ -12,9 +12,9 @@ Writes N synthetic JPEGs (mixed aspect ratios, about 1 MP each, caption files be
 - seconds to build the data set in a fresh process (scan, captions, buckets), cold and warm: the part that
   grows with N, measured without the model loading that dominates the tiny runs' noise;
 - the latent cache build's images/s (decode, resize, encode, write) beside the VAE-encode-only images/s on
-  the same images, already decoded, in --rounds alternating rounds (build, encode only, build, ...): the
-  ratio is taken per round, from a build and the encode-only pass right after it (the machine's speed
-  drifts between rounds), and their median printed, with the share of the build the encoder was busy.
+  the same images, already decoded, in --rounds builds flanked by encode-only passes (E B E B E ...): each
+  build's ratio is to the mean of the passes just before and after it (the machine's speed drifts between
+  rounds), and their median printed, with the share of the build the encoder was busy.
 --src runs the scripts with another source tree first on the path (e.g. main's, for today's figures).
 """
 
@@ -187,31 +187,37 @@ def cache_build(args: argparse.Namespace, assets: Path, data: Path) -> None:
         return out
 
     rows = getattr(dataset, "num_rows", len(dataset))  # (a source tree without repeats has no num_rows)
-    ratios, builds, encodes, shares = [], [], [], []
-    for round_ in range(args.rounds):  # each build is paired with an encode-only pass right after it
-        shutil.rmtree(namespace.cache_dir, ignore_errors=True)
-        busy[0], start = 0.0, time.perf_counter()
-        cache.cache_images(accelerator, namespace, dataset, "bench", {}, encode, ["latent_mean"], "latents")
-        build_seconds, build_busy = time.perf_counter() - start, busy[0]
-        dataset.image_cache = None
-        pixels = [dataset.load(i, flip=False)["pixel_values"] for i in range(rows)]  # decoded, not timed
+    pixels = [dataset.load(i, flip=False)["pixel_values"] for i in range(rows)]  # decoded once, not timed
+
+    def encode_only() -> float:
         start = time.perf_counter()
         with torch.no_grad():
             for i in range(0, rows, namespace.train_batch_size):
                 encode(torch.stack(pixels[i : i + namespace.train_batch_size]))
-        encode_seconds = time.perf_counter() - start
+        return rows / (time.perf_counter() - start)
+
+    # Encode-only passes flank every build (E B E B E ...): a build is compared with the mean of the passes
+    # just before and after it, as this machine's speed drifts by tens of percent within a minute.
+    ratios, builds, encodes, shares = [], [], [encode_only()], []
+    for round_ in range(args.rounds):
+        shutil.rmtree(namespace.cache_dir, ignore_errors=True)
+        busy[0], start = 0.0, time.perf_counter()
+        cache.cache_images(accelerator, namespace, dataset, "bench", {}, encode, ["latent_mean"], "latents")
+        build_seconds = time.perf_counter() - start
+        dataset.image_cache = None
         builds.append(rows / build_seconds)
-        encodes.append(rows / encode_seconds)
-        ratios.append(encode_seconds / build_seconds)
-        shares.append(build_busy / build_seconds)
-        print(f"  round {round_}: build {builds[-1]:.1f} images/s, encode only {encodes[-1]:.1f} images/s, "
-              f"ratio {ratios[-1]:.2f}; the encoder busy {100 * shares[-1]:.0f}% of the build")  # fmt: skip
+        shares.append(busy[0] / build_seconds)
+        encodes.append(encode_only())
+        ratios.append(builds[-1] / statistics.mean(encodes[-2:]))
+        print(f"  round {round_}: build {builds[-1]:.1f} images/s, encode only before and after {encodes[-2]:.1f} "
+              f"and {encodes[-1]:.1f} images/s, ratio {ratios[-1]:.2f}; the encoder busy {100 * shares[-1]:.0f}% "
+              "of the build")  # fmt: skip
     workers = namespace.dataloader_num_workers or "default"
     ratio, share = statistics.median(ratios), statistics.median(shares)
     print(
         f"latent cache build at {args.resolution} px, {rows} images, {workers} workers, {args.rounds} rounds: "
         f"build {statistics.median(builds):.1f} images/s, VAE encode only {statistics.median(encodes):.1f} "
-        f"images/s (medians); ratio of each round's pair: median {ratio:.2f} (range {min(ratios):.2f}-"
+        f"images/s (medians); ratio of each build to its flanking passes: median {ratio:.2f} (range {min(ratios):.2f}-"
         f"{max(ratios):.2f}); the encoder busy {100 * share:.0f}% of the build (median); {os.cpu_count()} CPUs"
     )
 
