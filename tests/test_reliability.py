@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -121,9 +122,10 @@ def start(argv, log):
     )
 
 
-def wait_for_training(process, log_path, timeout=120) -> None:
+def wait_for_training(process, log_path, timeout=120, started=re.compile("training:")) -> None:
+    """Until the log shows `started` (the run's summary line; the stop handler is installed a moment later)."""
     deadline = time.monotonic() + timeout
-    while "training:" not in log_path.read_text():
+    while not started.search(log_path.read_text()):
         assert process.poll() is None, log_path.read_text()[-2000:]
         assert time.monotonic() < deadline, "training did not start"
         time.sleep(0.05)
@@ -207,8 +209,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes(kill_reference, assets, tmp
     log_path = tmp_path / "log.txt"
     with log_path.open("w") as log:
         process = start(argv, log)
-        wait_for_training(process, log_path)
-        time.sleep(0.5)
+        wait_for_training(process, log_path, started=re.compile(r"train: .* [1-9][0-9]*/16 \["))  # a step done
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=120) == 128 + signal.SIGTERM
     assert "stopped by SIGTERM" in log_path.read_text()

@@ -491,9 +491,15 @@ MUTATIONS = [
     ),
     Mutation(
         "lora: the lean forward's update computed but not added in place",
-        files("src/difftune/lora.py"), "result.addmm_(h, up.t())", "result.addmm(h, up.t())",
+        files("src/difftune/lora.py"), "result.addmm_(h, up.t()", "result.addmm(h, up.t()",
         ("tests/test_cascade.py::test_the_lean_lora_forward_equals_peft",),
         "addmm for addmm_: the update goes to a discarded tensor and the LoRA trains nothing",
+    ),
+    Mutation(
+        "lora: the lean forward's factor left in fp32 under autocast",
+        files("src/difftune/lora.py"), "up.t().to(result.dtype))", "up.t())",
+        ("tests/test_cascade.py::test_the_lean_lora_forward_equals_peft",),
+        "in-place ops escape autocast: every --mixed_precision run stops at its first LoRA layer",
     ),
     Mutation(
         "lora: the lean forward drops the scaling",

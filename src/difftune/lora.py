@@ -44,8 +44,9 @@ def _lean_class(linear: type) -> type:
                 scaling = self.scaling[name]
                 up = lora_B.weight if scaling == 1 else lora_B.weight * scaling
                 # No backward needs the frozen base layer's output, so the update goes into it in place; into
-                # the 2-D tensor itself, as an in-place op on a view would copy the gradient backward.
-                result.addmm_(h, up.t())
+                # the 2-D tensor itself, as an in-place op on a view would copy the gradient backward. In-place
+                # ops escape autocast: the factor takes the output's dtype as autocast's addmm would.
+                result.addmm_(h, up.t().to(result.dtype))
             return result.view(*x.shape[:-1], result.shape[-1])
 
     LeanLinear.__name__ = LeanLinear.__qualname__ = linear.__name__
