@@ -162,6 +162,29 @@ def test_prior_preservation_settings_that_cannot_run_are_one_line_errors(
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
+@pytest.mark.parametrize(
+    ("instance", "message"),
+    [
+        ("empty", "--instance_data_dir {folder} holds no usable image"),
+        ("uncaptioned", "1 of 1 images in --instance_data_dir {folder} have no caption file (.txt)"),
+    ],
+)
+def test_an_instance_folder_that_cannot_train_fails_before_class_images_are_generated(
+    assets, tmp_path, run_main, capsys, monkeypatch, instance, message
+):
+    folder, classes = tmp_path / instance, tmp_path / "class"
+    folder.mkdir()
+    if instance == "uncaptioned":
+        shutil.copy(next((assets / "data").glob("*.png")), folder / "dog.png")
+    monkeypatch.setattr(class_images, "generate", lambda *a, **k: pytest.fail("class images generated first"))
+    argv = [a for a in script_args(assets, tmp_path) if a not in ("--train_data_dir", str(assets / "data"))]
+    extra = ["--instance_data_dir", folder, "--with_prior_preservation", "--class_data_dir", classes,
+             "--class_prompt", "a dog", "--num_class_images", "2"]  # fmt: skip
+    assert run_main("train_sdxl_lokr", [*argv, *map(str, extra)]) == 2
+    assert message.format(folder=folder) in one_line_error(capsys)
+    assert not classes.exists() and not (tmp_path / "out").exists()
+
+
 def test_class_flags_without_prior_preservation_warn(assets, tmp_path, caplog):
     with caplog.at_level("WARNING"):
         load_script("train_wuerstchen_lora").parse_args(

@@ -102,6 +102,11 @@ def drop_unreadable_images(dataset, image_column: str, cache_dir=None, workers: 
     return dataset if len(good) == len(dataset) else dataset.select(good)
 
 
+def instance_folder_flag(args) -> str:
+    """The flag that named the training image folder, for messages: DreamBooth's alias or --train_data_dir."""
+    return "--instance_data_dir" if getattr(args, "instance_data_dir", None) else "--train_data_dir"
+
+
 def dataset_from_args(
     args, transform: ImageTransform, tokenize: Callable[[str], dict[str, torch.Tensor]]
 ) -> CaptionedImageDataset:
@@ -129,6 +134,7 @@ def dataset_from_args(
             *columns,
             args.max_train_samples,
             args.seed,
+            folder_flag=instance_folder_flag(args),
             caption_extension=extension,
             cache_dir=scanning[0],
             workers=scanning[1],
