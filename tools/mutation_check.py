@@ -490,6 +490,12 @@ MUTATIONS = [
         "every prompt of a file sampled from the run's seed: the line's seed silently does nothing",
     ),
     Mutation(
+        "dreambooth: the instance folder not checked before class images are generated",
+        files("src/difftune/dreambooth.py"), "        check_instance_folder(args)\n", "        pass\n",
+        ("tests/test_dreambooth.py", "-k", "instance_folder"),
+        "minutes of class-image generation, then an error about an empty or uncaptioned instance folder",
+    ),
+    Mutation(
         "lora: the lean forward's update computed but not added in place",
         files("src/difftune/lora.py"), "result.addmm_(h, up.t()", "result.addmm(h, up.t()",
         ("tests/test_cascade.py::test_the_lean_lora_forward_equals_peft",),
