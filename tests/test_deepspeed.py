@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-2 with the shipped accelerate config, on two CPU processes: trains as DDP does, shards the
-optimizer state, resumes exactly (after a SIGKILL during a save too), saves fp32 adapters from bf16 runs;
-wrong set-ups fail in one line."""
+optimizer state, resumes exactly (after a SIGKILL during a save too), saves fp32 adapters from bf16 runs (the
+SDXL UNet's LoKr, the Stable Cascade prior's LoRA); wrong set-ups fail in one line."""
 
 import importlib.util
 import signal
@@ -12,7 +12,7 @@ import psutil
 import pytest
 import torch
 from conftest import ROOT, launch, launch_command
-from helpers import adapter_weights, max_difference, one_line_error, resumed_copy, sdxl_args
+from helpers import adapter_weights, cascade_args, max_difference, one_line_error, resumed_copy, sdxl_args
 from safetensors.torch import load_file
 
 from difftune import checkpoints, deepspeed_zero, resume, run_setup
@@ -132,6 +132,28 @@ def test_zero2_bf16_saves_fp32_adapters_and_ema_that_load_with_peft_and_resume_e
     assert max_difference(adapter_weights(resumed / "step4/ema"), adapter_weights(full / "step4/ema")) <= 1e-6
     states = [checkpoints.read_json(run / "step4" / checkpoints.STATE_FILE) for run in (full, resumed)]
     assert abs(states[0]["eval_loss_ema"] - states[1]["eval_loss_ema"]) <= 1e-6
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_zero2_bf16_trains_the_stable_cascade_prior_and_resumes_exactly(assets, tmp_path):
+    """The v3 prior under ZeRO-2 in bf16 (difftune's LoRA forward on DeepSpeed's bf16 weights), with its text
+    encoder: fp32 adapters that moved, and a resume from step 2 that ends where the whole run did."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+
+    def run(out, *more) -> None:
+        argv = cascade_args(assets, out, "--train_text_encoder", *more)
+        proc = launch("train_wuerstchen_lora", argv, processes=2, config_file=ZERO2, mixed_precision="bf16")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run(full)
+    weights = adapter_weights(full / "step4")
+    assert {weight.dtype for weight in weights.values()} == {torch.float32}
+    assert {name.split("/")[0] for name in weights} == {"prior", "text_encoder"}
+    assert max(w.abs().max().item() for name, w in weights.items() if "lora_B" in name) > 0  # B starts at 0
+    resumed_copy(full / "step2", resumed)
+    run(resumed, "--resume_from_checkpoint", "latest")
+    assert max_difference(adapter_weights(resumed / "step4"), weights) <= 1e-6
 
 
 def fake_accelerator(config: dict) -> SimpleNamespace:
