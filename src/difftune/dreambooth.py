@@ -91,16 +91,11 @@ def check_dreambooth_args(args: argparse.Namespace, parser: argparse.ArgumentPar
 def check_instance_folder(args: argparse.Namespace) -> None:
     """Class images can take minutes to generate: an instance image folder that cannot train (missing, empty,
     uncaptioned, a badly named subfolder) fails first, with the error the data set would give later."""
-    from difftune.data.sources import instance_folder_flag
+    from difftune.data.sources import folder_rows, instance_folder_flag
 
-    if args.train_data_dir is None or args.dataset_config:
-        return
-    folder, flag = Path(args.train_data_dir), instance_folder_flag(args)
-    if not folder.is_dir():
-        raise UserError(f"{flag} {folder} does not exist: pass a folder of images")
-    if folders.metadata_file(folder) is None:
-        subsets = folders.kohya_subsets(folder, args.caption_extension or ".txt", flag)
-        folders.read_subsets(subsets, f"{flag} {folder}", args.instance_prompt)
+    if args.train_data_dir is not None and not args.dataset_config:
+        extension = args.caption_extension or ".txt"
+        folder_rows(args.train_data_dir, instance_folder_flag(args), extension, args.instance_prompt)
 
 
 def with_caption_lists(images, caption_column: str):

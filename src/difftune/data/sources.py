@@ -23,6 +23,19 @@ from difftune.hub import is_offline, looks_like_hub_id
 logger = logging.getLogger(__name__)
 
 
+def folder_rows(
+    train_data_dir: str | Path, folder_flag: str, caption_extension: str, fallback_prompt: str | None
+) -> folders.FolderRows | None:
+    """The images of a folder read with its caption files and kohya subfolders, or None when a metadata file
+    describes it instead; a one-line error for a missing folder, an uncaptioned image or no usable image."""
+    if not Path(train_data_dir).is_dir():
+        raise UserError(f"{folder_flag} {train_data_dir} does not exist: pass a folder of images")
+    if folders.metadata_file(train_data_dir) is not None:
+        return None
+    subsets = folders.kohya_subsets(Path(train_data_dir), caption_extension, folder_flag)
+    return folders.read_subsets(subsets, f"{folder_flag} {train_data_dir}", fallback_prompt)
+
+
 def load_captioned_images(
     dataset_name: str | None,
     dataset_config_name: str | None,
@@ -43,15 +56,12 @@ def load_captioned_images(
     import datasets
 
     if train_data_dir is not None:
-        if not Path(train_data_dir).is_dir():
-            raise UserError(f"{folder_flag} {train_data_dir} does not exist: pass a folder of images")
         source = f"{folder_flag} {train_data_dir}"
-        metadata = folders.metadata_file(train_data_dir)
-        if metadata is None:
-            subsets = folders.kohya_subsets(Path(train_data_dir), caption_extension, folder_flag)
-            rows = folders.read_subsets(subsets, source, fallback_prompt)
+        rows = folder_rows(train_data_dir, folder_flag, caption_extension, fallback_prompt)
+        if rows is not None:
             dataset = folders.folder_dataset(rows, image_column, caption_column)
             return checked_selection(dataset, image_column, max_train_samples, seed, source, cache_dir, workers)
+        metadata = folders.metadata_file(train_data_dir)
         ignored = folders.caption_files_beside(Path(train_data_dir), caption_extension)
         if ignored:
             logger.warning("%s has %s: its captions win, the %d %s files are ignored", source, metadata.name,
