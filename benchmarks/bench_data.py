@@ -83,8 +83,10 @@ def metadata_twin(folder: Path) -> Path:
 
 DATA_ONLY = """
 import sys, time
-from difftune import args as cli, data
-parser = cli.ErrorOnlyParser(); cli.add_data_args(parser, resolution=1024); cli.add_cache_args(parser, "--c", "")
+from difftune.train import args as flags
+from difftune.cli.parsing import ErrorOnlyParser
+from difftune import data
+parser = ErrorOnlyParser(); flags.add_data_args(parser, resolution=1024); flags.add_cache_args(parser, "--c", "")
 args = parser.parse_args(["--train_data_dir", sys.argv[1], "--cache_dir", sys.argv[2]]); args.seed = 0
 start = time.perf_counter()
 dataset = data.dataset_from_args(args, data.ImageTransform(True, False), lambda caption: {})
@@ -161,13 +163,15 @@ def cache_build(args: argparse.Namespace, assets: Path, data: Path) -> None:
     import torch
 
     sys.path.insert(0, str(args.src))
-    from difftune import args as cli
-    from difftune import cache, sdxl
     from difftune import data as data_lib
+    from difftune.cli.parsing import ErrorOnlyParser
+    from difftune.data import cache
+    from difftune.models import sdxl
+    from difftune.train import args as flags
 
-    parser = cli.ErrorOnlyParser()
-    cli.add_data_args(parser, resolution=args.resolution)
-    cli.add_cache_args(parser, "--cache_latents", "")
+    parser = ErrorOnlyParser()
+    flags.add_data_args(parser, resolution=args.resolution)
+    flags.add_cache_args(parser, "--cache_latents", "")
     flags = ["--train_data_dir", str(data), "--center_crop", "--cache_latents"]
     namespace = parser.parse_args([*flags, "--dataloader_num_workers", str(args.workers)])
     namespace.max_train_samples = args.cache_images

@@ -7,7 +7,7 @@ The checkpoint is a set of random files of the real sizes: the LoKr parameter co
 SDXL-base UNet (and text encoders) built on the meta device with the training script's default LoKr flags,
 and each file holds what a checkpoint stores per parameter (adapter fp32, AdamW's two moments, the EMA
 adapter and its state). The cache is one full shard (256 samples) of 1024 px latents with both flips and of
-SDXL text embeddings, as cache.py writes them. Files are hashed from the page cache (just written): on a
+SDXL text embeddings, as difftune.storage.shards writes them. Files are hashed from the page cache (just written): on a
 cold disk the read itself is the floor, as for loading the files.
 """
 
@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from difftune import cache, checkpoints, ema, integrity
+from difftune.adapters import ema
+from difftune.storage import checkpoints, integrity, shards
 
 
 def lokr_parameters() -> dict[str, int]:
@@ -118,7 +119,7 @@ def main() -> None:
             report(f"{label}: read only (floor)", size, floor)
 
         # One full cache shard each: latents 4x128x128 fp32 per sample and flip, text 77x2048 + 1280 fp32.
-        shard = cache.SHARD_SIZE
+        shard = shards.SHARD_SIZE
         files = {"latents/shard-00000.safetensors": shard * 2 * 4 * 128 * 128 * 4}
         files["text/shard-00000.safetensors"] = shard * (77 * 2048 + 1280) * 4
         size = write_random(Path(tmp), files)

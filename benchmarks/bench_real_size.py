@@ -72,7 +72,7 @@ def set_variant(peft_model: nn.Module, variant: str) -> None:
     """Switch the adapted layers between peft's forward and the factored one (same parameters)."""
     from peft.tuners.lokr.layer import Linear
 
-    from difftune.lokr import use_factored_forward
+    from difftune.adapters.lokr import use_factored_forward
 
     for module in peft_model.modules():
         if isinstance(module, Linear):
@@ -176,12 +176,12 @@ def real_stage_c(lite: bool) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    from difftune.lora import use_lean_forward
+    from difftune.adapters.lora import use_lean_forward
 
     prior = StableCascadeUNet(**(STAGE_C_LITE if lite else STAGE_C)).requires_grad_(False)
     config = LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     peft_model = get_peft_model(prior, config)
-    use_lean_forward(peft_model)  # as the training script runs it (difftune.lora)
+    use_lean_forward(peft_model)  # as the training script runs it (difftune.adapters.lora)
     return peft_model
 
 
@@ -210,7 +210,7 @@ def cascade_block(repeats: int) -> None:
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora.layer import Linear
 
-    from difftune.lora import use_lean_forward
+    from difftune.adapters.lora import use_lean_forward
 
     torch.manual_seed(0)
     block = nn.Sequential(SDCascadeAttnBlock(1536, 1536, 24, self_attn=True, dropout=0.1)).requires_grad_(False)
@@ -302,11 +302,11 @@ def random_lokr_checkpoint(real_dir: Path) -> Path:
     from peft.tuners.lokr.layer import factorization
     from safetensors.torch import save_file
 
-    from difftune import export
+    from difftune.formats import kohya
 
     step = real_dir / "lokr-run" / "step1"
     models = ["unet", "text_encoder_one", "text_encoder_two"]
-    _, shapes = export.module_shapes(str(real_dir / "sdxl"), None, models)
+    _, shapes = kohya.module_shapes(str(real_dir / "sdxl"), None, models)
     targets = {"unet": ("to_q", "to_k", "to_v", "to_out.0"), "text": ("q_proj", "k_proj", "v_proj", "out_proj")}
     generator = torch.Generator().manual_seed(0)
     for model in models:
@@ -361,7 +361,7 @@ def export_one(real_dir: Path) -> None:
 
 def script_floor_one(real_dir: Path) -> None:
     """Load the SDXL components as train_sdxl_lokr.py does, then the frozen UNet's fwd+bwd (peak RSS, GiB)."""
-    from difftune import sdxl
+    from difftune.models import sdxl
 
     sd = sdxl.load_sdxl(str(real_dir / "sdxl"), str(real_dir / "sdxl-vae-fp16-fix"))
     with torch.no_grad():

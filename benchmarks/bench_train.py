@@ -150,8 +150,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from difftune import training
-    from difftune.errors import run_cli
+    from difftune.cli.errors import run_cli
+    from difftune.train import loop
 
     work = Path(tempfile.mkdtemp(prefix="difftune-bench-"))
     assets = args.assets
@@ -161,7 +161,7 @@ def main() -> None:
     module = __import__("train_sdxl_lokr" if args.script == "sdxl" else "train_wuerstchen_lora")
     denoiser = "unet" if args.script == "sdxl" else "prior"
     captured: dict = {"floors": [], "frozen": []}
-    real_train = training.train
+    real_train = loop.train
 
     def spy(accelerator, run_args, **kwargs):
         """Run the real loop; before each step's forward, time one bare forward + backward of the
@@ -196,7 +196,7 @@ def main() -> None:
         captured["model"], captured["result"] = model, result
         return result
 
-    training.train = spy
+    loop.train = spy
     run_cli(module.main, script_argv(args, assets, work, extra))
     # Step k (k >= 1) holds the floor measured at its start: take it out of that step's forward and total.
     steps = captured["result"].times.steps[1:]
@@ -205,7 +205,7 @@ def main() -> None:
         step["forward"] -= spent
         step["total"] -= spent
     steps, floors = steps[args.warmup :], floors[args.warmup :]
-    mean = {k: statistics.mean(s[k] for s in steps) for k in (*training.PHASES, "total")}
+    mean = {k: statistics.mean(s[k] for s in steps) for k in (*loop.PHASES, "total")}
     median_step = statistics.median(s["total"] for s in steps)
     floor = statistics.median(floors)
     ratio = statistics.median(s["total"] / f for s, f in zip(steps, floors, strict=True))
@@ -214,9 +214,9 @@ def main() -> None:
     label = f"{args.script}, {'cached' if args.cached else 'uncached'}, {args.resolution} px, batch {args.batch_size}"
     print(f"\n== {label}: {len(steps)} steps after {args.warmup} warm-up ==")
     print(f"steps/s                 {1 / mean['total']:.2f}")
-    for phase in training.PHASES:
+    for phase in loop.PHASES:
         print(f"  {phase:<21} {mean[phase] * 1e3:8.1f} ms  {100 * mean[phase] / mean['total']:5.1f} %")
-    other = mean["total"] - sum(mean[p] for p in training.PHASES)
+    other = mean["total"] - sum(mean[p] for p in loop.PHASES)
     print(f"  {'other (logging...)':<21} {other * 1e3:8.1f} ms  {100 * other / mean['total']:5.1f} %")
     print(f"step time (median)      {median_step * 1e3:.1f} ms")
     print(f"floor: fwd+bwd {denoiser:<8} {floor * 1e3:.1f} ms")

@@ -1,7 +1,7 @@
 """Estimate GPU memory for real SDXL LoKr (1024 px), Wuerstchen prior LoRA (768 px) and Stable Cascade stage C
 LoRA (1024 px) training.
 
-    python benchmarks/memory_estimate.py              # the README's GPU memory table
+    python benchmarks/memory_estimate.py              # the GPU memory table of docs/performance.md
     python benchmarks/memory_estimate.py --breakdown  # stage C: saved bytes per module type, frozen vs LoRA r8
 
 Nothing is downloaded and no GPU is needed: the real architectures are built on the meta device from
@@ -99,7 +99,7 @@ def block_peak(model: nn.Module, blocks: list[nn.Module], run) -> tuple[int, int
 def add_adapter(model: nn.Module, kind: str, rank: int) -> tuple[int, nn.Module]:
     from peft import LoKrConfig, LoraConfig, get_peft_model
 
-    from difftune.lokr import use_factored_forward
+    from difftune.adapters.lokr import use_factored_forward
 
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
     config = (
@@ -212,7 +212,7 @@ def wuerstchen_models() -> tuple[nn.Module, nn.Module, nn.Module]:
     from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from difftune.wuerstchen import EfficientNetEncoder
+    from difftune.models.wuerstchen import EfficientNetEncoder
 
     prior = WuerstchenPrior(c_in=16, c=1536, c_cond=1280, c_r=64, depth=32, nhead=24, dropout=0.1)
     text = CLIPTextModel(CLIPTextConfig(**OPENCLIP_BIGG))
@@ -292,7 +292,7 @@ def stable_cascade_models(lite: bool = False) -> tuple[nn.Module, nn.Module, nn.
     from diffusers import StableCascadeUNet
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from difftune.wuerstchen import EfficientNetEncoder
+    from difftune.models.wuerstchen import EfficientNetEncoder
 
     prior = StableCascadeUNet(**(STAGE_C_LITE if lite else STAGE_C))
     text = CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG, projection_dim=1280))

@@ -18,12 +18,14 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from difftune import cascade, export, integrity, merged_checkpoint, single_file, wuerstchen
-from difftune.args import DTYPES, ErrorOnlyParser
-from difftune.checkpoints import ARGS_FILE, read_json
-from difftune.ema import adapter_dir
-from difftune.errors import UserError, run_cli
-from difftune.inference import checkpoint_family
+from difftune.adapters.ema import adapter_dir
+from difftune.cli.errors import UserError, run_cli
+from difftune.cli.parsing import DTYPES, ErrorOnlyParser
+from difftune.formats import comfyui, kohya, merged_checkpoint
+from difftune.generate.inference import checkpoint_family
+from difftune.models import cascade, priors, single_file, wuerstchen
+from difftune.storage import integrity
+from difftune.storage.checkpoints import ARGS_FILE, read_json
 
 SDXL_MODELS = ("unet", "text_encoder_one", "text_encoder_two")
 
@@ -50,16 +52,16 @@ def export_sdxl_kohya(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
     base = args.pretrained_model_name_or_path or run["pretrained_model_name_or_path"]
     weights = adapter_dir(args.checkpoint, args.ema)
     models = [m for m in SDXL_MODELS if (weights / m).is_dir()]
-    adapters = {m: export.read_peft_adapter(weights / m) for m in models}
+    adapters = {m: kohya.read_peft_adapter(weights / m) for m in models}
     for model, (config, _) in adapters.items():
         if config.get("peft_type") != "LOKR":
             raise UserError(f"{weights / model} is a {config.get('peft_type')} adapter, not LoKr")
     configs = base
     if single_file.is_single_file(base):  # its configs come from the run's --single_file_config
         configs = str(single_file.config_dir(args.single_file_config or run.get("single_file_config")))
-    unet_config, shapes = export.module_shapes(configs, run.get("revision"), models)
-    state = export.lokr_to_kohya(adapters, unet_config, shapes, DTYPES[args.dtype], args.allow_large_factor)
-    return state, export.kohya_metadata(adapters["unet"][0], base)
+    unet_config, shapes = kohya.module_shapes(configs, run.get("revision"), models)
+    state = kohya.lokr_to_kohya(adapters, unet_config, shapes, DTYPES[args.dtype], args.allow_large_factor)
+    return state, kohya.kohya_metadata(adapters["unet"][0], base)
 
 
 def export_sdxl_checkpoint(args: argparse.Namespace) -> str:
@@ -67,9 +69,9 @@ def export_sdxl_checkpoint(args: argparse.Namespace) -> str:
     run = read_json(args.checkpoint / ARGS_FILE)
     base = args.pretrained_model_name_or_path or run["pretrained_model_name_or_path"]
     weights = adapter_dir(args.checkpoint, args.ema)
-    adapters = {m: export.read_peft_adapter(weights / m) for m in SDXL_MODELS if (weights / m).is_dir()}
+    adapters = {m: kohya.read_peft_adapter(weights / m) for m in SDXL_MODELS if (weights / m).is_dir()}
     for config, _ in adapters.values():
-        export.check_exportable(config, {}, allow_large_factor=True)  # Tucker factors: no merge rule here
+        kohya.check_exportable(config, {}, allow_large_factor=True)  # Tucker factors: no merge rule here
     vae = run.get("pretrained_vae_model_name_or_path")
     flag = "--pretrained_vae_model_name_or_path"
     vae = None if vae is None or vae.lower() == "none" else local_model(vae, flag, "config.json")
@@ -97,7 +99,7 @@ def local_model(name: str, flag: str, marker: str = "model_index.json") -> Path:
     """A diffusers folder, or a Hub id's snapshot (weights included) from the cache or the Hub."""
     from huggingface_hub import snapshot_download
 
-    from difftune.hub import fetch_file
+    from difftune.storage.hub import fetch_file
 
     local = Path(name).expanduser()
     if local.is_dir():
@@ -133,11 +135,11 @@ def export_wuerstchen_diffusers(args: argparse.Namespace) -> tuple[dict, dict[st
 def export_cascade_comfyui(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
     source = adapter_dir(args.checkpoint, args.ema)
     parts = {
-        name: export.read_peft_adapter(source / name) for name in ("prior", "text_encoder") if (source / name).is_dir()
+        name: kohya.read_peft_adapter(source / name) for name in ("prior", "text_encoder") if (source / name).is_dir()
     }
     config = parts["prior"][0]
     metadata = {"ss_network_dim": str(config["r"]), "ss_network_alpha": str(config["lora_alpha"])}
-    return cascade.lora_to_comfyui(parts, DTYPES[args.dtype]), metadata
+    return comfyui.lora_to_comfyui(parts, DTYPES[args.dtype]), metadata
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -149,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.dtype = args.dtype or ("fp16" if args.format == "checkpoint" else "fp32")
     if family == "wuerstchen":
         run = read_json(args.checkpoint / ARGS_FILE) if (args.checkpoint / ARGS_FILE).is_file() else {}
-        if wuerstchen.family_of_run(run) is cascade.CASCADE:
+        if priors.family_of_run(run) is cascade.CASCADE:
             family = "cascade"
         elif args.format == "comfyui":
             raise UserError(

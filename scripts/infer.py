@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from difftune import inference, integrity, prompts, validation, wuerstchen
-from difftune.args import DTYPES, ErrorOnlyParser
-from difftune.checkpoints import ARGS_FILE, read_json
-from difftune.ema import adapter_dir
-from difftune.errors import UserError, run_cli
+from difftune.adapters.ema import adapter_dir
+from difftune.cli.errors import UserError, run_cli
+from difftune.cli.parsing import DTYPES, ErrorOnlyParser
+from difftune.generate import inference, prompts, validation
+from difftune.models import priors, wuerstchen
+from difftune.storage import integrity
+from difftune.storage.checkpoints import ARGS_FILE, read_json
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -31,7 +33,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--prompts_file",
         type=Path,
         default=None,
-        help="One prompt a line, with kohya's inline options (--n, --w, --h, --d, --l, --s; see the README), "
+        help="One prompt a line, with kohya's inline options (--n, --w, --h, --d, --l, --s; see docs/options.md), "
         "after the --prompt ones.",
     )
     parser.add_argument("--negative_prompt", default=None)
@@ -100,7 +102,7 @@ def pipeline_kwargs(args: argparse.Namespace, family: str, run: dict) -> dict:
             **size,
         }
     # Stable Cascade: 20 prior steps (its sampling setting), 10 decoder steps; Wuerstchen v2: 12.
-    prior_family = wuerstchen.family_of_run(run)
+    prior_family = priors.family_of_run(run)
     return {
         **prior_family.sampling_kwargs(args.num_inference_steps or (12 if prior_family is wuerstchen.V2 else 10)),
         "prior_guidance_scale": 4.0 if args.guidance_scale is None else args.guidance_scale,
@@ -151,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     pipe = build_pipeline(args, family, run, dtype).to(device)
     kwargs = pipeline_kwargs(args, family, run)
     if family == "wuerstchen":
-        fit_decodable_size(pipe, kwargs, wuerstchen.family_of_run(run).title.removesuffix(" v2"))
+        fit_decodable_size(pipe, kwargs, priors.family_of_run(run).title.removesuffix(" v2"))
     samples = validation.resolve_samples(pipe, entries, kwargs, args.seed, say=print)
     count = args.num_images_per_prompt
     base_rows = None

@@ -111,7 +111,7 @@ def make_wuerstchen(out: Path, vocab: tuple[Path, Path]) -> None:
     from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
     from transformers import CLIPTextModel
 
-    from difftune.wuerstchen import EfficientNetEncoder
+    from difftune.models.wuerstchen import EfficientNetEncoder
 
     prior_dir, decoder_dir = out / "wuerstchen-prior", out / "wuerstchen"
     tokenizer = clip_tokenizer(vocab, "!")

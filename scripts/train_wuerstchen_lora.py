@@ -4,7 +4,7 @@ or Stable Cascade (Wuerstchen v3), whichever --pretrained_prior_model_name_or_pa
     accelerate launch scripts/train_wuerstchen_lora.py --train_data_dir DATA --output_dir OUT ...
 
 Checkpoints land in OUTPUT_DIR/step<N>/: prior/ (peft format), text_encoder/ when trained, and for v2
-pytorch_lora_weights.safetensors (diffusers format, for load_lora_weights); see the README.
+pytorch_lora_weights.safetensors (diffusers format, for load_lora_weights); see docs/adapters-and-export.md.
 """
 
 from __future__ import annotations
@@ -17,21 +17,15 @@ from pathlib import Path
 
 import torch
 
-from difftune import (
-    adapters,
-    cascade,
-    class_images,
-    data,
-    init_adapter,
-    objectives,
-    run_setup,
-    training,
-    validation,
-    wuerstchen,
-)
-from difftune import args as cli
-from difftune.errors import run_cli
-from difftune.modelcard import literal, write_model_card
+from difftune import adapters, data
+from difftune.adapters import init_adapter
+from difftune.cli.errors import run_cli
+from difftune.cli.parsing import ErrorOnlyParser
+from difftune.formats.modelcard import literal, write_model_card
+from difftune.generate import class_images, validation
+from difftune.models import cascade, priors, wuerstchen
+from difftune.train import args as flags
+from difftune.train import loop, objectives, placement, run_setup
 
 PROJECT = "wuerstchen-prior-lora"
 logger = logging.getLogger("difftune")
@@ -123,7 +117,7 @@ TE_PEFT = """pipe.prior_pipe.text_encoder = PeftModel.from_pretrained(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = cli.ErrorOnlyParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ErrorOnlyParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--pretrained_prior_model_name_or_path",
         default="warp-ai/wuerstchen-prior",
@@ -142,19 +136,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="EfficientNet weights: stage B's .pt (read weights-only), a .safetensors, or a Hub org/repo/file. "
         f"Default: {wuerstchen.DEFAULT_IMAGE_ENCODER} (v2) or {cascade.DEFAULT_IMAGE_ENCODER}.",
     )
-    cli.add_model_args(parser)
-    cli.add_data_args(parser, resolution=768)
-    cli.add_cache_args(parser, "--cache_image_embeddings", "Encode the images with EfficientNet once.")
-    cli.add_training_args(parser, output_dir="work_dirs/wuerstchen_prior_lora_pokemon_blip")
+    flags.add_model_args(parser)
+    flags.add_data_args(parser, resolution=768)
+    flags.add_cache_args(parser, "--cache_image_embeddings", "Encode the images with EfficientNet once.")
+    flags.add_training_args(parser, output_dir="work_dirs/wuerstchen_prior_lora_pokemon_blip")
     adapters.add_lora_args(parser)
     init_adapter.add_init_adapter_args(parser)
     objectives.add_objective_args(parser)
-    return cli.parse(parser, argv, image_cache_flag="cache_image_embeddings")
+    return flags.parse(parser, argv, image_cache_flag="cache_image_embeddings")
 
 
 def write_card(args: argparse.Namespace, checkpoint: Path, samples_per_epoch: int | None = None) -> Path:
     """The run's README.md; its snippets load `checkpoint` as written (values pasted as Python literals)."""
-    family = wuerstchen.resolve_family(args)
+    family = priors.resolve_family(args)
     prior, decoder = args.pretrained_prior_model_name_or_path, args.pretrained_decoder_model_name_or_path
     if family is cascade.CASCADE:
         return write_model_card(
@@ -189,20 +183,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     # Which generation (v2 or Stable Cascade) the prior folder holds decides everything below.
     decoder_given = args.pretrained_decoder_model_name_or_path is not None
-    family = wuerstchen.resolve_family(args)
+    family = priors.resolve_family(args)
     if args.validation_samples or decoder_given or args.with_prior_preservation:  # these load the decoder
         family.check_decoder(args.pretrained_decoder_model_name_or_path, args.decoder_subfolder, args.revision)
     start = init_adapter.prepare(args, argv, ["prior", "text_encoder"])
     objectives.check_timestep_range(args, lambda: objectives.CONTINUOUS_BINS)
     accelerator = run_setup.setup_run(args)
-    device, dtype = accelerator.device, training.weight_dtype(accelerator)
+    device, dtype = accelerator.device, placement.weight_dtype(accelerator)
 
     # Models: the prior, its text encoder and the frozen EfficientNet image encoder.
     base = args.pretrained_prior_model_name_or_path
     prior = family.load_prior(base, args.prior_subfolder, args.revision, args.variant)
-    image_encoder = training.freeze(family.load_image_encoder(args.image_encoder_path), device, dtype)
+    image_encoder = placement.freeze(family.load_image_encoder(args.image_encoder_path), device, dtype)
     for model in (prior.prior, prior.text_encoder):
-        training.freeze(model, device, dtype)
+        placement.freeze(model, device, dtype)
 
     decoder_parts = {}  # stage B and A: loaded when first needed (class images, validation)
 
@@ -212,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             decoder_parts.update(family.load_decoder(decoder, args.decoder_subfolder, args.revision, None))
             for part in decoder_parts.values():
                 if isinstance(part, torch.nn.Module):
-                    training.freeze(part, device, dtype)
+                    placement.freeze(part, device, dtype)
         return decoder_parts
 
     def sampling(pipe) -> dict:
@@ -234,9 +228,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # Caches: encode once; the frozen encoders then leave the accelerator (until validation).
     wuerstchen.cache_encodings(accelerator, args, prior, image_encoder, dataset, dtype, family)
-    training.offload([image_encoder] if args.cache_image_embeddings else [])
+    placement.offload([image_encoder] if args.cache_image_embeddings else [])
     idle = [prior.text_encoder] if args.cache_text_embeddings else []
-    training.offload(idle)
+    placement.offload(idle)
 
     # Adapters: LoRA on the prior's attention, and on its text encoder when asked; from --init_adapter if given.
     trained, param_groups = init_adapter.attach_all(
@@ -282,13 +276,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             )  # fmt: skip
         # The decoder, its text encoder and the VQGAN are on the device only while they generate.
         decoder_modules = [part for part in decoder_parts.values() if isinstance(part, torch.nn.Module)]
-        with training.on_device(idle + decoder_modules, device):
+        with placement.on_device(idle + decoder_modules, device):
             validation.run_validation(
                 accelerator, args, pipe, step, dtype, **family.sampling_kwargs(args.validation_inference_steps),
                 height=size, width=size,
             )  # fmt: skip
 
-    result = training.train(
+    result = loop.train(
         accelerator, args, project_name=PROJECT, adapters=trained, param_groups=param_groups, dataset=dataset,
         compute_loss=compute_loss, save_extra=save_diffusers_lora if family is wuerstchen.V2 else None,
         validate=validate,

@@ -67,7 +67,7 @@ def reset_accelerate() -> None:
 
 def run_script(name: str, argv: list) -> int:
     """Run a script's main(argv) in this process, as `python scripts/NAME.py ARGS` would (exit code and all)."""
-    from difftune.errors import run_cli
+    from difftune.cli.errors import run_cli
 
     reset_accelerate()
     try:

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from difftune import training
+from difftune.train import loop
 
-REAL_TRAIN = training.train  # before any test wraps it
+REAL_TRAIN = loop.train  # before any test wraps it
 
 
 def common_args(assets: Path, output_dir: Path, steps: int, resolution: int, lr: str, checkpointing_steps: int) -> list:
@@ -47,7 +47,7 @@ def sdxl_pipeline_image(pipe, prompt: str = "a red circle on a blue background",
 
 
 def spy_on_training(install, *, adapter: str | None = None, wrap_loss=None) -> dict:
-    """Wrap difftune.training.train (install(new) puts the wrapper in place, e.g. a monkeypatch).
+    """Wrap difftune.loop.train (install(new) puts the wrapper in place, e.g. a monkeypatch).
 
     Records the named adapter's weights before and after (`before`, `after`, `model`), and lets
     `wrap_loss(compute_loss)` replace the step's loss function. Returns the record.
@@ -67,7 +67,7 @@ def spy_on_training(install, *, adapter: str | None = None, wrap_loss=None) -> d
             record["model"] = model.eval()
         return result
 
-    install(training, "train", spy)
+    install(loop, "train", spy)
     return record
 
 

@@ -10,7 +10,7 @@ from conftest import load_script
 from helpers import sdxl_args, wuerstchen_args
 
 from difftune import adapters
-from difftune.errors import UserError
+from difftune.cli.errors import UserError
 
 
 def lokr_args(**overrides) -> argparse.Namespace:

@@ -133,7 +133,7 @@ def test_two_processes_with_buckets_and_caches(assets, tmp_path):
     assert proc.stderr.count("scanning images:   0%") == 1  # the main process scans, the other reads its result
     from safetensors.torch import load_file
 
-    from difftune import checkpoints
+    from difftune.storage import checkpoints
 
     # Both caches complete (each process built its share): every image's latents once, of several shapes, and
     # every distinct caption's text encoding once.
@@ -163,13 +163,16 @@ def test_image_cache_holds_what_live_loading_gives(assets, tmp_path, monkeypatch
     """Built by DataLoader workers (the default number of them), shard by shard: each row's own images."""
     import torch
 
-    from difftune import args as cli
-    from difftune import cache, data
+    from difftune import data
+    from difftune.cli.parsing import ErrorOnlyParser
+    from difftune.data import cache
+    from difftune.storage import shards
+    from difftune.train import args as flags
 
-    monkeypatch.setattr(cache, "SHARD_SIZE", 7)  # several shards, the last one short
-    parser = cli.ErrorOnlyParser()
-    cli.add_data_args(parser, resolution=128)
-    cli.add_cache_args(parser, "--cache_latents", "")
+    monkeypatch.setattr(shards, "SHARD_SIZE", 7)  # several shards, the last one short
+    parser = ErrorOnlyParser()
+    flags.add_data_args(parser, resolution=128)
+    flags.add_cache_args(parser, "--cache_latents", "")
     args = parser.parse_args(
         ["--train_data_dir", str(assets / "data"), "--center_crop", "--random_flip", "--dataloader_num_workers", "0"]
     )  # fmt: skip

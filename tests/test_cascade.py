@@ -21,7 +21,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_export_infer import AWKWARD_PROMPT, run_card_snippets
 
-from difftune import cascade, training, validation
+from difftune.generate import validation
+from difftune.models import cascade
+from difftune.train import loop
 
 # EMA, held-out loss, an objective option and random flips ride along: the shared machinery must work for v3.
 EXTRA = ("--train_text_encoder", "--random_flip", "--use_ema", "--validation_split", "0.2", "--snr_gamma", "5")
@@ -40,7 +42,7 @@ def cascade_run(assets, tmp_path_factory):
         return REAL_TRAIN(accelerator, args, **kwargs)
 
     patch = pytest.MonkeyPatch()
-    patch.setattr(training, "train", spy)
+    patch.setattr(loop, "train", spy)
     argv = cascade_args(
         assets, out, *EXTRA, *VALIDATION, "--validation_inference_steps", VALIDATION_STEPS, "--lora_alpha", "4"
     )
@@ -313,7 +315,7 @@ def test_two_process_ddp_trains(assets, tmp_path):
 
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
 def test_the_lean_lora_forward_equals_peft(assets, autocast):
-    """The training path's LoRA Linear (difftune.lora) against peft's own layer on the tiny stage C: same
+    """The training path's LoRA Linear (difftune.adapters.lora) against peft's own layer on the tiny stage C: same
     output, input and adapter gradients (1e-5 relative; under bf16 autocast, as --mixed_precision runs it,
     within 3x peft's own distance from the fp32 result), same state dict; scaling 3 / 8 and dropout in play."""
     import contextlib
@@ -332,7 +334,7 @@ def test_the_lean_lora_forward_equals_peft(assets, autocast):
     peft_model = get_peft_model(copy.deepcopy(prior).requires_grad_(False), config)
     lean = adapters.attach(copy.deepcopy(prior), config)
     lean.load_state_dict(peft_model.state_dict())
-    assert type(lean.get_base_model().down_blocks[0][2].attention.to_q).__module__ == "difftune.lora"
+    assert type(lean.get_base_model().down_blocks[0][2].attention.to_q).__module__ == "difftune.adapters.lora"
     assert lean.state_dict().keys() == peft_model.state_dict().keys()
 
     def run(model, precision) -> list[torch.Tensor]:

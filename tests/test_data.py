@@ -8,8 +8,8 @@ from PIL import Image, ImageFile
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
+from difftune.cli.errors import UserError
 from difftune.data import EpochBatchSampler, ImageTransform
-from difftune.errors import UserError
 
 
 def gradient_image(width: int, height: int) -> Image.Image:

@@ -15,8 +15,9 @@ from conftest import ROOT, launch, launch_command
 from helpers import adapter_weights, cascade_args, max_difference, one_line_error, resumed_copy, sdxl_args
 from safetensors.torch import load_file
 
-from difftune import checkpoints, deepspeed_zero, resume, run_setup
-from difftune.errors import UserError
+from difftune.cli.errors import UserError
+from difftune.storage import checkpoints
+from difftune.train import deepspeed_zero, resume, run_setup
 
 # Only the runs need DeepSpeed; the config and resume checks below are difftune's own code.
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")

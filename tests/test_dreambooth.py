@@ -14,7 +14,10 @@ import torch.nn.functional as F
 from conftest import load_script
 from helpers import adapter_weights, max_difference, one_line_error, resumed_copy, sdxl_args, spy_on_training
 
-from difftune import class_images, data, dreambooth, objectives, sdxl, training
+from difftune import data
+from difftune.generate import class_images
+from difftune.models import sdxl
+from difftune.train import loop, objectives
 
 WEIGHT = 0.5  # --prior_loss_weight: not 1, so that a dropped weight shows
 
@@ -197,7 +200,7 @@ def paired_batches(args, dataset) -> list[list[int]]:
     """The training loop's first epoch of batches over `dataset` (one process)."""
     run = SimpleNamespace(args=args, dataset=dataset, accum=1)
     run.accelerator = SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu"))
-    training.TrainingRun.build_data(run)
+    loop.TrainingRun.build_data(run)
     run.sampler.set_epoch(0)
     return list(run.sampler)
 
@@ -264,7 +267,7 @@ def test_instance_and_class_batches_of_different_sizes_run_as_parts_with_the_sam
         draw = objectives.Draw(objective, part["noise"], torch.zeros(2, dtype=torch.long), None)
         return draw.loss(part["pred"], None, part)
 
-    loss, parts = dreambooth.batch_loss(compute_loss, batch, {})
+    loss, parts = objectives.batch_loss(compute_loss, batch, {})
     instance = F.mse_loss(
         torch.stack([e["pred"] for e in examples[:2]]), torch.stack([e["noise"] for e in examples[:2]])
     )

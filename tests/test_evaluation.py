@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from helpers import wuerstchen_args
 
-from difftune import checkpoints, data, evaluation, training
+from difftune import data
+from difftune.storage import checkpoints
+from difftune.train import evaluation, loop
 
 REAL_GETITEM = data.CaptionedImageDataset.__getitem__
 
@@ -20,7 +22,7 @@ class ReadSpy:
     def __init__(self, monkeypatch) -> None:
         self.indices, self.opened, self.phase = {"train": [], "eval": []}, {"train": 0, "eval": 0}, "train"
         self.dataset = None
-        real_loss, real_open = training.evaluation_loss, data.dataset.open_image
+        real_loss, real_open = loop.evaluation_loss, data.dataset.open_image
 
         def getitem(dataset, index):
             self.dataset = dataset
@@ -39,7 +41,7 @@ class ReadSpy:
             return real_open(record, covering)
 
         monkeypatch.setattr(data.CaptionedImageDataset, "__getitem__", getitem)
-        monkeypatch.setattr(training, "evaluation_loss", held_out_loss)
+        monkeypatch.setattr(loop, "evaluation_loss", held_out_loss)
         monkeypatch.setattr(data.dataset, "open_image", open_image)  # where the data set reads it
 
     def path(self, index: int) -> Path:
@@ -56,7 +58,7 @@ def independent_eval_loss(assets: Path, checkpoint: Path | None, samples: list[d
     from peft import PeftModel
     from transformers import CLIPTextModel
 
-    from difftune import wuerstchen
+    from difftune.models import wuerstchen
 
     base = assets / "wuerstchen-prior"
     prior = WuerstchenPrior.from_pretrained(base, subfolder="prior")

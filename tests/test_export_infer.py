@@ -13,7 +13,8 @@ from helpers import prior_inputs, sdxl_args, wuerstchen_args
 from PIL import Image
 from safetensors.torch import load_file
 
-from difftune import adapters, export
+from difftune import adapters
+from difftune.formats import kohya
 
 CONV_AND_LINEAR = "to_q,to_k,to_v,to_out.0,conv1,conv2,conv_shortcut,proj_in,ff.net.2"
 
@@ -124,7 +125,7 @@ def assert_kohya_equals_peft(exported: dict, models: dict, unet_config: dict) ->
             if not hasattr(module, "lokr_w1") or "default" not in module.scaling:
                 continue
             if model_name == "unet":  # SGM names: checked against diffusers' own converter below
-                name = export.kohya_name(model_name, module_name, unet_config)
+                name = kohya.kohya_name(model_name, module_name, unet_config)
             else:
                 name = comfyui_name(model_name, module_name)
             assert f"{name}.alpha" in exported, f"{name} missing: the consumer would not load {module_name}"
@@ -336,7 +337,7 @@ def test_exported_unet_keys_map_back_through_diffusers(sdxl_checkpoint, assets, 
         if k.startswith("unet.") and k.endswith(".down.weight")
     }
     trained = load_file(sdxl_checkpoint / "unet" / "adapter_model.safetensors")
-    original = {export.split_peft_key(k)[0] for k in trained}
+    original = {kohya.split_peft_key(k)[0] for k in trained}
     assert back == original
 
 
@@ -379,7 +380,7 @@ def test_wuerstchen_diffusers_lora_loads_like_peft(wuerstchen_checkpoint, assets
     from peft import PeftModel
     from safetensors.torch import save_file
 
-    from difftune import wuerstchen
+    from difftune.models import wuerstchen
 
     config = json.loads((wuerstchen_checkpoint / "prior" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"]) == (4, 16)
@@ -447,7 +448,7 @@ def test_infer_equals_model_card_snippet_and_fuse_is_close(sdxl_checkpoint, asse
 def test_infer_wuerstchen_equals_lora_loading_route(wuerstchen_checkpoint, assets, tmp_path, run_main, ema):
     from diffusers.pipelines.deprecated.wuerstchen import DEFAULT_STAGE_C_TIMESTEPS
 
-    from difftune import wuerstchen
+    from difftune.models import wuerstchen
 
     argv = ["--checkpoint", wuerstchen_checkpoint, "--prompt", "a red circle", "--num_inference_steps", "2"]
     assert run_main("infer", [*argv, "--output_dir", tmp_path / "w", *(["--ema"] if ema else [])]) == 0
@@ -464,7 +465,7 @@ def test_infer_wuerstchen_equals_lora_loading_route(wuerstchen_checkpoint, asset
 
 def test_v_prediction_run_samples_with_v_prediction(assets, tmp_path, run_main, monkeypatch):
     """Validation, infer.py and the model card's snippet sample with the parameterisation the run trained."""
-    from difftune import inference, validation
+    from difftune.generate import inference, validation
 
     seen = {}
     real_validation, real_pipeline = validation.run_validation, inference.sdxl_pipeline

@@ -9,7 +9,8 @@ from helpers import one_line_error, sdxl_args
 from safetensors.torch import save_file
 from test_export_infer import comfyui_delta
 
-from difftune import adapters, init_adapter
+from difftune import adapters
+from difftune.adapters import init_adapter
 
 TARGETS = "to_q,to_k,to_v,to_out.0,conv1"
 CASES = {
@@ -182,7 +183,7 @@ def test_lycoris_factor_layouts_load_with_comfyuis_deltas(assets, tmp_path, layo
 def lora_deltas(checkpoint, assets) -> dict[str, torch.Tensor]:
     from peft import PeftModel
 
-    from difftune import wuerstchen
+    from difftune.models import wuerstchen
 
     prior = wuerstchen.load_prior(str(assets / "wuerstchen-prior"))
     out = {}

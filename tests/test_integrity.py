@@ -17,7 +17,7 @@ import torch
 from conftest import run_script
 from helpers import adapter_weights, max_difference, one_line_error, sdxl_args, spy_on_training
 
-from difftune import cache, checkpoints, integrity, runlock
+from difftune.storage import checkpoints, integrity, runlock, shards
 
 RESUME_FLAGS = ("--random_flip", "--rank_dropout", "0.2")  # random draws, so resuming must be exact
 
@@ -191,11 +191,11 @@ def build_cache(path, calls: list, delay: float = 0.0) -> None:
         time.sleep(delay)
         return {f"{i}.x": torch.full((3,), float(i)) + torch.arange(3) for i in indices}
 
-    cache.build(OneProcess(), path, 300, encode, 100, {"test": 1}, "test")
+    shards.build(OneProcess(), path, 300, encode, 100, {"test": 1}, "test")
 
 
 def read_all(path) -> None:
-    reader = cache.CacheReader(path, ["x"])
+    reader = shards.CacheReader(path, ["x"])
     for i in (0, 17, 255, 256, 299):
         assert torch.equal(reader.sample(i)["x"], torch.tensor([i, i + 1.0, i + 2.0]))
 
@@ -205,7 +205,7 @@ def test_a_damaged_cache_shard_is_rebuilt(tmp_path, caplog, damage):
     path, calls = tmp_path / "test-cache", []
     build_cache(path, calls)
     assert calls == [100, 100, 56, 44]  # each shard encoded once, in batches of 100
-    shard = cache.shard_file(path, 1)
+    shard = shards.shard_file(path, 1)
     {"truncated": truncate, "flipped": flip_byte, "missing": os.unlink}[damage](shard)
     calls.clear()
     build_cache(path, calls)
@@ -221,9 +221,9 @@ def test_a_damaged_cache_shard_is_rebuilt(tmp_path, caplog, damage):
 def test_a_cache_written_before_checksums_is_used_as_it_is(tmp_path):
     path, calls = tmp_path / "test-cache", []
     build_cache(path, calls)
-    record = json.loads((path / cache.COMPLETE).read_text())
-    del record[cache.SHARDS]
-    (path / cache.COMPLETE).write_text(json.dumps(record))
+    record = json.loads((path / shards.COMPLETE).read_text())
+    del record[shards.SHARDS]
+    (path / shards.COMPLETE).write_text(json.dumps(record))
     calls.clear()
     build_cache(path, calls)
     assert calls == []
@@ -253,7 +253,7 @@ def test_two_runs_needing_one_cache_build_it_once(tmp_path):
 def test_a_second_run_on_the_same_output_dir_stops_and_a_killed_one_leaves_no_lock(assets, tmp_path, run_main, capsys):
     out = tmp_path / "out"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from difftune import runlock; runlock.hold_output_dir({str(out)!r}); "
+        [sys.executable, "-c", f"from difftune.storage import runlock; runlock.hold_output_dir({str(out)!r}); "
          "print('held', flush=True); import time; time.sleep(600)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -300,7 +300,7 @@ def test_a_file_system_without_flock_warns_and_goes_on(tmp_path, monkeypatch, ca
 def test_timestep_bias_end_beyond_the_schedule_stops_before_models_load(
     assets, tmp_path, run_main, capsys, monkeypatch
 ):
-    from difftune import sdxl
+    from difftune.models import sdxl
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded")

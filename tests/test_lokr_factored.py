@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from difftune import lokr
+from difftune.adapters import lokr
 
 # Every adapted Linear shape of real SDXL (in, out): attention at 320/640/1280, cross-attention k/v from
 # 2048, and the CLIP-L (768) / OpenCLIP-bigG (1280) text-encoder projections.

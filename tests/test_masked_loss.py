@@ -13,9 +13,11 @@ import torch
 from helpers import one_line_error, sdxl_args, spy_on_training, wuerstchen_args
 from PIL import Image
 
-from difftune import args as cli
-from difftune import cache, data, objectives
-from difftune.data import masks
+from difftune import data
+from difftune.cli.parsing import ErrorOnlyParser
+from difftune.data import cache, masks
+from difftune.train import args as flags
+from difftune.train import objectives
 
 REAL_DRAW_LOSS = objectives.Draw.loss
 
@@ -104,19 +106,19 @@ def test_black_masks_train_nothing_and_the_loss_is_kohyas(assets, tmp_path, run_
     (a ramp, three images without one): each step's loss is the formula, live and cached, with the same masks."""
     black = write_masks(assets, tmp_path / "black", lambda x, width: 0)
     base = ["--adam_weight_decay", "0", "--center_crop", "--random_flip", "--cache_dir", tmp_path / "cache"]
-    for flags, changes in (([], True), (["--masked_loss", "--mask_dir", black], False)):
+    for extra, changes in (([], True), (["--masked_loss", "--mask_dir", black], False)):
         spy = spy_on_training(monkeypatch.setattr, adapter="unet")
-        assert run_main("train_sdxl_lokr", sdxl_args(assets, tmp_path / f"out{changes}", *base, *flags, steps=1)) == 0
+        assert run_main("train_sdxl_lokr", sdxl_args(assets, tmp_path / f"out{changes}", *base, *extra, steps=1)) == 0
         moved = any(not torch.equal(spy["before"][n], spy["after"][n]) for n in spy["before"] if "lokr" in n)
         assert moved == changes
 
     ramp = write_masks(assets, tmp_path / "ramp", lambda x, width: 255 * x // (width - 1), skip=3)
     runs = {}
-    for name, flags in (("live", []), ("cached", ["--cache_latents"])):
+    for name, extra in (("live", []), ("cached", ["--cache_latents"])):
         calls = record_losses(monkeypatch)
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            argv = sdxl_args(assets, tmp_path / name, *base, "--masked_loss", "--mask_dir", ramp, *flags, steps=1)
+            argv = sdxl_args(assets, tmp_path / name, *base, "--masked_loss", "--mask_dir", ramp, *extra, steps=1)
             assert run_main("train_sdxl_lokr", argv) == 0
         assert "3 of 20 training images have no mask (no file in --mask_dir" in caplog.text
         assert len(calls) == 1
@@ -184,8 +186,8 @@ def test_a_dataset_config_subset_takes_its_masks_from_alpha(tmp_path, caplog):
         f'[[datasets.subsets]]\nimage_dir = "{tmp_path / "a"}"\nalpha_mask = true\n'
         f'[[datasets.subsets]]\nimage_dir = "{tmp_path / "b"}"\n'
     )
-    parser = cli.ErrorOnlyParser()
-    cli.add_data_args(parser, resolution=64)
+    parser = ErrorOnlyParser()
+    flags.add_data_args(parser, resolution=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train_batch_size", type=int, default=1)
     parser.add_argument("--masked_loss", action="store_true")

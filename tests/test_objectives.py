@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from helpers import one_line_error, sdxl_args, wuerstchen_args
 
-from difftune.objectives import Objective, add_objective_args, pyramid_noise
+from difftune.train.objectives import Objective, add_objective_args, pyramid_noise
 
 
 def objective_args(*argv: str) -> argparse.Namespace:

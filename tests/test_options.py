@@ -6,7 +6,8 @@ import pytest
 import torch
 from helpers import adapter_weights, max_difference, one_line_error, sdxl_args, wuerstchen_args
 
-from difftune import checkpoints, ema
+from difftune.adapters import ema
+from difftune.storage import checkpoints
 
 
 @pytest.mark.parametrize(
@@ -163,7 +164,7 @@ def test_validation_images_come_from_the_ema_weights(assets, tmp_path, run_main,
     from helpers import REAL_TRAIN
     from safetensors.torch import load_file
 
-    from difftune import training
+    from difftune.train import loop
 
     seen, after = {}, {}
 
@@ -177,7 +178,7 @@ def test_validation_images_come_from_the_ema_weights(assets, tmp_path, run_main,
         after.update({n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad})
         return result
 
-    monkeypatch.setattr(training, "train", spy)
+    monkeypatch.setattr(loop, "train", spy)
     caplog.set_level(logging.INFO, logger="difftune")
     out = tmp_path / "out"
     argv = sdxl_args(assets, out, "--use_ema", "--validation_prompt", "x", "--validation_steps", "2", steps=2)

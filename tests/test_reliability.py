@@ -15,7 +15,8 @@ import torch
 from conftest import SCRIPTS, launch
 from helpers import adapter_weights, max_difference, resumed_copy, sdxl_args, spy_on_training, wuerstchen_args
 
-from difftune import checkpoints, ema
+from difftune.adapters import ema
+from difftune.storage import checkpoints
 
 # Everything random at once: random crops, flips, accumulation, warm-up + cosine, LoKr rank and module dropout.
 SDXL_EXTRA = (
@@ -264,8 +265,8 @@ def test_latest_is_the_highest_complete_step(tmp_path):
 
 
 def test_every_micro_batch_draws_its_own_noise():
-    from difftune import training
+    from difftune.train import loop
 
     # The global RNG is re-seeded per (seed, step, micro-batch, process): all distinct, so no two draw alike.
-    seeds = {training.micro_batch_seed(0, s, m, p) for s in range(50) for m in range(2) for p in range(2)}
-    assert len(seeds) == 200 and training.micro_batch_seed(1, 0, 0, 0) not in seeds
+    seeds = {loop.micro_batch_seed(0, s, m, p) for s in range(50) for m in range(2) for p in range(2)}
+    assert len(seeds) == 200 and loop.micro_batch_seed(1, 0, 0, 0) not in seeds

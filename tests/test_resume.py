@@ -7,9 +7,10 @@ import torch
 from conftest import load_script, reset_accelerate
 from helpers import adapter_weights, max_difference, one_line_error, resumed_copy, sdxl_args
 
-from difftune import checkpoints, runlock, training
-from difftune.errors import UserError
-from difftune.updates import OptimizerLayout, flatten_param_groups
+from difftune.cli.errors import UserError
+from difftune.storage import checkpoints, runlock
+from difftune.train import loop
+from difftune.train.updates import OptimizerLayout, flatten_param_groups
 
 # 20 images, batch 2, accumulation 3: 10 batches, so every epoch ends with a step of one micro-batch.
 TAIL = ("--gradient_accumulation_steps", "3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--random_flip")
@@ -28,14 +29,14 @@ def seedless_run(assets, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("seedless") / "run"
     seen: dict[int, list[int]] = {}
-    real_iter = training.EpochBatchSampler.__iter__
+    real_iter = loop.EpochBatchSampler.__iter__
 
     def recording_iter(sampler):
         for batch in real_iter(sampler):
             seen.setdefault(sampler.epoch, []).extend(batch)
             yield batch
 
-    training.EpochBatchSampler.__iter__ = recording_iter
+    loop.EpochBatchSampler.__iter__ = recording_iter
     try:
         assert (
             run_script(
@@ -44,7 +45,7 @@ def seedless_run(assets, tmp_path_factory):
             == 0
         )
     finally:
-        training.EpochBatchSampler.__iter__ = real_iter
+        loop.EpochBatchSampler.__iter__ = real_iter
     return out, seen
 
 
@@ -103,13 +104,13 @@ def test_a_changed_learning_rate_and_weight_decay_apply_and_are_recorded(
     resumed = tmp_path / "resumed"
     resumed_copy(out / "step3", resumed)
     groups = []
-    real_resume = training.TrainingRun.resume
+    real_resume = loop.TrainingRun.resume
 
     def recording_resume(run):
         real_resume(run)
         groups.extend(dict(g) for g in run.update.optimizer.param_groups)
 
-    monkeypatch.setattr(training.TrainingRun, "resume", recording_resume)
+    monkeypatch.setattr(loop.TrainingRun, "resume", recording_resume)
     argv = seedless(sdxl_args(assets, resumed, *TAIL, "--resume_from_checkpoint", "latest", steps=6, lr="5e-3"))
     assert run_main("train_sdxl_lokr", [*argv, "--adam_weight_decay", "0.25"]) == 0
     # Independently: the same cosine schedule built at the new rate, 3 steps in.

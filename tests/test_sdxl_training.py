@@ -132,7 +132,7 @@ def test_text_encoder_training_in_bf16(assets, tmp_path, run_main, monkeypatch):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from difftune import updates
+    from difftune.train import updates
 
     optimizers = []
     real_build = updates.build_optimizer

@@ -76,11 +76,12 @@ def marked_copy(assets, tmp_path, *markers, drop_vae=False):
 
 
 def test_v_pred_and_ztsnr_markers_train_and_sample_as_marked(assets, tmp_path, caplog):
-    from difftune import inference, single_file
+    from difftune.generate import inference
+    from difftune.models import sdxl
 
     path = marked_copy(assets, tmp_path, "v_pred", "ztsnr", drop_vae=True)
     with caplog.at_level("INFO", logger="difftune"):
-        sd = single_file.load_components(path, str(assets / "sdxl"), None)
+        sd = sdxl.load_sdxl(str(path), single_file_config=str(assets / "sdxl"))
     for scheduler in (sd.noise_scheduler, sd.inference_scheduler):
         assert scheduler.config.prediction_type == "v_prediction"
         assert scheduler.config.rescale_betas_zero_snr is True
@@ -93,7 +94,7 @@ def test_v_pred_and_ztsnr_markers_train_and_sample_as_marked(assets, tmp_path, c
     pipe = inference.sdxl_pipeline(str(path), None, None, None, torch.float32, "epsilon", str(assets / "sdxl"))
     assert pipe.scheduler.config.prediction_type == "epsilon"
     # Without the markers: the config's epsilon schedule.
-    plain = single_file.load_components(marked_copy(assets, tmp_path), str(assets / "sdxl"), None)
+    plain = sdxl.load_sdxl(str(marked_copy(assets, tmp_path)), single_file_config=str(assets / "sdxl"))
     assert plain.noise_scheduler.config.prediction_type == "epsilon"
     assert not plain.noise_scheduler.config.rescale_betas_zero_snr
 

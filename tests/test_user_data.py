@@ -23,10 +23,12 @@ from helpers import (
 from PIL import Image
 from test_cache_buckets import losses_of
 
-from difftune import args as cli
-from difftune import cache, data
+from difftune import data
+from difftune.cli.errors import UserError
+from difftune.cli.parsing import ErrorOnlyParser
+from difftune.data import cache
 from difftune.data.captions import CaptionOptions
-from difftune.errors import UserError
+from difftune.train import args as flags
 
 
 def image(path: Path, seed: int, size: tuple[int, int] = (72, 64)) -> None:
@@ -134,8 +136,8 @@ def test_text_cache_key_follows_the_caption_column(tmp_path):
         return {"ids": torch.tensor([float(len(caption)), float(ord(caption[0]))])}
 
     def cached_embedding(column: str) -> torch.Tensor:
-        parser = cli.ErrorOnlyParser()
-        cli.add_data_args(parser, resolution=64)
+        parser = ErrorOnlyParser()
+        flags.add_data_args(parser, resolution=64)
         parser.add_argument("--seed", type=int, default=0)
         args = parser.parse_args(["--train_data_dir", str(folder), "--caption_column", column])
         args.cache_dir, args.train_batch_size = tmp_path / "cache", 1
@@ -312,8 +314,8 @@ def test_dataset_config_unknown_key_is_one_line(assets, tmp_path, run_main, caps
 
 
 def test_scan_once_then_warm_and_image_unreadable_after_the_scan(assets, tmp_path, run_main, monkeypatch, caplog):
-    from difftune import training
     from difftune.data import scan
+    from difftune.train import loop
 
     folder = tagged_folder(tmp_path / "data")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
@@ -330,13 +332,13 @@ def test_scan_once_then_warm_and_image_unreadable_after_the_scan(assets, tmp_pat
     # A warm start decodes nothing, still skips the broken image; one that breaks after the scan is skipped too.
     probed.clear()
     caplog.clear()
-    real_train = training.train
+    real_train = loop.train
 
     def break_one_then_train(*args, **kwargs):
         (folder / "0.png").write_bytes((folder / "0.png").read_bytes()[:100])
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(training, "train", break_one_then_train)
+    monkeypatch.setattr(loop, "train", break_one_then_train)
     with caplog.at_level("WARNING"):
         assert run_main("train_sdxl_lokr", with_data(sdxl_args(assets, tmp_path / "b", steps=2), folder, *common)) == 0
     assert probed == []
@@ -345,10 +347,10 @@ def test_scan_once_then_warm_and_image_unreadable_after_the_scan(assets, tmp_pat
 
 
 def test_validation_split_holds_out_whole_images_with_their_repeats(tmp_path):
-    from difftune.evaluation import held_out_split
+    from difftune.train.evaluation import held_out_split
 
-    parser = cli.ErrorOnlyParser()
-    cli.add_data_args(parser, resolution=64)
+    parser = ErrorOnlyParser()
+    flags.add_data_args(parser, resolution=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(["--train_data_dir", str(kohya_folder(tmp_path / "data"))])
     dataset = data.dataset_from_args(args, data.ImageTransform(True, False), lambda caption: {})
@@ -359,8 +361,8 @@ def test_validation_split_holds_out_whole_images_with_their_repeats(tmp_path):
 
 
 def test_cached_shuffling_needs_caption_variants(tmp_path):
-    parser = cli.ErrorOnlyParser()
-    cli.add_data_args(parser, resolution=64)
+    parser = ErrorOnlyParser()
+    flags.add_data_args(parser, resolution=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(["--train_data_dir", str(tagged_folder(tmp_path / "data", 2)), "--shuffle_caption"])
     dataset = data.dataset_from_args(args, data.ImageTransform(True, False), lambda caption: {})

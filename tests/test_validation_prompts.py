@@ -10,7 +10,7 @@ import pytest
 from helpers import sdxl_args, wuerstchen_args
 from PIL import Image
 
-from difftune import prompts, validation
+from difftune.generate import prompts, validation
 
 # kohya: split at " --"; -- n runs to the next " --"; option names in any case; "#" lines and blanks skipped.
 PROMPTS_FILE = """\

@@ -9,7 +9,8 @@ from conftest import launch, run_script
 from helpers import assert_only_adapter_changed, prior_inputs, spy_on_training, wuerstchen_args
 from PIL import Image
 
-from difftune import validation, wuerstchen
+from difftune.generate import validation
+from difftune.models import wuerstchen
 
 # A random tiny prior's output hardly depends on its attention: LoRA on the feed-forwards and the
 # output layer too gives it the reach to overfit the toy images.
@@ -46,7 +47,7 @@ def test_checkpoint_layout(trained):
     the same LoRA weights in peft's and diffusers' files."""
     from safetensors.torch import load_file
 
-    from difftune import checkpoints
+    from difftune.storage import checkpoints
 
     out, captured = trained
     step = out / "step40"
@@ -251,10 +252,10 @@ def test_resolution_192_validates_and_infers_with_the_decoder_offloaded(assets, 
     """192 is an odd multiple of 64: validation and infer.py generate at 256 (the nearest size the tiny decoder
     accepts; 128 is as near, the larger wins) and say so. Between validations the decoder, its text encoder
     and the VQGAN are offloaded (on the CPU the device is the CPU: the offloads are recorded)."""
-    from difftune import training
+    from difftune.train import placement
 
     events = []
-    real_offload, real_validation = training.offload, validation.run_validation
+    real_offload, real_validation = placement.offload, validation.run_validation
 
     def spy_offload(modules):
         events.append(("offload", {id(m) for m in modules}))
@@ -265,7 +266,7 @@ def test_resolution_192_validates_and_infers_with_the_decoder_offloaded(assets, 
         events.append(("validation", {id(m) for m in parts}, (kwargs["height"], kwargs["width"])))
         return real_validation(accelerator, args, pipe, step, dtype, **kwargs)
 
-    monkeypatch.setattr(training, "offload", spy_offload)
+    monkeypatch.setattr(placement, "offload", spy_offload)
     monkeypatch.setattr(validation, "run_validation", spy_validation)
     out = tmp_path / "run"
     argv = wuerstchen_args(

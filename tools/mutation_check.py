@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ("src/difftune/data.py", "src/difftune/data/*.py")  # issue 18 makes data a package
+DATA = ("src/difftune/data/*.py",)
 
 
 @dataclass(frozen=True)
@@ -47,39 +47,39 @@ MUTATIONS = [
     # adapters: the flags that build the peft config and the optimizer groups
     Mutation(
         "adapters: LoKr alpha from --rank",
-        files("src/difftune/adapters.py"), "alpha=args.alpha,", "alpha=args.rank,",
+        files("src/difftune/adapters/injection.py"), "alpha=args.alpha,", "alpha=args.rank,",
         ("tests/test_adapters.py::test_lokr_config_has_every_flag_s_value",),
         "every LoKr trained at strength 1 instead of alpha / rank; a copy-paste slip",
     ),
     Mutation(
         "adapters: --text_encoder_lr ignored",
-        files("src/difftune/adapters.py"), '"lr": args.text_encoder_lr or args.learning_rate',
+        files("src/difftune/adapters/injection.py"), '"lr": args.text_encoder_lr or args.learning_rate',
         '"lr": args.learning_rate',
         ("tests/test_adapters.py::test_text_encoder_lr_sets_the_text_encoders_group",),
         "the flag silently does nothing",
     ),
     Mutation(
         "adapters: --decompose_both dropped",
-        files("src/difftune/adapters.py"), "decompose_both=args.decompose_both,", "decompose_both=False,",
+        files("src/difftune/adapters/injection.py"), "decompose_both=args.decompose_both,", "decompose_both=False,",
         ("tests/test_adapters.py::test_lokr_config_has_every_flag_s_value",),
         "a flag not passed on to peft",
     ),
     Mutation(
         "adapters: --lokr_init ignored",
-        files("src/difftune/adapters.py"),
+        files("src/difftune/adapters/injection.py"),
         'init_weights="lycoris" if args.lokr_init == "lycoris" else True,', "init_weights=True,",
         ("tests/test_adapters.py::test_lokr_config_has_every_flag_s_value",),
         "LyCORIS init silently replaced by peft's",
     ),
     Mutation(
         "adapters: LoRA lora_alpha from --rank",
-        files("src/difftune/adapters.py"), "lora_alpha=args.lora_alpha,", "lora_alpha=args.rank,",
+        files("src/difftune/adapters/injection.py"), "lora_alpha=args.lora_alpha,", "lora_alpha=args.rank,",
         ("tests/test_adapters.py::test_lora_config_has_every_flag_s_value",),
         "Wuerstchen LoRA at the wrong strength",
     ),
     Mutation(
         "adapters: adapter weights cast to the model's dtype",
-        files("src/difftune/adapters.py"), "parameter.data = parameter.data.float()",
+        files("src/difftune/adapters/injection.py"), "parameter.data = parameter.data.float()",
         "parameter.data = parameter.data.to(model.dtype)",
         ("tests/test_adapters.py::test_adapters_on_a_bf16_model_are_fp32",),
         "bf16 adapter weights under DDP (the frozen model's dtype): small updates round away. peft keeps new "
@@ -88,21 +88,37 @@ MUTATIONS = [
     ),
     Mutation(
         "adapters: --gradient_checkpointing ignored",
-        files("src/difftune/adapters.py"), "    if args.gradient_checkpointing:\n", "    if False:\n",
+        files("src/difftune/adapters/injection.py"), "    if args.gradient_checkpointing:\n", "    if False:\n",
         ("tests/test_options.py::test_gradient_checkpointing_gives_the_same_weights[train_sdxl_lokr-sdxl_args]",),
         "the flag silently does nothing: the memory saving is lost",
     ),
     Mutation(
         "adapters: text encoders not checkpointed",
-        files("src/difftune/adapters.py"),
+        files("src/difftune/adapters/injection.py"),
         'model.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})', "pass",
         ("tests/test_options.py::test_gradient_checkpointing_gives_the_same_weights[train_sdxl_lokr-sdxl_args]",),
         "only the denoiser checkpointed",
     ),
+    # layers: the packages import only downward, and no module imports itself back (tests/test_layers.py)
+    Mutation(
+        "layers: the error handler imports the run lock again",
+        files("src/difftune/cli/errors.py"), "        for release in _on_exit:\n            release()\n",
+        "        from difftune.storage import runlock\n\n        runlock.release_all()\n",
+        ("tests/test_layers.py::test_the_library_imports_only_downward_and_has_no_cycles",),
+        "the bottom layer knowing a higher one (a cycle: runlock raises UserError); it runs, since the import is late",
+    ),
+    Mutation(
+        "layers: DreamBooth's class rows import the data sources back",
+        files("src/difftune/data/dreambooth.py"), "    parts = []\n    extension = ",
+        "    from difftune.data.sources import append_rows, checked_selection  # noqa: F811\n\n"
+        "    parts = []\n    extension = ",
+        ("tests/test_layers.py::test_the_library_imports_only_downward_and_has_no_cycles",),
+        "the cycle this package had (sources <-> dreambooth), hidden in a function: it runs, and ties the two together",
+    ),
     # export: SGM names and the scale ComfyUI / A1111 apply
     Mutation(
         "export: resnet conv1 / conv2 swapped",
-        files("src/difftune/export.py"),
+        files("src/difftune/models/sgm_layout.py"),
         '"conv1": "in_layers.2",\n    "time_emb_proj": "emb_layers.1",\n    "norm2": "out_layers.0",\n'
         '    "conv2": "out_layers.3",',
         '"conv1": "out_layers.3",\n    "time_emb_proj": "emb_layers.1",\n    "norm2": "out_layers.0",\n'
@@ -112,7 +128,7 @@ MUTATIONS = [
     ),
     Mutation(
         "export: downsampler one block early",
-        files("src/difftune/export.py"),
+        files("src/difftune/models/sgm_layout.py"),
         'f"input_blocks.{per_block * (int(m[1]) + 1)}.0.op{m[2]}"',
         'f"input_blocks.{per_block * int(m[1]) + 1}.0.op{m[2]}"',
         ("tests/test_export_infer.py::test_every_module_s_delta_lands_on_its_sgm_name",),
@@ -120,31 +136,33 @@ MUTATIONS = [
     ),
     Mutation(
         "export: upsampler slot ignores the attention",
-        files("src/difftune/export.py"), "position = 2 if block in up_blocks_with_attention else 1", "position = 1",
+        files("src/difftune/models/sgm_layout.py"),
+        "position = 2 if block in up_blocks_with_attention else 1", "position = 1",
         ("tests/test_export_infer.py::test_every_module_s_delta_lands_on_its_sgm_name",),
         "upsamplers after attention blocks named as if there were none",
     ),
     Mutation(
         "export: mid-block resnet index",
-        files("src/difftune/export.py"), 'f"middle_block.{2 * int(m[1])}.', 'f"middle_block.{int(m[1])}.',
+        files("src/difftune/models/sgm_layout.py"), 'f"middle_block.{2 * int(m[1])}.', 'f"middle_block.{int(m[1])}.',
         ("tests/test_export_infer.py::test_every_module_s_delta_lands_on_its_sgm_name",),
         "forgetting the attention between the two mid resnets",
     ),
     Mutation(
         "export: down-block index without conv_in",
-        files("src/difftune/export.py"), "index = per_block * block + layer + 1", "index = per_block * block + layer",
+        files("src/difftune/models/sgm_layout.py"),
+        "index = per_block * block + layer + 1", "index = per_block * block + layer",
         ("tests/test_export_infer.py::test_every_module_s_delta_lands_on_its_sgm_name",),
         "input_blocks.0 is conv_in: an off-by-one",
     ),
     Mutation(
         "export: alpha / r not folded into w1",
-        files("src/difftune/export.py"), "value = value * scale if suffix == left else value", "value = value",
+        files("src/difftune/formats/kohya.py"), "value = value * scale if suffix == left else value", "value = value",
         ("tests/test_export_infer.py::test_every_module_s_delta_lands_on_its_sgm_name",),
         "every exported LoKr at the wrong strength when alpha != rank",
     ),
     Mutation(
         "export: stored alpha is peft's alpha",
-        files("src/difftune/export.py"),
+        files("src/difftune/formats/kohya.py"),
         'out[f"{name}.alpha"] = torch.tensor(float(rank), dtype=dtype)',
         'out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)',
         ("tests/test_export_infer.py::test_trained_checkpoint_exports_exact_deltas",),
@@ -161,14 +179,14 @@ MUTATIONS = [
     # objectives
     Mutation(
         "objectives: min-SNR for v-prediction divides by snr",
-        files("src/difftune/objectives.py"),
+        files("src/difftune/train/objectives.py"),
         "weights = weights * clipped / ((snr + 1) if v_prediction else snr)", "weights = weights * clipped / snr",
         ("tests/test_objectives.py", "-k", "min_snr_weights"),
         "the epsilon formula used for every parameterisation",
     ),
     Mutation(
         "objectives: debiased estimation ignores v-prediction",
-        files("src/difftune/objectives.py"),
+        files("src/difftune/train/objectives.py"),
         "weights = weights / ((snr_t + 1) if v_prediction else torch.sqrt(snr_t))",
         "weights = weights / torch.sqrt(snr_t)",
         ("tests/test_objectives.py", "-k", "debiased"),
@@ -176,27 +194,28 @@ MUTATIONS = [
     ),
     Mutation(
         "objectives: noise offset one value per sample",
-        files("src/difftune/objectives.py"), "x0.shape[0], x0.shape[1], 1, 1, device=x0.device",
+        files("src/difftune/train/objectives.py"), "x0.shape[0], x0.shape[1], 1, 1, device=x0.device",
         "x0.shape[0], 1, 1, 1, device=x0.device",
         ("tests/test_objectives.py", "-k", "noise_offset"),
         "the offset shifts brightness, not each channel (colour)",
     ),
     Mutation(
         "objectives: Huber snr schedule not squared",
-        files("src/difftune/objectives.py"), "return (1 - c) / (1 + sigma) ** 2 + c",
+        files("src/difftune/train/objectives.py"), "return (1 - c) / (1 + sigma) ** 2 + c",
         "return (1 - c) / (1 + sigma) + c",
         ("tests/test_objectives.py", "-k", "huber"),
         "a dropped exponent",
     ),
     Mutation(
         "objectives: 'later' bias weights the early timesteps",
-        files("src/difftune/objectives.py"), "weights[-count:] *= multiplier", "weights[count:] *= multiplier",
+        files("src/difftune/train/objectives.py"), "weights[-count:] *= multiplier", "weights[count:] *= multiplier",
         ("tests/test_objectives.py", "-k", "timestep_bias"),
         "a slice sign slip",
     ),
     Mutation(
         "objectives: cubic sampling favours clean steps",
-        files("src/difftune/objectives.py"), "self.at_fractions(1 - torch.rand(batch_size, device=device) ** 3, dtype)",
+        files("src/difftune/train/objectives.py"),
+        "self.at_fractions(1 - torch.rand(batch_size, device=device) ** 3, dtype)",
         "self.at_fractions(torch.rand(batch_size, device=device) ** 3, dtype)",
         ("tests/test_objectives.py", "-k", "cubic"),
         "u^3 instead of 1 - u^3",
@@ -204,19 +223,19 @@ MUTATIONS = [
     # lokr: the factored forward
     Mutation(
         "lokr: factored forward drops the scaling",
-        files("src/difftune/lokr.py"), "w1 = w1 * self.scaling[adapter_name]", "w1 = w1",
+        files("src/difftune/adapters/lokr.py"), "w1 = w1 * self.scaling[adapter_name]", "w1 = w1",
         ("tests/test_lokr_factored.py", "-k", "test_factored_lokr_matches_peft"),
         "alpha / r lost in the fast path only",
     ),
     Mutation(
         "lokr: rank dropout not rescaled",
-        files("src/difftune/lokr.py"), "if self.rank_dropout_scale[adapter_name]:", "if False:",
+        files("src/difftune/adapters/lokr.py"), "if self.rank_dropout_scale[adapter_name]:", "if False:",
         ("tests/test_lokr_factored.py", "-k", "test_factored_lokr_matches_peft"),
         "--rank_dropout with rank_dropout_scale differs from peft",
     ),
     Mutation(
         "lokr: conv layers switched to the Linear forward",
-        files("src/difftune/lokr.py"), "if type(module) is layer_type:", 'if hasattr(module, "lokr_w1"):',
+        files("src/difftune/adapters/lokr.py"), "if type(module) is layer_type:", 'if hasattr(module, "lokr_w1"):',
         ("tests/test_lokr_factored.py::test_conv_layers_keep_peft_s_path",),
         "a duck-typed check that also catches LoKr Conv2d layers",
     ),
@@ -257,19 +276,19 @@ MUTATIONS = [
     # cache and the cached encodings
     Mutation(
         "cache: key ignores the resolution",
-        files("src/difftune/cache.py"), '"resolution": args.resolution,\n', "",
+        files("src/difftune/data/cache.py"), '"resolution": args.resolution,\n', "",
         ("tests/test_cache_buckets.py", "-k", "reused_and_rebuilt"),
         "a run at another resolution trains on stale latents",
     ),
     Mutation(
         "cache: a size group's rows all take its first row's size conditioning",
-        files("src/difftune/cache.py"), 'group["time_ids"][position]', 'group["time_ids"][0]',
+        files("src/difftune/data/cache.py"), 'group["time_ids"][position]', 'group["time_ids"][0]',
         ("tests/test_cache_buckets.py::test_image_cache_holds_what_live_loading_gives",),
         "the workers stack each size group's time_ids: an index slip gives every row the same crop and size",
     ),
     Mutation(
         "sdxl: cached latents use the posterior mean",
-        files("src/difftune/sdxl.py"),
+        files("src/difftune/models/sdxl.py"),
         "sample = mean + std * torch.randn(mean.shape, device=mean.device, dtype=vae_dtype)", "sample = mean",
         ("tests/test_cache_buckets.py::test_cached_training_gives_the_same_losses[train_sdxl_lokr-sdxl_args-caches0]",),
         "cached runs train on other latents than live ones",
@@ -277,26 +296,26 @@ MUTATIONS = [
     # checkpoints
     Mutation(
         "checkpoints: steps sorted as strings",
-        files("src/difftune/checkpoints.py"), "found.append((int(match.group(1)), path))",
+        files("src/difftune/storage/checkpoints.py"), "found.append((int(match.group(1)), path))",
         "found.append((match.group(1), path))",
         ("tests/test_reliability.py", "-k", "latest_is_the_highest"),
         "'latest' picks step9 over step10",
     ),
     Mutation(
         "checkpoints: incomplete checkpoint counts as complete",
-        files("src/difftune/checkpoints.py"), "return (path / STATE_FILE).is_file()", "return path.is_dir()",
+        files("src/difftune/storage/checkpoints.py"), "return (path / STATE_FILE).is_file()", "return path.is_dir()",
         ("tests/test_reliability.py", "-k", "latest_is_the_highest"),
         "a run killed mid-save resumes from a half-written checkpoint",
     ),
     Mutation(
         "checkpoints: pruning deletes the best one",
-        files("src/difftune/checkpoints.py"), "if path == best:", "if False:",
+        files("src/difftune/storage/checkpoints.py"), "if path == best:", "if False:",
         ("tests/test_evaluation.py", "-k", "pruning"),
         "--checkpoints_total_limit removes the checkpoint with the best held-out loss",
     ),
     Mutation(
         "checkpoints: --overwrite_output_dir refused",
-        files("src/difftune/checkpoints.py"), "if found and resume_from is None and not overwrite:",
+        files("src/difftune/storage/checkpoints.py"), "if found and resume_from is None and not overwrite:",
         "if found and resume_from is None:",
         ("tests/test_reliability.py", "-k", "output_dir_with_another_run"),
         "the flag silently does nothing",
@@ -304,13 +323,13 @@ MUTATIONS = [
     # training and updates
     Mutation(
         "training: optimizer state not restored on resume",
-        files("src/difftune/training.py"), "        self.update.load(resume_dir)\n", "",
+        files("src/difftune/train/loop.py"), "        self.update.load(resume_dir)\n", "",
         ("tests/test_reliability.py::test_resume_equals_uninterrupted_run[sdxl]",),
         "Adam restarts from zero moments after every resume",
     ),
     Mutation(
         "training: lr schedule not restored on resume",
-        files("src/difftune/training.py"),
+        files("src/difftune/train/loop.py"),
         "self.lr_scheduler.load_state_dict(checkpoints.load_torch_state(resume_dir / checkpoints.SCHEDULER_FILE))",
         "pass",
         ("tests/test_reliability.py::test_resume_equals_uninterrupted_run[sdxl]",),
@@ -318,34 +337,34 @@ MUTATIONS = [
     ),
     Mutation(
         "training: resumed mid-epoch from the epoch's start",
-        files("src/difftune/training.py"), "self.sampler.set_epoch(epoch, start=step_in_epoch * self.accum)",
+        files("src/difftune/train/loop.py"), "self.sampler.set_epoch(epoch, start=step_in_epoch * self.accum)",
         "self.sampler.set_epoch(epoch)",
         ("tests/test_reliability.py::test_resume_equals_uninterrupted_run[sdxl]",),
         "a resumed run repeats batches",
     ),
     Mutation(
         "training: the same noise every step",
-        files("src/difftune/training.py"), 'f"{seed}:{step}:{micro_batch}:{process_index}"',
+        files("src/difftune/train/loop.py"), 'f"{seed}:{step}:{micro_batch}:{process_index}"',
         'f"{seed}:{micro_batch}:{process_index}"',
         ("tests/test_reliability.py", "-k", "own_noise"),
         "every step draws the same noise and timesteps",
     ),
     Mutation(
         "training: one non-finite step too few allowed",
-        files("src/difftune/training.py"), "if self.nonfinite_steps > limit:", "if self.nonfinite_steps >= limit:",
+        files("src/difftune/train/loop.py"), "if self.nonfinite_steps > limit:", "if self.nonfinite_steps >= limit:",
         ("tests/test_reliability.py::test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints[none]",),
         "--max_nonfinite_steps N stops at the N-th",
     ),
     Mutation(
         "updates: flattened groups lose their learning rate",
-        files("src/difftune/updates.py"), 'flat_groups.append({**group, "params": [flat_param]})',
+        files("src/difftune/train/updates.py"), 'flat_groups.append({**group, "params": [flat_param]})',
         'flat_groups.append({"params": [flat_param]})',
         ("tests/test_sdxl_training.py::test_text_encoder_training_in_bf16",),
         "--text_encoder_lr lost in the optimizer only",
     ),
     Mutation(
         "updates: accumulated gradients not averaged",
-        files("src/difftune/updates.py"), "self.accelerator.backward(loss / micro_batches)",
+        files("src/difftune/train/updates.py"), "self.accelerator.backward(loss / micro_batches)",
         "self.accelerator.backward(loss)",
         (),
         "not caught cheaply: Adam's step hardly depends on the gradient's scale; the slow ZeRO-2 test "
@@ -353,21 +372,21 @@ MUTATIONS = [
     ),
     Mutation(
         "resume: a seedless run draws a new seed on resume",
-        files("src/difftune/resume.py"), "    if seed is not None:\n        args.seed = seed\n",
+        files("src/difftune/train/resume.py"), "    if seed is not None:\n        args.seed = seed\n",
         "",
         ("tests/test_resume.py::test_a_seedless_run_resumes_with_its_own_seed",),
         "held-out images trained on, data order and noise changed after every resume",
     ),
     Mutation(
         "resume: a changed learning rate ignored",
-        files("src/difftune/resume.py"), "    if base_lrs == list(lr_scheduler.base_lrs):\n        return\n",
+        files("src/difftune/train/resume.py"), "    if base_lrs == list(lr_scheduler.base_lrs):\n        return\n",
         "    return\n",
         ("tests/test_resume.py::test_a_changed_learning_rate_and_weight_decay_apply_and_are_recorded",),
         "the log and args.json say one learning rate, the optimizer uses the old one",
     ),
     Mutation(
         "resume: the adapter's alpha may change",
-        files("src/difftune/resume.py"), '"rank", "alpha", "lora_alpha",', '"rank", "lora_alpha",',
+        files("src/difftune/train/resume.py"), '"rank", "alpha", "lora_alpha",', '"rank", "lora_alpha",',
         ("tests/test_resume.py", "-k", "refused_on_resume"),
         "the adapter's scale jumps on resume",
     ),
@@ -381,7 +400,7 @@ MUTATIONS = [
     ),
     Mutation(
         "updates: packed optimizer state cut at the wrong offsets",
-        files("src/difftune/updates.py"),
+        files("src/difftune/train/updates.py"),
         "state[index + offset] = {k: v.view(shape)",
         "state[index] = {k: v.view(shape)",
         ("tests/test_resume.py::test_optimizer_state_moves_between_packed_and_per_parameter_layouts",),
@@ -389,13 +408,13 @@ MUTATIONS = [
     ),
     Mutation(
         "integrity: sizes compared, checksums not",
-        files("src/difftune/integrity.py"), "if digest(path)[CHECKSUM] != want[CHECKSUM]:", "if False:",
+        files("src/difftune/storage/integrity.py"), "if digest(path)[CHECKSUM] != want[CHECKSUM]:", "if False:",
         ("tests/test_integrity.py", "-k", "named_damaged_checkpoint or damaged_cache_shard"),
         "flipped bytes in a checkpoint or a cache shard pass as sound",
     ),
     Mutation(
         "run_setup: the output dir is not locked",
-        files("src/difftune/run_setup.py"), "        runlock.hold_output_dir(output_dir)\n", "        pass\n",
+        files("src/difftune/train/run_setup.py"), "        runlock.hold_output_dir(output_dir)\n", "        pass\n",
         ("tests/test_integrity.py::test_a_second_run_on_the_same_output_dir_stops_and_a_killed_one_leaves_no_lock",),
         "two runs on one folder interleave their checkpoints",
     ),
@@ -409,7 +428,7 @@ MUTATIONS = [
     ),
     Mutation(
         "run_setup: --overwrite_output_dir deletes the old run before the new one has trained",
-        files("src/difftune/run_setup.py"),
+        files("src/difftune/train/run_setup.py"),
         "checkpoints.clean_output_dir(output_dir)  #",
         "checkpoints.clean_output_dir(output_dir, remove_checkpoints=args.overwrite_output_dir)  #",
         ("tests/test_resume.py::test_overwrite_with_resume_is_refused_before_anything_is_touched",),
@@ -418,32 +437,32 @@ MUTATIONS = [
     # ema and evaluation
     Mutation(
         "ema: power warm-up always on",
-        files("src/difftune/ema.py"), "use_ema_warmup=args.ema_power is not None,", "use_ema_warmup=True,",
+        files("src/difftune/adapters/ema.py"), "use_ema_warmup=args.ema_power is not None,", "use_ema_warmup=True,",
         ("tests/test_options.py::test_ema_checkpoint_is_the_average_of_the_live_weights[default-warmup]",),
         "the documented (1+t)/(10+t) decay replaced",
     ),
     Mutation(
         "ema: validation sees the live weights",
-        files("src/difftune/ema.py"), "param.data = shadow.to(param.dtype)", "param.data = param.data",
+        files("src/difftune/adapters/ema.py"), "param.data = shadow.to(param.dtype)", "param.data = param.data",
         ("tests/test_options.py", "-k", "validation_images_come_from_the_ema"),
         "validation images say nothing about the EMA",
     ),
     Mutation(
         "training: EMA not restored on resume",
-        files("src/difftune/training.py"), "            self.ema.load(resume_dir)\n", "            pass\n",
+        files("src/difftune/train/loop.py"), "            self.ema.load(resume_dir)\n", "            pass\n",
         ("tests/test_options.py", "-k", "optimizer_and_ema_resume_exactly and adafactor"),
         "the average restarts from the resumed weights",
     ),
     Mutation(
         "evaluation: the same noise for every held-out sample",
-        files("src/difftune/evaluation.py"), "  torch.manual_seed(seed + j * EVAL_TIMESTEPS + k)",
+        files("src/difftune/train/evaluation.py"), "  torch.manual_seed(seed + j * EVAL_TIMESTEPS + k)",
         "  torch.manual_seed(seed + k)",
         ("tests/test_evaluation.py", "-k", "eval_data_dir_is_held_out"),
         "the documented held-out loss is another number",
     ),
     Mutation(
         "evaluation: held-out samples also trained on",
-        files("src/difftune/evaluation.py"), "return sorted(order[held:]), sorted(order[:held])",
+        files("src/difftune/train/evaluation.py"), "return sorted(order[held:]), sorted(order[:held])",
         "return sorted(order), sorted(order[:held])",
         ("tests/test_evaluation.py", "-k", "split_is_seeded"),
         "the held-out loss measures memorisation",
@@ -451,7 +470,7 @@ MUTATIONS = [
     # scripts and their model code
     Mutation(
         "sdxl: pooled output detached",
-        files("src/difftune/sdxl.py"), "return prompt_embeds, out_two.text_embeds",
+        files("src/difftune/models/sdxl.py"), "return prompt_embeds, out_two.text_embeds",
         "return prompt_embeds, out_two.text_embeds.detach()",
         ("tests/test_sdxl_training.py::test_text_encoder_training_in_bf16",),
         "the second text encoder's last layer never trains",
@@ -465,7 +484,7 @@ MUTATIONS = [
     ),
     Mutation(
         "wuerstchen: image embeddings not shifted",
-        files("src/difftune/wuerstchen.py"), "EMBEDDING_SHIFT, EMBEDDING_SCALE = 1.0, 42.0",
+        files("src/difftune/models/wuerstchen.py"), "EMBEDDING_SHIFT, EMBEDDING_SCALE = 1.0, 42.0",
         "EMBEDDING_SHIFT, EMBEDDING_SCALE = 0.0, 42.0",
         ("tests/test_evaluation.py", "-k", "eval_data_dir_is_held_out"),
         "the prior trained on latents outside its range",
@@ -479,37 +498,37 @@ MUTATIONS = [
     ),
     Mutation(
         "personal: --prior_loss_weight dropped",
-        files("src/difftune/objectives.py"), '("prior", is_class, weight)', '("prior", is_class, 1.0)',
+        files("src/difftune/train/objectives.py"), '("prior", is_class, weight)', '("prior", is_class, 1.0)',
         ("tests/test_dreambooth.py::test_instance_and_class_batches_of_different_sizes_run_as_parts_with_the_same_loss",),
         "the class images weigh as much as the subject whatever the flag says",
     ),
     Mutation(
         "personal: a prompt line's --d seed ignored",
-        files("src/difftune/validation.py"), 'entry.get("seed", seed)', "seed",
+        files("src/difftune/generate/validation.py"), 'entry.get("seed", seed)', "seed",
         ("tests/test_validation_prompts.py::test_sdxl_validation_images_follow_each_prompt_s_settings",),
         "every prompt of a file sampled from the run's seed: the line's seed silently does nothing",
     ),
     Mutation(
         "dreambooth: the instance folder not checked before class images are generated",
-        files("src/difftune/dreambooth.py"), "        check_instance_folder(args)\n", "        pass\n",
+        files("src/difftune/data/dreambooth.py"), "        check_instance_folder(args)\n", "        pass\n",
         ("tests/test_dreambooth.py", "-k", "instance_folder"),
         "minutes of class-image generation, then an error about an empty or uncaptioned instance folder",
     ),
     Mutation(
         "lora: the lean forward's update computed but not added in place",
-        files("src/difftune/lora.py"), "result.addmm_(h, up.t()", "result.addmm(h, up.t()",
+        files("src/difftune/adapters/lora.py"), "result.addmm_(h, up.t()", "result.addmm(h, up.t()",
         ("tests/test_cascade.py::test_the_lean_lora_forward_equals_peft",),
         "addmm for addmm_: the update goes to a discarded tensor and the LoRA trains nothing",
     ),
     Mutation(
         "lora: the lean forward's factor left in fp32 under autocast",
-        files("src/difftune/lora.py"), "up.t().to(result.dtype))", "up.t())",
+        files("src/difftune/adapters/lora.py"), "up.t().to(result.dtype))", "up.t())",
         ("tests/test_cascade.py::test_the_lean_lora_forward_equals_peft",),
         "in-place ops escape autocast: every --mixed_precision run stops at its first LoRA layer",
     ),
     Mutation(
         "lora: the lean forward drops the scaling",
-        files("src/difftune/lora.py"), "up = lora_B.weight if scaling == 1 else lora_B.weight * scaling",
+        files("src/difftune/adapters/lora.py"), "up = lora_B.weight if scaling == 1 else lora_B.weight * scaling",
         "up = lora_B.weight",
         ("tests/test_cascade.py::test_the_lean_lora_forward_equals_peft",),
         "every LoRA trained at strength 1 instead of alpha / rank, unlike the peft layer that loads it",

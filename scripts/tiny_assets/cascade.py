@@ -75,7 +75,7 @@ def make_stable_cascade(out: Path, vocab: tuple[Path, Path]) -> None:
         CLIPVisionModelWithProjection,
     )
 
-    from difftune.wuerstchen import EfficientNetEncoder
+    from difftune.models.wuerstchen import EfficientNetEncoder
 
     prior_dir, decoder_dir = out / "stable-cascade-prior", out / "stable-cascade"
     tokenizer = clip_tokenizer(vocab, "!")  # CLIP-G pads with "!", as SDXL's second tokenizer

@@ -1,6 +1,9 @@
 """Captioned image data: sources (Hub data set, metadata folder, caption-file and kohya folders in `folders`,
 a kohya --dataset_config in `config`), the start-up scan (`scan`), captions and their processing, image
-transforms, buckets, batching.
+transforms, buckets, batching, DreamBooth's class images as rows (`dreambooth`), and the encodings cached
+once (`cache`).
+
+May import: difftune.cli, difftune.storage.
 
 Randomness here (crop position, flip, caption choice, shuffle order) is derived from (seed, epoch,
 sample index), not from a global RNG, so a resumed run sees exactly the batches an uninterrupted run
@@ -19,7 +22,8 @@ from difftune.data.sampling import (
     num_update_steps_per_epoch,
     to_device,
 )
-from difftune.data.sources import append_rows, dataset_from_args, drop_unreadable_images, load_captioned_images
+from difftune.data.selection import append_rows, drop_unreadable_images
+from difftune.data.sources import dataset_from_args, load_captioned_images
 
 __all__ = [
     "CaptionedImageDataset",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from difftune.errors import UserError
+from difftune.cli.errors import UserError
 
 
 class Tokenize:

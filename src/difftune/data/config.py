@@ -13,9 +13,9 @@ from pathlib import Path
 
 import tomllib
 
+from difftune.cli.errors import UserError
 from difftune.data.captions import CaptionOptions
 from difftune.data.folders import Subset
-from difftune.errors import UserError
 
 # Subset keys and the CaptionOptions field each sets (None: a Subset field).
 CAPTION_KEYS = {

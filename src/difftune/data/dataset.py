@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 import torch
 
+from difftune.cli.errors import UserError
 from difftune.data.captions import CaptionOptions, pick_caption, variant_rng
 from difftune.data.images import ImageTransform, column, draw_flip, image_name, open_image, sample_rng
 from difftune.data.masks import open_mask
-from difftune.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,8 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.target_sizes: list[tuple[int, int]] | None = None  # per sample, when bucketing
         self.batch_groups: list | None = None  # per sample: what a batch shares (--dataset_config: data set, size)
-        self.image_cache = None  # a difftune.cache.CacheReader of per-orientation image encodings, by row
-        self.text_cache = None  # a difftune.cache.CacheReader of caption encodings, by position in texts()
+        self.image_cache = None  # a difftune.storage.shards.CacheReader of per-orientation image encodings, by row
+        self.text_cache = None  # a difftune.storage.shards.CacheReader of caption encodings, by position in texts()
         self.text_ids: dict[str, int] = {}  # a cached text's position
         self.empty_prompt_share = 0.0  # --proportion_empty_prompts
         self.held_out_indices: list[int] | None = None  # the --eval_data_dir samples, never trained on

@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from difftune.cli.errors import UserError
 from difftune.data.captions import CaptionOptions
-from difftune.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -159,3 +159,16 @@ def folder_dataset(rows: FolderRows, image_column: str, caption_column: str):
 def caption_files_beside(folder: Path, caption_extension: str) -> int:
     """How many caption files a metadata folder also holds (they are ignored: the metadata wins)."""
     return sum(1 for _ in Path(folder).rglob(f"*{caption_extension}"))
+
+
+def folder_rows(
+    train_data_dir: str | Path, folder_flag: str, caption_extension: str, fallback_prompt: str | None
+) -> FolderRows | None:
+    """The images of a folder read with its caption files and kohya subfolders, or None when a metadata file
+    describes it instead; a one-line error for a missing folder, an uncaptioned image or no usable image."""
+    if not Path(train_data_dir).is_dir():
+        raise UserError(f"{folder_flag} {train_data_dir} does not exist: pass a folder of images")
+    if metadata_file(train_data_dir) is not None:
+        return None
+    subsets = kohya_subsets(Path(train_data_dir), caption_extension, folder_flag)
+    return read_subsets(subsets, f"{folder_flag} {train_data_dir}", fallback_prompt)

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from difftune.cli.errors import UserError
 from difftune.data.folders import IMAGE_EXTENSIONS
 from difftune.data.images import column, image_source
-from difftune.errors import UserError
 
 logger = logging.getLogger(__name__)
 

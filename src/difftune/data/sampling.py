@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-from difftune.errors import UserError
+from difftune.cli.errors import UserError
 
 
 def collate(examples: list[dict[str, torch.Tensor]]) -> dict:

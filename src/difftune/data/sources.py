@@ -10,30 +10,17 @@ from pathlib import Path
 
 import torch
 
-from difftune.data import folders, masks
+from difftune.cli.errors import UserError
+from difftune.data import dreambooth, folders, masks
 from difftune.data.buckets import closest_bucket, image_size, make_buckets
 from difftune.data.captions import CaptionOptions, options_from_args
 from difftune.data.config import DatasetSpec, load_dataset_config
 from difftune.data.dataset import CaptionedImageDataset
 from difftune.data.images import ImageTransform, column
-from difftune.data.scan import readable_rows
-from difftune.errors import UserError
-from difftune.hub import is_offline, looks_like_hub_id
+from difftune.data.selection import append_rows, checked_selection
+from difftune.storage.hub import is_offline, looks_like_hub_id
 
 logger = logging.getLogger(__name__)
-
-
-def folder_rows(
-    train_data_dir: str | Path, folder_flag: str, caption_extension: str, fallback_prompt: str | None
-) -> folders.FolderRows | None:
-    """The images of a folder read with its caption files and kohya subfolders, or None when a metadata file
-    describes it instead; a one-line error for a missing folder, an uncaptioned image or no usable image."""
-    if not Path(train_data_dir).is_dir():
-        raise UserError(f"{folder_flag} {train_data_dir} does not exist: pass a folder of images")
-    if folders.metadata_file(train_data_dir) is not None:
-        return None
-    subsets = folders.kohya_subsets(Path(train_data_dir), caption_extension, folder_flag)
-    return folders.read_subsets(subsets, f"{folder_flag} {train_data_dir}", fallback_prompt)
 
 
 def load_captioned_images(
@@ -57,7 +44,7 @@ def load_captioned_images(
 
     if train_data_dir is not None:
         source = f"{folder_flag} {train_data_dir}"
-        rows = folder_rows(train_data_dir, folder_flag, caption_extension, fallback_prompt)
+        rows = folders.folder_rows(train_data_dir, folder_flag, caption_extension, fallback_prompt)
         if rows is not None:
             dataset = folders.folder_dataset(rows, image_column, caption_column)
             return checked_selection(dataset, image_column, max_train_samples, seed, source, cache_dir, workers)
@@ -94,38 +81,13 @@ def load_captioned_images(
     return checked_selection(dataset, image_column, max_train_samples, seed, source, cache_dir, workers)
 
 
-def checked_selection(
-    dataset, image_column: str, max_train_samples: int | None, seed: int, source: str, cache_dir=None, workers: int = 0
-):
-    """At most `max_train_samples` rows (a seeded choice), without the unreadable images."""
-    if max_train_samples is not None:
-        dataset = dataset.shuffle(seed=seed).select(range(min(max_train_samples, len(dataset))))
-    dataset = drop_unreadable_images(dataset, image_column, cache_dir, workers)
-    if len(dataset) == 0:
-        raise UserError(f"{source} has no readable images")
-    return dataset
-
-
-def drop_unreadable_images(dataset, image_column: str, cache_dir=None, workers: int = 0):
-    """Skip images that PIL cannot decode, with a warning naming each one (see difftune.data.scan)."""
-    good, _ = readable_rows(dataset, image_column, cache_dir, workers)
-    return dataset if len(good) == len(dataset) else dataset.select(good)
-
-
-def instance_folder_flag(args) -> str:
-    """The flag that named the training image folder, for messages: DreamBooth's alias or --train_data_dir."""
-    return "--instance_data_dir" if getattr(args, "instance_data_dir", None) else "--train_data_dir"
-
-
 def dataset_from_args(
     args, transform: ImageTransform, tokenize: Callable[[str], dict[str, torch.Tensor]]
 ) -> CaptionedImageDataset:
-    """The training data set described by the data flags (see difftune.args.add_data_args). The images of
+    """The training data set described by the data flags (see difftune.train.args.add_data_args). The images of
     --eval_data_dir come after the training images, as `held_out_indices`: transformed and cached alike,
-    each once (repeats count for training only). Class images (difftune.dreambooth) come between the two:
+    each once (repeats count for training only). Class images (difftune.data.dreambooth) come between the two:
     `class_sample` marks them."""
-    from difftune import dreambooth
-
     columns = [args.image_column, args.caption_column]
     extension = getattr(args, "caption_extension", None) or ".txt"
     specs, scanning = None, (getattr(args, "cache_dir", None), args.dataloader_num_workers)
@@ -144,7 +106,7 @@ def dataset_from_args(
             *columns,
             args.max_train_samples,
             args.seed,
-            folder_flag=instance_folder_flag(args),
+            folder_flag=dreambooth.instance_folder_flag(args),
             caption_extension=extension,
             cache_dir=scanning[0],
             workers=scanning[1],
@@ -213,15 +175,3 @@ def apply_dataset_specs(dataset: CaptionedImageDataset, specs: list[DatasetSpec]
     dataset.batch_groups = [groups[dataset.row(i)] for i in range(len(dataset))]
     described = [(spec.resolution, spec.enable_bucket) for spec in specs]
     dataset.fingerprint = hashlib.sha256(f"{dataset.fingerprint}:{described}".encode()).hexdigest()[:16]
-
-
-def append_rows(rows, more, source: str):
-    """`rows` then `more`, one datasets.Dataset (its fingerprint covers both, so caches tell it apart)."""
-    import datasets
-
-    try:
-        return datasets.concatenate_datasets([rows, more])
-    except ValueError as error:
-        raise UserError(
-            f"{source} does not match the training data's columns ({error}): give it the same caption format"
-        ) from None

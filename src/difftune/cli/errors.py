@@ -1,0 +1,34 @@
+"""User-facing errors: one line on stderr, a non-zero exit code, no traceback."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+USER_ERROR_EXIT_CODE = 2
+_on_exit: list[Callable[[], None]] = []
+
+
+class UserError(Exception):
+    """Bad input from the user. The message says what is wrong and how to fix it."""
+
+
+def on_exit(release: Callable[[], None]) -> None:
+    """Have `run_cli` call `release` when the script ends, however it ends (once, however often registered):
+    how a resource held until exit (an output folder's lock) is let go by runs inside one process."""
+    if release not in _on_exit:
+        _on_exit.append(release)
+
+
+def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
+    """Run a script's main, turning a UserError into a one-line message and exit code 2."""
+    try:
+        main(argv)
+    except UserError as error:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR_EXIT_CODE)
+    finally:
+        for release in _on_exit:
+            release()

@@ -1,0 +1,139 @@
+"""DreamBooth with prior preservation: the flags (diffusers' names), their checks, and the class images as rows
+of the training data.
+
+Class images come from --class_data_dir (generated there by difftune.generate.class_images when too few), from a
+--reg_data_dir of kohya `<repeats>_<class tokens>` folders, or from `is_reg = true` subsets of a
+--dataset_config. They are appended to the data set's rows, so they share its transforms, buckets and caches;
+the batch sampler pairs every instance batch with a class batch (data.sampling.PairedBatchSampler), and the
+loss is the instance loss + --prior_loss_weight x the class loss (difftune.train.objectives).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+from difftune.cli.errors import UserError
+from difftune.data import folders
+from difftune.data.selection import append_rows, checked_selection
+
+logger = logging.getLogger("difftune")
+
+CLASS_FLAGS = ("class_data_dir", "class_prompt", "num_class_images", "prior_loss_weight", "sample_batch_size")
+
+
+def add_dreambooth_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("DreamBooth (diffusers' names; see docs/dreambooth.md)")
+    group.add_argument("--instance_data_dir", default=None, help="The same as --train_data_dir (give one of them).")
+    group.add_argument("--instance_prompt", default=None, help="The caption of every training image without one.")
+    group.add_argument(
+        "--with_prior_preservation", action="store_true",
+        help="Add class images to every batch: loss = instance loss + --prior_loss_weight x class loss.",
+    )  # fmt: skip
+    group.add_argument(
+        "--class_data_dir", default=None,
+        help="Folder of class images; the missing ones (up to --num_class_images) are generated there.",
+    )  # fmt: skip
+    group.add_argument("--class_prompt", default=None, help="Generates the class images; their caption too.")
+    group.add_argument("--num_class_images", type=int, default=100, help="Class images to train with.")
+    group.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the class images' loss.")
+    group.add_argument("--sample_batch_size", type=int, default=4, help="Batch size of class-image generation.")
+    group.add_argument(
+        "--reg_data_dir", default=None,
+        help="kohya's form: a folder of '<repeats>_<class tokens>' subfolders of class images (none generated).",
+    )  # fmt: skip
+
+
+def count_images(folder: str | Path) -> int:
+    """The image files directly in `folder` (0 if it does not exist)."""
+    if not Path(folder).is_dir():
+        return 0
+    return sum(1 for entry in os.scandir(folder) if folders.is_image(entry))
+
+
+def instance_folder_flag(args) -> str:
+    """The flag that named the training image folder, for messages: DreamBooth's alias or --train_data_dir."""
+    return "--instance_data_dir" if getattr(args, "instance_data_dir", None) else "--train_data_dir"
+
+
+def check_dreambooth_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Resolve --instance_data_dir and refuse prior-preservation settings that cannot run (before models load)."""
+    if args.instance_data_dir is not None:
+        if args.train_data_dir is not None:
+            raise UserError("--instance_data_dir and --train_data_dir name the same folder: pass one of them")
+        args.train_data_dir = args.instance_data_dir
+    if args.num_class_images < 1 or args.sample_batch_size < 1:
+        raise UserError("--num_class_images and --sample_batch_size must be positive")
+    if args.prior_loss_weight < 0:
+        raise UserError(f"--prior_loss_weight must be >= 0, got {args.prior_loss_weight}")
+    if args.reg_data_dir is not None and not Path(args.reg_data_dir).is_dir():
+        raise UserError(f"--reg_data_dir {args.reg_data_dir} does not exist: pass a folder of kohya subfolders")
+    if not args.with_prior_preservation:
+        unused = [f"--{name}" for name in CLASS_FLAGS if getattr(args, name) != parser.get_default(name)]
+        if unused:
+            logger.warning("%s: unused without --with_prior_preservation", ", ".join(unused))
+        return
+    if args.class_data_dir is None:
+        raise UserError(
+            "--with_prior_preservation needs --class_data_dir (a folder of class images; the missing ones are "
+            "generated there with --class_prompt)"
+        )
+    found = count_images(args.class_data_dir)
+    if found < args.num_class_images and not args.class_prompt:
+        raise UserError(
+            f"--class_data_dir {args.class_data_dir} holds {found} images, fewer than --num_class_images "
+            f"{args.num_class_images}: give --class_prompt to generate the rest, or lower --num_class_images"
+        )
+    if found < args.num_class_images:
+        check_instance_folder(args)
+
+
+def check_instance_folder(args: argparse.Namespace) -> None:
+    """Class images can take minutes to generate: an instance image folder that cannot train (missing, empty,
+    uncaptioned, a badly named subfolder) fails first, with the error the data set would give later."""
+    if args.train_data_dir is not None and not args.dataset_config:
+        extension = args.caption_extension or ".txt"
+        folders.folder_rows(args.train_data_dir, instance_folder_flag(args), extension, args.instance_prompt)
+
+
+def with_caption_lists(images, caption_column: str):
+    """`images` with each caption a list of alternatives (the class rows' form), so that the two can be joined."""
+    import datasets
+
+    if not isinstance(images.features[caption_column], datasets.Value):
+        return images
+    return images.map(lambda caption: {caption_column: [caption]}, input_columns=caption_column)
+
+
+def class_rows(args, columns: list[str], scanning: tuple):
+    """The class images as a datasets.Dataset (image, caption, repeats columns), or None without them: the first
+    --num_class_images of --class_data_dir (captioned --class_prompt unless a caption file says otherwise),
+    then every image of --reg_data_dir's kohya subfolders (captioned with their class tokens)."""
+    parts = []
+    extension = getattr(args, "caption_extension", None) or ".txt"
+    if args.with_prior_preservation:
+        source = f"--class_data_dir {args.class_data_dir}"
+        subset = folders.Subset(Path(args.class_data_dir), caption_extension=extension)
+        rows = folders.read_subsets([subset], source, args.class_prompt, prompt_flag="--class_prompt")
+        rows = folders.first_rows(rows, args.num_class_images)
+        parts.append((folders.folder_dataset(rows, *columns), source))
+    if args.reg_data_dir is not None:
+        source = f"--reg_data_dir {args.reg_data_dir}"
+        subsets = folders.kohya_subsets(Path(args.reg_data_dir), extension, "--reg_data_dir")
+        parts.append((folders.folder_dataset(folders.read_subsets(subsets, source), *columns), source))
+    if not parts:
+        return None
+    selected = [checked_selection(rows, columns[0], None, args.seed, source, *scanning) for rows, source in parts]
+    keep = [*columns, "repeats"]
+    images = selected[0].select_columns(keep)
+    for more, (_, source) in zip(selected[1:], parts[1:], strict=True):
+        images = append_rows(images, more.select_columns(keep), source)
+    return images
+
+
+def class_seed(seed: int) -> int:
+    """The class batches' shuffling seed: apart from the instance batches' (seed + epoch)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:class-batches".encode()).digest()[:4], "little")

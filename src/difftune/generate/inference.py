@@ -1,0 +1,108 @@
+"""Loading a base model plus a trained checkpoint for generation (SDXL or Wuerstchen)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from difftune.cli.errors import UserError
+
+
+def checkpoint_family(path: Path) -> str:
+    """ "sdxl" or "wuerstchen", from what the step<N> dir holds."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"--checkpoint {path} does not exist: pass a training run's OUTPUT_DIR/step<N>")
+    if (path / "unet" / "adapter_config.json").is_file():
+        return "sdxl"
+    if (path / "prior" / "adapter_config.json").is_file():
+        return "wuerstchen"
+    raise UserError(
+        f"--checkpoint {path} is not a difftune checkpoint (no unet/ or prior/ adapter): pass OUTPUT_DIR/step<N>"
+    )
+
+
+def sdxl_pipeline(
+    base: str,
+    vae: str | None,
+    revision: str | None,
+    variant: str | None,
+    dtype: torch.dtype,
+    prediction_type: str | None = None,
+    single_file_config: str | None = None,
+):
+    """The SDXL pipeline as users load it: DiffusionPipeline.from_pretrained (or from_single_file for a file, its
+    configs from `single_file_config`), VAE optionally swapped, the scheduler sampling the run's --prediction_type."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    from difftune.models import single_file
+    from difftune.models.sdxl import with_prediction_type
+    from difftune.storage.hub import fetch_file, read_model_index
+
+    if single_file.is_single_file(base):
+        if vae is not None:
+            fetch_file(vae, "config.json", None, "--pretrained_vae_model_name_or_path")
+            vae = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype)
+        pipe, _, _ = single_file.load_pipeline(base, single_file_config, vae, torch_dtype=dtype)
+        pipe.scheduler = with_prediction_type(pipe.scheduler, prediction_type)
+        return pipe
+    read_model_index(base, revision, "--pretrained_model_name_or_path", "StableDiffusionXLPipeline")
+    kwargs = {"torch_dtype": dtype, "revision": revision, "variant": variant}
+    if vae is not None:
+        fetch_file(vae, "config.json", None, "--pretrained_vae_model_name_or_path")
+        kwargs["vae"] = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype)
+    pipe = StableDiffusionXLPipeline.from_pretrained(base, **kwargs)
+    pipe.scheduler = with_prediction_type(pipe.scheduler, prediction_type)
+    return pipe
+
+
+def wuerstchen_pipeline(
+    prior: str, decoder: str, revision: str | None, variant: str | None, dtype: torch.dtype, run: dict | None = None
+):
+    """The combined prior + decoder pipeline, assembled from subfolders (see difftune.models.wuerstchen), of the
+    generation (v2 or Stable Cascade) and subfolders the run's args.json `run` names."""
+    from difftune.models import priors
+
+    run = run or {}
+    family = priors.family_of_run(run)
+    pipe = family.build_pipeline(
+        family.load_prior(prior, run.get("prior_subfolder", "prior"), revision, variant),
+        family.load_decoder(decoder, run.get("decoder_subfolder", "decoder"), None, variant),
+    )
+    return pipe.to(dtype=dtype)
+
+
+# The pipeline attribute that holds each adapted model, per checkpoint subfolder.
+SDXL_SLOTS = {"unet": "unet", "text_encoder_one": "text_encoder", "text_encoder_two": "text_encoder_2"}
+WUERSTCHEN_SLOTS = {"prior": "prior", "text_encoder": "text_encoder"}
+
+
+def adapter_slots(pipe, family: str) -> tuple[object, dict[str, str]]:
+    """(the object holding the adapted models, checkpoint subfolder -> attribute)."""
+    return (pipe, SDXL_SLOTS) if family == "sdxl" else (pipe.prior_pipe, WUERSTCHEN_SLOTS)
+
+
+def set_adapter_scale(peft_model: nn.Module, scale: float) -> None:
+    """Scale the adapter's delta (1.0 = as trained) in every adapted layer."""
+    for module in peft_model.modules():
+        if hasattr(module, "set_scale") and "default" in getattr(module, "scaling", {}):
+            module.set_scale("default", scale)
+
+
+def load_adapters(pipe, family: str, checkpoint: Path, scale: float = 1.0, fuse: bool = False) -> list[str]:
+    """Put the checkpoint's adapters (peft format) into the pipeline; returns the subfolders loaded."""
+    from peft import PeftModel
+
+    holder, slots = adapter_slots(pipe, family)
+    loaded = []
+    for folder, attribute in slots.items():
+        if not (checkpoint / folder).is_dir():
+            continue
+        model = PeftModel.from_pretrained(getattr(holder, attribute), checkpoint / folder, adapter_name="default")
+        if scale != 1.0:
+            set_adapter_scale(model, scale)
+        setattr(holder, attribute, model.merge_and_unload() if fuse else model.get_base_model())
+        loaded.append(folder)
+    return loaded

@@ -1,0 +1,182 @@
+"""Checkpoint directories: atomic writes, finding the latest complete one, pruning old ones.
+
+A checkpoint is OUTPUT_DIR/step<N>/. It is written under a temporary name and renamed
+into place only once complete (its training_state.json is written last), so a process
+killed mid-save never leaves a directory that "latest" would pick.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from difftune.cli.errors import UserError
+from difftune.storage import integrity
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "training_state.json"
+ARGS_FILE = "args.json"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "lr_scheduler.pt"
+CHECKPOINT_NAME = re.compile(r"^step(\d+)$")
+
+
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return Path(output_dir) / f"step{step}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / STATE_FILE).is_file()
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in output_dir.iterdir():
+        match = CHECKPOINT_NAME.match(path.name)
+        if match and path.is_dir() and is_complete(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_resume(output_dir: Path, resume_from: str | None) -> Path | None:
+    """The checkpoint to resume from: None, "latest" (None when there is none yet), or a path."""
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet, starting a new run", output_dir)
+            return None
+        return integrity.newest_sound(found)
+    path = Path(resume_from)
+    if not path.is_dir() and (Path(output_dir) / resume_from).is_dir():
+        path = Path(output_dir) / resume_from
+    if not path.is_dir():
+        raise UserError(f"--resume_from_checkpoint {resume_from} does not exist: pass a step<N> dir or 'latest'")
+    if not is_complete(path):
+        raise UserError(f"--resume_from_checkpoint {resume_from} is incomplete (no {STATE_FILE}): pick another one")
+    integrity.check_checkpoint(path, "--resume_from_checkpoint")
+    return path
+
+
+def check_output_dir(output_dir: Path, resume_from: str | None, overwrite: bool) -> None:
+    """Refuse to start a fresh run over another run's checkpoints (unless resuming or overwriting)."""
+    found = list_checkpoints(output_dir)
+    if found and resume_from is None and not overwrite:
+        raise UserError(
+            f"--output_dir {output_dir} holds another run's checkpoints ({found[-1][1].name} ...): "
+            "pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, "
+            "or another --output_dir"
+        )
+
+
+def clean_output_dir(output_dir: Path, remove_checkpoints: bool = False) -> None:
+    """Tidy up after a killed save: drop partial checkpoints, put back a complete one that was being
+    replaced; when overwriting, also remove the old run's checkpoints."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return
+    for path in sorted(output_dir.iterdir()):
+        if not path.is_dir():
+            continue
+        stale = re.match(r"^\.stale-step(\d+)-\d+$", path.name)
+        if stale and is_complete(path) and not checkpoint_dir(output_dir, int(stale.group(1))).exists():
+            path.rename(checkpoint_dir(output_dir, int(stale.group(1))))
+            continue
+        if path.name.startswith((".partial-step", ".stale-step")) or (
+            remove_checkpoints and CHECKPOINT_NAME.match(path.name)
+        ):
+            logger.info("removing %s", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def write_json(path: Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _fsync_dir(directory: Path | str) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Files and folder entries on disk before the checkpoint is renamed into place."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(root)
+
+
+def partial_dir(output_dir: Path, step: int) -> Path:
+    """Where the checkpoint for `step` is written before it is renamed into place (one name for all processes)."""
+    return Path(output_dir) / f".partial-step{step}"
+
+
+def begin_checkpoint(partial: Path) -> None:
+    """An empty temporary dir for a checkpoint (left over from a killed save: removed first)."""
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+
+
+def finish_checkpoint(partial: Path, final: Path, state: dict, total_limit: int | None = None) -> Path:
+    """Mark `partial` complete, sync it to disk, rename it to `final` atomically, then prune to `total_limit`."""
+    output_dir = final.parent
+    write_json(partial / STATE_FILE, state)
+    integrity.write_manifest(partial)  # last: it covers every file above
+    _fsync_tree(partial)
+    if final.exists():
+        # A resumed run reaching the same step again: swap the old one out before the rename.
+        stale = output_dir / f".stale-{final.name}-{os.getpid()}"
+        final.rename(stale)
+        partial.rename(final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        partial.rename(final)
+    _fsync_dir(output_dir)  # the rename itself; the files were synced above
+    if total_limit is not None:
+        prune(output_dir, total_limit)
+    return final
+
+
+def prune(output_dir: Path, total_limit: int) -> None:
+    """Delete the oldest complete checkpoints beyond `total_limit` (never incomplete ones, nor the one with
+    the best held-out loss)."""
+    found = list_checkpoints(output_dir)
+    evaluated = [
+        (state["eval_loss"], path) for _, path in found if "eval_loss" in (state := read_json(path / STATE_FILE))
+    ]
+    best = min(evaluated)[1] if evaluated else None
+    for _, path in found[: max(0, len(found) - total_limit)]:
+        if path == best:
+            logger.info("keeping %s beyond --checkpoints_total_limit: it has the best evaluation loss", path)
+            continue
+        logger.info("removing old checkpoint %s (--checkpoints_total_limit %d)", path, total_limit)
+        shutil.rmtree(path)
+
+
+def save_torch_state(obj: object, path: Path) -> None:
+    torch.save(obj, path)
+
+
+def load_torch_state(path: Path) -> dict:
+    """Optimizer / scheduler state: tensors and plain values only (weights_only=True)."""
+    return torch.load(path, map_location="cpu", weights_only=True)

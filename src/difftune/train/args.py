@@ -1,0 +1,252 @@
+"""Command-line flags shared by the training scripts, named as in the diffusers examples."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from difftune.cli.errors import UserError
+from difftune.data.captions import add_caption_args, check_caption_args
+from difftune.data.dreambooth import add_dreambooth_args, check_dreambooth_args
+from difftune.data.masks import add_mask_args, check_mask_args
+from difftune.generate.prompts import check_validation_args
+from difftune.train.objectives import check_objective_args
+
+logger = logging.getLogger("difftune")
+
+# --optimizer values and the package each needs (None: torch's own).
+OPTIMIZERS = {"adamw": None, "adamw8bit": "bitsandbytes", "prodigy": "prodigyopt", "adafactor": None}
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the base model.")
+    group.add_argument("--variant", default=None, help="Weights variant of the base model, e.g. fp16.")
+
+
+def add_data_args(parser: argparse.ArgumentParser, *, resolution: int) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset_name",
+        default="lambdalabs/pokemon-blip-captions",
+        help="Hub data set id or local data set path (ignored when --train_data_dir is given).",
+    )
+    group.add_argument("--dataset_config_name", default=None)
+    group.add_argument(
+        "--train_data_dir",
+        default=None,
+        help="A folder of images with a metadata.jsonl (file_name, text), or with caption files beside them "
+        "and kohya '<repeats>_<class tokens>' subfolders (see docs/data.md).",
+    )
+    group.add_argument(
+        "--dataset_config",
+        default=None,
+        help="A kohya data-set config (TOML: [general], [[datasets]], [[datasets.subsets]]); see docs/data.md.",
+    )
+    group.add_argument("--image_column", default="image")
+    group.add_argument("--caption_column", default="text")
+    group.add_argument("--max_train_samples", type=int, default=None, help="Train on this many samples at most.")
+    group.add_argument("--resolution", type=int, default=resolution, help="Training image side, a multiple of 8.")
+    group.add_argument("--center_crop", action="store_true", help="Crop the centre (default: a random crop).")
+    group.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    group.add_argument("--dataloader_num_workers", type=int, default=0)
+    add_mask_args(group)
+    add_caption_args(parser)
+    add_dreambooth_args(parser)
+
+
+def add_cache_args(parser: argparse.ArgumentParser, image_flag: str, image_help: str) -> None:
+    group = parser.add_argument_group("caching (encode once, reuse across runs)")
+    group.add_argument(image_flag, action="store_true", help=image_help + " Needs --center_crop.")
+    group.add_argument(
+        "--cache_text_embeddings", action="store_true", help="Encode the captions once (not with --train_text_encoder)."
+    )
+    group.add_argument("--cache_dir", default="work_dirs/cache", help="Where caches live; shared by runs.")
+
+
+def check_cache_args(args: argparse.Namespace, image_flag: str) -> None:
+    if getattr(args, image_flag) and not args.center_crop:
+        raise UserError(
+            f"--{image_flag} needs --center_crop: random crops differ every epoch and cannot be cached "
+            f"(add --center_crop, or drop --{image_flag})"
+        )
+    if args.cache_text_embeddings and args.train_text_encoder:
+        raise UserError(
+            "--cache_text_embeddings cannot be used with --train_text_encoder: the embeddings change as it trains"
+        )
+
+
+def add_training_args(parser: argparse.ArgumentParser, *, output_dir: str) -> None:
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--train_batch_size", type=int, default=1, help="Batch size per process.")
+    group.add_argument("--num_train_epochs", type=int, default=100)
+    group.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--gradient_checkpointing", action="store_true")
+    group.add_argument("--learning_rate", type=float, default=1e-4)
+    group.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+    )
+    group.add_argument("--lr_warmup_steps", type=int, default=0)
+    group.add_argument("--adam_beta1", type=float, default=0.9)
+    group.add_argument("--adam_beta2", type=float, default=0.999)
+    group.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    group.add_argument("--adam_epsilon", type=float, default=1e-8)
+    group.add_argument("--max_grad_norm", type=float, default=1.0)
+    group.add_argument(
+        "--optimizer",
+        default="adamw",
+        choices=list(OPTIMIZERS),
+        help="adamw (torch), adamw8bit (bitsandbytes), prodigy (prodigyopt, learning-rate-free: use "
+        "--learning_rate 1.0), adafactor (torch.optim.Adafactor).",
+    )
+    group.add_argument("--use_8bit_adam", action="store_true", help="The same as --optimizer adamw8bit.")
+    group.add_argument("--prodigy_d_coef", type=float, default=1.0, help="Prodigy: scales its step-size estimate.")
+    group.add_argument("--prodigy_safeguard_warmup", action="store_true", help="Prodigy: for runs with lr warm-up.")
+    group.add_argument("--prodigy_use_bias_correction", action="store_true", help="Prodigy: Adam's bias correction.")
+    group.add_argument(
+        "--use_ema", action="store_true", help="Keep an EMA of the adapter weights (diffusers EMAModel), saved in ema/."
+    )
+    group.add_argument("--ema_decay", type=float, default=0.9999, help="The EMA's largest decay.")
+    group.add_argument("--ema_update_after_step", type=int, default=0, help="The EMA copies the weights until then.")
+    group.add_argument(
+        "--ema_power",
+        type=float,
+        default=None,
+        help="Warm-up decay 1-(1+t)^-power (diffusers use_ema_warmup, e.g. 0.75); default: (1+t)/(10+t).",
+    )
+    group.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Default: the accelerate config's. fp16 needs CUDA.",
+    )
+    group.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
+    group.add_argument("--seed", type=int, default=None, help="Default: a random seed, recorded in args.json.")
+
+    group = parser.add_argument_group("checkpoints and logging")
+    group.add_argument("--output_dir", default=output_dir)
+    group.add_argument("--checkpointing_steps", type=int, default=500)
+    group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep this many checkpoints.")
+    group.add_argument(
+        "--resume_from_checkpoint", default=None, help='A checkpoint dir (output_dir/step<N>) or "latest".'
+    )
+    group.add_argument(
+        "--overwrite_output_dir", action="store_true", help="Start afresh over an earlier run's checkpoints."
+    )
+    group.add_argument(
+        "--max_nonfinite_steps",
+        type=int,
+        default=0,
+        help="Skip up to N steps whose loss is NaN/inf before stopping with an error.",
+    )
+    group.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"])
+    group.add_argument("--logging_dir", default="logs", help="Tracker logs, relative to --output_dir.")
+
+    group = parser.add_argument_group("validation")
+    group.add_argument("--validation_prompt", action="append", default=None, help="Repeat for several prompts.")
+    group.add_argument(
+        "--validation_prompts_file",
+        type=Path,
+        default=None,
+        help="One prompt a line with kohya's inline options (--n, --w, --h, --d, --l, --s; see docs/options.md), "
+        "after the --validation_prompt ones.",
+    )
+    group.add_argument("--validation_negative_prompt", default=None, help="For every prompt without its own --n.")
+    group.add_argument(
+        "--validation_guidance_scale", type=float, default=None, help="Default: the pipeline's (SDXL 5, prior 4)."
+    )
+    group.add_argument(
+        "--validation_seed", type=int, default=None, help="Image i of a prompt uses seed + i. Default: --seed."
+    )
+    group.add_argument("--num_validation_images", type=int, default=4, help="Images per prompt.")
+    group.add_argument("--validation_steps", type=int, default=500, help="Validate every N steps and at the end.")
+    group.add_argument("--validation_inference_steps", type=int, default=30)
+    group.add_argument(
+        "--validation_split",
+        type=float,
+        default=0.0,
+        help="Hold out this seeded share of the data for an evaluation loss at each validation and checkpoint.",
+    )
+    group.add_argument(
+        "--eval_data_dir",
+        default=None,
+        help="A folder of held-out images (like --train_data_dir) for the evaluation loss, instead of a split.",
+    )
+
+
+def check_common_args(args: argparse.Namespace) -> None:
+    """Refuse settings that cannot work, before anything is loaded."""
+    if args.resolution <= 0 or args.resolution % 8:
+        raise UserError(f"--resolution {args.resolution} must be a positive multiple of 8 (e.g. 1024)")
+    positive = (
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "num_train_epochs",
+        "checkpointing_steps",
+        "validation_steps",
+        "num_validation_images",
+    )
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.max_train_steps is not None and args.max_train_steps <= 0:
+        raise UserError(f"--max_train_steps must be positive, got {args.max_train_steps}")
+    if args.learning_rate <= 0:
+        raise UserError(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        raise UserError(
+            "--overwrite_output_dir deletes the checkpoints that --resume_from_checkpoint would continue from: "
+            "pass only one of them"
+        )
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit <= 0:
+        raise UserError("--checkpoints_total_limit must be positive")
+    check_optimizer_args(args)
+    check_caption_args(args)
+    check_validation_args(args)
+    if getattr(args, "text_encoder_lr", None) is not None and not args.train_text_encoder:
+        logger.warning("--text_encoder_lr is unused without --train_text_encoder")
+    if not 0.0 <= args.validation_split < 1.0:
+        raise UserError(f"--validation_split must be in [0, 1), got {args.validation_split}")
+    if args.validation_split and args.eval_data_dir:
+        raise UserError("--validation_split and --eval_data_dir both choose the held-out images: pass one of them")
+    if not 0.0 <= args.ema_decay <= 1.0:
+        raise UserError(f"--ema_decay must be in [0, 1], got {args.ema_decay}")
+    if args.ema_update_after_step < 0 or (args.ema_power is not None and args.ema_power <= 0):
+        raise UserError("--ema_update_after_step must be >= 0 and --ema_power positive")
+
+
+def check_optimizer_args(args: argparse.Namespace) -> None:
+    """Resolve --use_8bit_adam, and check the optimizer's package and settings."""
+    if args.use_8bit_adam:
+        if args.optimizer not in ("adamw", "adamw8bit"):
+            raise UserError(f"--use_8bit_adam means --optimizer adamw8bit, not {args.optimizer}: drop one of them")
+        args.optimizer = "adamw8bit"
+    package = OPTIMIZERS[args.optimizer]
+    if package and importlib.util.find_spec(package) is None:
+        raise UserError(f"--optimizer {args.optimizer} needs {package}: pip install {package}")
+    if args.optimizer == "prodigy":
+        if args.prodigy_d_coef <= 0:
+            raise UserError(f"--prodigy_d_coef must be positive, got {args.prodigy_d_coef}")
+        if getattr(args, "text_encoder_lr", None) not in (None, args.learning_rate):
+            # Prodigy estimates one step size for all parameter groups.
+            raise UserError("--optimizer prodigy takes one learning rate: drop --text_encoder_lr")
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, image_cache_flag: str) -> argparse.Namespace:
+    """Parse a training script's flags and refuse impossible combinations."""
+    args = parser.parse_args(argv)
+    check_dreambooth_args(args, parser)
+    if args.dataset_config and (args.train_data_dir or args.dataset_name != parser.get_default("dataset_name")):
+        given = "--train_data_dir" if args.train_data_dir else "--dataset_name"
+        raise UserError(f"--dataset_config and {given} both name the training data: pass one of them")
+    check_common_args(args)
+    check_cache_args(args, image_cache_flag)
+    check_objective_args(args)
+    check_mask_args(args)
+    return args
