@@ -35,24 +35,21 @@ def sdxl_pipeline(
 ):
     """The SDXL pipeline as users load it: DiffusionPipeline.from_pretrained (or from_single_file for a file, its
     configs from `single_file_config`), VAE optionally swapped, the scheduler sampling the run's --prediction_type."""
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline
 
     from difftune.models import single_file
-    from difftune.models.sdxl import with_prediction_type
-    from difftune.storage.hub import fetch_file, read_model_index
+    from difftune.models.sdxl import separate_vae, with_prediction_type
+    from difftune.storage.hub import read_model_index
 
     if single_file.is_single_file(base):
-        if vae is not None:
-            fetch_file(vae, "config.json", None, "--pretrained_vae_model_name_or_path")
-            vae = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype)
-        pipe, _, _ = single_file.load_pipeline(base, single_file_config, vae, torch_dtype=dtype)
+        vae_model = separate_vae(vae, dtype)
+        pipe, _, _ = single_file.load_pipeline(base, single_file_config, vae_model, torch_dtype=dtype)
         pipe.scheduler = with_prediction_type(pipe.scheduler, prediction_type)
         return pipe
     read_model_index(base, revision, "--pretrained_model_name_or_path", "StableDiffusionXLPipeline")
     kwargs = {"torch_dtype": dtype, "revision": revision, "variant": variant}
     if vae is not None:
-        fetch_file(vae, "config.json", None, "--pretrained_vae_model_name_or_path")
-        kwargs["vae"] = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype)
+        kwargs["vae"] = separate_vae(vae, dtype)
     pipe = StableDiffusionXLPipeline.from_pretrained(base, **kwargs)
     pipe.scheduler = with_prediction_type(pipe.scheduler, prediction_type)
     return pipe

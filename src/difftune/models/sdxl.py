@@ -53,9 +53,9 @@ def load_sdxl(
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     if single_file.is_single_file(path):
-        return _from_single_file(path, single_file_config, _separate_vae(vae_path))
+        return _from_single_file(path, single_file_config, separate_vae(vae_path))
     read_model_index(path, revision, "--pretrained_model_name_or_path", SDXL_PIPELINE)
-    vae = _separate_vae(vae_path)
+    vae = separate_vae(vae_path)
     if vae is None:
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant)
     return SDXLComponents(
@@ -73,14 +73,14 @@ def load_sdxl(
     )
 
 
-def _separate_vae(vae_path: str | None) -> nn.Module | None:
+def separate_vae(vae_path: str | None, torch_dtype: torch.dtype | None = None) -> nn.Module | None:
     """The VAE of --pretrained_vae_model_name_or_path, if one is given (checked first: one clear line if absent)."""
     from diffusers import AutoencoderKL
 
     if vae_path is None:
         return None
     fetch_file(vae_path, "config.json", None, "--pretrained_vae_model_name_or_path")
-    return AutoencoderKL.from_pretrained(vae_path)
+    return AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch_dtype)
 
 
 def _from_single_file(path: str, config: str | None, vae: nn.Module | None) -> SDXLComponents:
