@@ -93,7 +93,8 @@ def build_pipeline(args: argparse.Namespace, family: str, run: dict, dtype: torc
 
 
 def pipeline_kwargs(args: argparse.Namespace, family: str, run: dict) -> dict:
-    size = {"height": args.height or run.get("resolution"), "width": args.width or run.get("resolution")}
+    height, width = run.get("trained_size") or (run.get("resolution"),) * 2  # (a kohya data set's, if any)
+    size = {"height": args.height or height, "width": args.width or width}
     if family == "sdxl":
         return {
             "num_inference_steps": args.num_inference_steps or 30,

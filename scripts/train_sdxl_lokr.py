@@ -73,10 +73,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group = objectives.add_objective_args(parser)
     group.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"])
     group.add_argument(
-        "--aspect_ratio_buckets",
+        "--aspect_ratio_buckets", "--enable_bucket",
         action="store_true",
-        help="Train each image near its own aspect ratio: buckets of ~resolution^2 pixels, sides multiples of 64.",
-    )
+        help="Train each image near its own aspect ratio, in kohya's buckets (--min_bucket_reso, --max_bucket_reso, "
+        "--bucket_reso_steps, --bucket_no_upscale).",
+    )  # fmt: skip
     return flags.parse(parser, argv, image_cache_flag="cache_latents")
 
 
@@ -189,10 +190,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             models["text_encoder"] = peft_models["text_encoder_one"].get_base_model()
             models["text_encoder_2"] = peft_models["text_encoder_two"].get_base_model()
         pipe = sdxl.build_pipeline(sd, base, args.revision, args.prediction_type, **models)
+        height, width = validation.trained_size(args)
         with placement.on_device(idle, device):
             validation.run_validation(
                 accelerator, args, pipe, step, dtype,
-                num_inference_steps=args.validation_inference_steps, height=args.resolution, width=args.resolution,
+                num_inference_steps=args.validation_inference_steps, height=height, width=width,
             )  # fmt: skip
 
     result = loop.train(

@@ -9,7 +9,7 @@ import pytest
 from conftest import launch
 from helpers import adapter_weights, cascade_args, max_difference, sdxl_args, spy_on_training, wuerstchen_args
 
-from difftune.data import EpochBatchSampler, make_buckets
+from difftune.data import EpochBatchSampler
 
 SDXL_CACHES = ("--cache_latents", "--cache_text_embeddings")
 WUERSTCHEN_CACHES = ("--cache_image_embeddings", "--cache_text_embeddings")
@@ -81,16 +81,6 @@ def test_cache_is_reused_and_rebuilt_when_settings_change(assets, tmp_path, run_
 def test_uncacheable_settings_are_refused(assets, tmp_path, run_main, capsys, extra, message):
     assert run_main("train_sdxl_lokr", sdxl_args(assets, tmp_path / "o", *extra)) == 2
     assert message in capsys.readouterr().err
-
-
-def test_buckets_are_multiples_of_64_near_the_area():
-    for resolution in (512, 1024):
-        buckets = make_buckets(resolution)
-        assert (resolution, resolution) in buckets
-        for h, w in buckets:
-            assert h % 64 == 0 and w % 64 == 0
-            assert 0.75 * resolution**2 <= h * w <= resolution**2
-            assert max(h, w) / min(h, w) <= 4
 
 
 def test_bucketed_batches_come_from_one_bucket():

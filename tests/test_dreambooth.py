@@ -206,14 +206,17 @@ def paired_batches(args, dataset) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("form", ["is_reg", "reg_data_dir"])
-def test_kohya_regularisation_images_are_the_class_samples(assets, tmp_path, form):
+def test_kohya_regularisation_images_fill_the_epoch_as_kohya_counts_them(assets, tmp_path, form):
+    """kohya's meaning of regularisation images: part of the epoch, repeated in turn up to the training samples
+    (3 images x 2 repeats = 6; 4 regularisation images of 1 repeat: 1, 1, 1, 1, then 1 more for the first two),
+    mixed into the batches and weighted --prior_loss_weight in the loss."""
     images = sorted((assets / "data").glob("*.png"))
     instance, reg = tmp_path / "instance" / "2_sks shape", tmp_path / "reg" / "1_shape"
     for folder, chosen in ((instance, images[:3]), (reg, images[3:7])):
         folder.mkdir(parents=True)
         for image in chosen:
             shutil.copy(image, folder)
-    argv = ["--center_crop", "--train_batch_size", "2", "--seed", "0", "--resolution", "64"]
+    argv = ["--train_batch_size", "2", "--seed", "0", "--resolution", "64", "--prior_loss_weight", str(WEIGHT)]
     if form == "is_reg":
         config = tmp_path / "data.toml"
         config.write_text(
@@ -230,20 +233,44 @@ def test_kohya_regularisation_images_are_the_class_samples(assets, tmp_path, for
         return {"caption_length": torch.tensor(len(caption))}
 
     dataset = data.dataset_from_args(args, data.ImageTransform(True, False), tokenize)
-    captions = {
-        Path(dataset.rows[dataset.row(i)]["image"]["path"]).parent.name: dataset.caption(i) for i in range(len(dataset))
-    }
-    assert captions == {"2_sks shape": "sks shape", "1_shape": "shape"}
     paths = [Path(dataset.rows[dataset.row(i)]["image"]["path"]) for i in range(len(dataset))]
-    assert [p.parent == reg for p in paths] == dataset.class_sample  # exactly the regularisation images
+    counts = {path.name: paths.count(path) for path in paths}
+    assert [counts[p.name] for p in images[:3]] == [2, 2, 2]
+    assert [counts[p.name] for p in images[3:7]] == [2, 2, 1, 1]
+    assert dataset.samples_per_epoch() == 12 and dataset.class_sample is None  # not diffusers' paired batches
+    assert dataset.sample_weights == [WEIGHT if p.parent == reg else 1.0 for p in paths]
+    assert {p.parent.name: dataset.caption(i) for i, p in enumerate(paths)} == {"2_sks shape": "sks shape",
+                                                                                   "1_shape": "shape"}  # fmt: skip
     batches = paired_batches(args, dataset)
-    assert len(batches) == 3  # 3 instance images x 2 repeats, in batches of 2
-    for batch in batches:
-        assert [dataset.class_sample[i] for i in batch] == [False, False, True, True]
-        collated = data.collate([dataset[i] for i in batch])
-        assert collated["is_class"].tolist() == [False, False, True, True]
-    used = [i for batch in batches for i in batch[2:]]
-    assert len(set(used)) == 4  # the class batches walk through the class images before repeating any
+    assert len(batches) == 6 and sorted(i for batch in batches for i in batch) == list(range(12))
+    collated = data.collate([dataset[i] for i in batches[0]])
+    assert collated["loss_weight"].tolist() == [dataset.sample_weights[i] for i in batches[0]]
+
+
+def test_regularisation_repeats_count_as_kohya():
+    from difftune.data.subsets import regularisation_repeats
+
+    assert regularisation_repeats(6, [1, 1, 1, 1]) == [2, 2, 1, 1]
+    # The first round adds whole repeats until 90 are reached: an image never reached is not used.
+    assert regularisation_repeats(90, [10] * 10) == [10] * 9 + [0]
+    assert regularisation_repeats(7, [3, 1]) == [5, 2]  # 3 + 1, then 1 each in turn until 7
+    assert regularisation_repeats(0, [2, 2]) == [0, 0]
+
+
+def test_regularisation_loss_is_the_weighted_mean_of_the_batch():
+    """kohya's loss with regularisation images: each sample's loss times its weight, averaged over the batch."""
+    parser = argparse.ArgumentParser()
+    objectives.add_objective_args(parser)
+    args = parser.parse_args([])
+    objective = objectives.Objective(
+        args, SimpleNamespace(config=SimpleNamespace(num_train_timesteps=1000, prediction_type="epsilon"))
+    )
+    generator = torch.Generator().manual_seed(0)
+    pred, noise = torch.randn(3, 4, 8, 8, generator=generator), torch.randn(3, 4, 8, 8, generator=generator)
+    draw = objectives.Draw(objective, noise, torch.zeros(3, dtype=torch.long), None)
+    loss = draw.loss(pred, None, {"loss_weight": torch.tensor([1.0, WEIGHT, 1.0])})
+    per_sample = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(loss, (per_sample[0] + WEIGHT * per_sample[1] + per_sample[2]) / 3, rtol=1e-6, atol=0)
 
 
 def test_instance_and_class_batches_of_different_sizes_run_as_parts_with_the_same_loss():

@@ -39,8 +39,9 @@ def image(path: Path, seed: int, size: tuple[int, int] = (72, 64)) -> None:
 
 
 def kohya_folder(root: Path) -> Path:
-    """8 samples per epoch: a top-level image once, '2_sks dog' (one captioned, one not) twice, '3_cat' (a
-    two-line caption file) three times; 'notes' has no repeat count and is skipped."""
+    """7 samples per epoch, as kohya counts them: '2_sks dog' (one captioned, one not) twice, '3_cat' (a two-line
+    caption file: its first line) three times; the top-level image is not trained and 'notes', without a repeat
+    count, is skipped (both as kohya)."""
     image(root / "e.png", 0)
     (root / "e.txt").write_text("top level\n")
     image(root / "2_sks dog" / "a.png", 1)
@@ -83,15 +84,14 @@ def test_kohya_folder_trains_one_epoch_with_repeats(assets, tmp_path, run_main, 
     argv = sdxl_args(assets, tmp_path / "out", checkpointing_steps=100)
     argv = with_data(argv[: argv.index("--max_train_steps")] + argv[argv.index("--max_train_steps") + 2 :], folder)
     with caplog.at_level("WARNING"):
-        assert run_main("train_sdxl_lokr", [*argv, "--num_train_epochs", "1"]) == 0
-    # One epoch is 8 samples (repeats counted) in batches of 2: 4 steps, in the checkpoints and the model card.
+        assert run_main("train_sdxl_lokr", [*argv, "--num_train_epochs", "1", "--caption_extension", "txt"]) == 0
+    # One epoch is 7 samples (repeats counted) in batches of 2, the last one smaller (kohya keeps it): 4 steps.
     assert sorted(p.name for p in (tmp_path / "out").glob("step*")) == ["step4"]
-    assert "8 samples per epoch" in (tmp_path / "out" / "README.md").read_text()
+    assert "7 samples per epoch" in (tmp_path / "out" / "README.md").read_text()
     assert any("notes" in r.message and "skipping" in r.message for r in caplog.records)
-    lines = Counter(c for c in captions_seen if c in ("one cat", "second cat"))
-    assert sum(lines.values()) == 3  # the two-line file: one line per sample of its three repeats
-    others = Counter(c for c in captions_seen if c not in lines)
-    assert others == Counter({"top level": 1, "a dog, on grass": 2, "sks dog": 2})
+    assert any("own images are not trained" in r.message for r in caplog.records)
+    assert any("1 of 2 images" in r.message and "class tokens 'sks dog'" in r.message for r in caplog.records)
+    assert Counter(captions_seen) == Counter({"one cat": 3, "a dog, on grass": 2, "sks dog": 2})
 
 
 def test_caption_files_train_wuerstchen(assets, tmp_path, run_main, captions_seen):
@@ -158,7 +158,7 @@ def test_caption_processing_follows_kohya():
         assert first == "photo of sks" and sorted(rest) == ["a", "b", "c", "d end"]
     assert len(outputs) > 5  # shuffled
     drop = CaptionOptions(keep_tokens=2, tag_dropout_rate=0.5, separator=";")
-    kept = [drop.apply("x;y; p ;q;r;s", random.Random(seed)).split("; ") for seed in range(400)]
+    kept = [drop.apply("x;y; p ;q;r;s", random.Random(seed)).split(", ") for seed in range(400)]
     assert all(k[:2] == ["x", "y"] and k[2:] == [t for t in "pqrs" if t in k[2:]] for k in kept)  # order kept
     share = sum(len(k) - 2 for k in kept) / (4 * len(kept))
     assert 0.45 < share < 0.55
@@ -167,7 +167,7 @@ def test_caption_processing_follows_kohya():
 @pytest.mark.parametrize(
     ("layout", "message"),
     [
-        ({"0_dog/a.png": None}, "subfolder '0_dog' needs at least 1 repeat"),
+        ({"0_dog/a.png": None}, "holds no usable image"),  # (kohya skips a folder of 0 repeats)
         ({"a.png": None, "a.txt": b"caf\xe9"}, "a.txt is not UTF-8 text"),
         ({}, "holds no usable image"),
         ({"a.png": None, "b.png": None, "c.png": None, "c.txt": b"ok"}, "2 of 3 images in --train_data_dir"),
@@ -284,30 +284,52 @@ def test_dataset_config_caption_options_per_subset(tmp_path):
                                  caption_suffix="", caption_dropout_rate=0.0, caption_separator=",", keep_tokens=0,
                                  shuffle_caption=False, caption_tag_dropout_rate=0.0)  # fmt: skip
     small, large = load_dataset_config(config_folders(tmp_path), args)
-    assert args.train_batch_size == 2 and small.resolution == (64, 64) and large.resolution == (128, 128)
+    assert small.batch_size == large.batch_size == 2  # from [general]
+    assert small.resolution == (64, 64) and large.resolution == (128, 128)
     assert small.subsets[0].repeats == 2 and small.subsets[0].class_tokens == "sks dog"
     assert small.subsets[0].options == CaptionOptions(prefix="photo of", keep_tokens=1, shuffle=True)
     assert large.subsets[0].options == CaptionOptions(keep_tokens=1, shuffle=False)  # the data set overrides [general]
     assert large.subsets[0].repeats == 1 and large.subsets[0].caption_extension == ".txt"
 
 
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("[general]\nflip_aug = true\n", "key 'flip_aug' is not supported; supported keys: alpha_mask, batch_size,"),
-        ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\ncolor_aug = 1\n", "key 'color_aug' is not supported"),
-    ],
-)
-def test_dataset_config_unknown_key_is_one_line(assets, tmp_path, run_main, capsys, text, message):
+BAD_CONFIG = """
+[general]
+is_reg = true
+flip_aug = "yes"
+colour_aug = true
+
+[[datasets]]
+batch_size = 0
+  [[datasets.subsets]]
+  image_dir = "x"
+  keep_tokens = '1'
+  caption_dropout_rate = 1.5
+  conditioning_data_dir = "c"
+"""
+
+
+def test_dataset_config_every_problem_in_one_line_before_any_model_loads(assets, tmp_path, run_main, capsys):
     config = tmp_path / "c.toml"
-    config.write_text(text)
+    config.write_text(BAD_CONFIG)
     earlier = tmp_path / "out" / "step2"
     earlier.mkdir(parents=True)
     (earlier / "marker").write_text("an earlier checkpoint")
     argv = sdxl_args(assets, tmp_path / "out", "--resume_from_checkpoint", "latest")
     argv = [*argv[: argv.index("--train_data_dir")], *argv[argv.index("--train_data_dir") + 2 :]]
+    argv[argv.index("--pretrained_model_name_or_path") + 1] = str(tmp_path / "no model here")  # none is loaded
     assert run_main("train_sdxl_lokr", [*argv, "--dataset_config", config]) == 2
-    assert message in one_line_error(capsys)
+    error = one_line_error(capsys)
+    for part in (
+        "7 problems",
+        "[general]: is_reg belongs in [[datasets.subsets]]",
+        "[general]: flip_aug = 'yes' must be true or false",
+        "[[datasets]] #1: batch_size = 0 must be >= 1",
+        "[[datasets]] #1 [[datasets.subsets]] #1: keep_tokens = '1' must be an integer",
+        "caption_dropout_rate = 1.5 must be in [0, 1]",
+        "conditioning_data_dir is for ControlNet training's conditioning images",
+        "unsupported keys (not in kohya's data-set schema): [general] colour_aug",
+    ):
+        assert part in error, (part, error)
     assert (earlier / "marker").read_text() == "an earlier checkpoint"
     assert run_main("train_sdxl_lokr", [*sdxl_args(assets, tmp_path / "o2"), "--dataset_config", config]) == 2
     assert "--dataset_config and --train_data_dir both name the training data" in one_line_error(capsys)
@@ -346,18 +368,23 @@ def test_scan_once_then_warm_and_image_unreadable_after_the_scan(assets, tmp_pat
     assert any("unreadable since the scan" in r.message and "0.png" in r.message for r in caplog.records)
 
 
-def test_validation_split_holds_out_whole_images_with_their_repeats(tmp_path):
+def test_validation_split_holds_out_part_of_each_subset_as_kohya(tmp_path):
+    """kohya's split_train_val per subset: training keeps ceil(n * (1 - split)) of a seeded shuffle; the held-out
+    images are evaluated once and never trained, whatever their repeats."""
     from difftune.train.evaluation import held_out_split
 
     parser = ErrorOnlyParser()
     flags.add_data_args(parser, resolution=64)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(["--train_data_dir", str(kohya_folder(tmp_path / "data"))])
+    args = parser.parse_args(["--train_data_dir", str(kohya_folder(tmp_path / "data")), "--caption_extension", "txt"])
+    args.validation_split = 0.5
     dataset = data.dataset_from_args(args, data.ImageTransform(True, False), lambda caption: {})
-    train, held = held_out_split(dataset, 0.5, seed=0)
-    train_rows, held_rows = {dataset.row(i) for i in train}, [dataset.row(i) for i in held]
-    assert len(held_rows) == len(set(held_rows)) == 2 and not train_rows & set(held_rows)
-    assert len(train) + sum(dataset.sample_rows.count(r) for r in held_rows) == len(dataset) == 8
+    train, held = held_out_split(dataset, 0.0, seed=0)
+    folder_of = [Path(dataset.rows[dataset.row(i)]["image"]["path"]).parent.name for i in range(len(dataset))]
+    # '2_sks dog': 2 images, ceil(2 * 0.5) = 1 trained (x2), 1 held out; '3_cat': ceil(1 * 0.5) = 1 trained (x3).
+    assert Counter(folder_of[i] for i in train) == Counter({"2_sks dog": 2, "3_cat": 3})
+    assert [folder_of[i] for i in held] == ["2_sks dog"]
+    assert {dataset.row(i) for i in train}.isdisjoint(dataset.row(i) for i in held)
 
 
 def test_cached_shuffling_needs_caption_variants(tmp_path):

@@ -535,10 +535,50 @@ MUTATIONS = [
     ),
     Mutation(
         "images: a JPEG's decoded size in SDXL's conditioning",
-        files(*DATA), "self.transform.with_mask(image, target, rng, flip, mask, original)",
-        "self.transform.with_mask(image, target, rng, flip, mask)",
+        files(*DATA), "image, target, rng, flip, mask, original, resized=resized, face=face",
+        "image, target, rng, flip, mask, resized=resized, face=face",
         ("tests/test_data.py::test_a_large_jpeg_decodes_small_but_keeps_its_size_in_the_conditioning",),
         "SDXL conditioned on the reduced decode's size instead of the photo's: low-resolution conditioning",
+    ),
+    # kohya's data rules (issue 30): each the slip that made a kohya data set train otherwise
+    Mutation(
+        "kohya: nearest bucket by log ratio",
+        files("src/difftune/data/buckets.py"), "key=lambda b: abs(b[1] / b[0] - ratio))",
+        "key=lambda b: abs(math.log(b[1] / b[0] / ratio)))",
+        ("tests/test_kohya_data.py", "-k", "kohyas_bucket"),
+        "the former rule (log-scale nearest): a 640x480 photo at 1024 trains at 1152x896, not kohya's 1024x768",
+    ),
+    Mutation(
+        "kohya: tags re-joined with the separator",
+        files("src/difftune/data/captions.py"), 'return ", ".join(fixed + free + fixed_suffix)',
+        'return f"{self.separator} ".join(fixed + free + fixed_suffix)',
+        ("tests/test_kohya_data.py", "-k", "folder_and_caption_rules"),
+        "the former join: with caption_separator ';' kohya trains 'c, a, b, d', this trains 'c; a; b; d'",
+    ),
+    Mutation(
+        "kohya: every line of a caption file an alternative",
+        files("src/difftune/data/folders.py"), "    if not all_lines:\n        return [lines[0].strip()]\n", "",
+        ("tests/test_kohya_data.py", "-k", "folder_and_caption_rules"),
+        "the former reading: a random line of a multi-line caption file, where kohya trains the first",
+    ),
+    Mutation(
+        "kohya: regularisation images counted once",
+        files("src/difftune/data/subsets.py"), "            added = count if first_round else 1",
+        "            added = count",
+        ("tests/test_dreambooth.py", "-k", "regularisation"),
+        "repeating whole subsets overshoots kohya's count: more regularisation samples per epoch than kohya trains",
+    ),
+    Mutation(
+        "kohya: random crop when the config has no random_crop",
+        files("src/difftune/data/sources.py"), "center_crop=not augment.random_crop", "center_crop=False",
+        ("tests/test_kohya_data.py", "-k", "random_crop_default"),
+        "the former default: without the key kohya crops the centre",
+    ),
+    Mutation(
+        "kohya: last smaller batch of a bucket dropped",
+        files("src/difftune/data/sources.py"), "    dataset.keep_partial_batches = True\n", "",
+        ("tests/test_kohya_data.py", "-k", "own_batch_size"),
+        "a bucket's images beyond its last full batch never train in an epoch (kohya trains them)",
     ),
 ]  # fmt: skip
 

@@ -51,7 +51,8 @@ def cache_images(
     each sample's SDXL size conditioning (time_ids) is kept beside them, and with --masked_loss its mask,
     reduced to the grid of the first encoding.
     """
-    flips = [False, True] if args.random_flip else [False]
+    flipping = args.random_flip or any(t.random_flip for t in dataset.transforms or [])  # (kohya: flip_aug)
+    flips = [False, True] if flipping else [False]
     chunks, batches = ChunkImages(dataset, flips), iter(())
 
     def start(order: list[list[int]]) -> None:

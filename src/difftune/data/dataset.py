@@ -17,7 +17,7 @@ import torch
 
 from difftune.cli.errors import UserError
 from difftune.data.captions import CaptionOptions, pick_caption, variant_rng
-from difftune.data.images import ImageTransform, column, draw_flip, image_name, open_image, sample_rng
+from difftune.data.images import ImageTransform, column, draw_flip, face_info, image_name, open_image, sample_rng
 from difftune.data.masks import open_mask
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,16 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         self.unreadable: set[str] = set()  # images found unreadable after the scan (each warned about once)
         self.mask_sources: list[str | None] | None = None  # --masked_loss: each row's (difftune.data.masks)
         self.class_sample: list[bool] | None = None  # per sample: a class image (prior preservation)
+        # kohya data sets (difftune.data.config): per row, its subset's transform; per sample, the size the image
+        # is resized to before the crop, the loss weight (regularisation images) and the data set's batch size.
+        self.transforms: list[ImageTransform] | None = None
+        self.row_transforms: list[int] | None = None
+        self.resized_sizes: list[tuple[int, int]] | None = None
+        self.sample_weights: list[float] | None = None
+        self.batch_sizes: list[int] | None = None
+        self.keep_partial_batches = False  # kohya trains a bucket's last, smaller batch
+        self.sample_steps: dict[int, int] = {}  # token warm-up: each sample's optimizer step this epoch
+        self.max_train_steps = 0
 
     def __len__(self) -> int:
         return len(self.rows) if self.sample_rows is None else len(self.sample_rows)
@@ -85,8 +95,18 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
                 self._first_samples.setdefault(sample_row, index)
         return self._first_samples[row]
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, steps: dict[int, int] | None = None) -> None:
+        """The epoch (and, for token warm-up, the optimizer step each sample trains at in it)."""
         self.epoch = epoch
+        self.sample_steps = steps or {}
+
+    @property
+    def needs_steps(self) -> bool:
+        """Whether a caption depends on the training step (token warm-up)."""
+        return any(options.depends_on_step for options in self.caption_options)
+
+    def transform_of(self, row: int) -> ImageTransform:
+        return self.transform if self.row_transforms is None else self.transforms[self.row_transforms[row]]
 
     def target_size(self, index: int) -> tuple[int, int]:
         return self.target_sizes[index] if self.target_sizes else (self.resolution, self.resolution)
@@ -99,7 +119,13 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         mask = None
         if self.mask_sources is not None:
             mask = open_mask(self.rows[row][self.image_column], self.mask_sources[row], image.size)
-        pixels, original, crop, mask = self.transform.with_mask(image, target, rng, flip, mask, original)
+        transform = self.transform_of(row)
+        # (an image substituted for an unreadable one is resized to cover the target: its own size differs)
+        resized = self.resized_sizes[index] if self.resized_sizes and row == self.row(index) else None
+        face = face_info(image_name(self.rows[row][self.image_column])) if transform.face_crop_range else None
+        pixels, original, crop, mask = transform.with_mask(
+            image, target, rng, flip, mask, original, resized=resized, face=face
+        )
         out = {"pixel_values": pixels, "time_ids": torch.tensor([*original, *crop, *target], dtype=torch.float32)}
         return out if mask is None else {**out, "mask": mask}
 
@@ -113,7 +139,9 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
                 continue
             record = self.rows[self.row(candidate)][self.image_column]
             try:
-                return *open_image(record, self.target_size(index)), self.row(candidate)
+                # (kohya's rows decode whole, as kohya does: a JPEG's reduced decode changes its pixels)
+                covering = None if self.transform_of(self.row(candidate)).kohya else self.target_size(index)
+                return *open_image(record, covering), self.row(candidate)
             except Exception as error:  # noqa: BLE001 - any decode failure means unreadable
                 if image_name(record) not in self.unreadable:
                     self.unreadable.add(image_name(record))
@@ -131,29 +159,35 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         """The text sample `index` trains on this epoch: a line picked, maybe dropped, processed."""
         row = self.row(index)
         options = self.options(row)
-        if self.drops_caption(index) or (
-            options.dropout_rate > 0
-            and sample_rng(self.seed, self.epoch, index, "caption-dropout").random() < options.dropout_rate
+        if self.drops_caption(index) or options.drops(
+            self.epoch, sample_rng(self.seed, self.epoch, index, "caption-dropout")
         ):
             return ""
         caption = pick_caption(self.rows[row][self.caption_column], sample_rng(self.seed, self.epoch, index, "caption"))
+        step = {"step": self.sample_steps.get(index, 0), "max_steps": self.max_train_steps}
         if not options.is_random:
-            return options.apply(caption, None)
+            return options.apply(caption, None, **step)
         if self.caption_variants:
             variant = sample_rng(self.seed, self.epoch, index, "caption-variant").randrange(self.caption_variants)
-            return options.apply(caption, variant_rng(self.seed, caption, variant))
-        return options.apply(caption, sample_rng(self.seed, self.epoch, index, "caption-processing"))
+            return options.apply(caption, variant_rng(self.seed, caption, variant), **step)
+        return options.apply(caption, sample_rng(self.seed, self.epoch, index, "caption-processing"), **step)
 
     def texts(self) -> list[str]:
         """Every text a sample can train on (what a text cache holds), sorted: each caption processed, in
         each of its --caption_variants when the processing draws, and the empty caption when one drops."""
         options = self.caption_options
+        if self.needs_steps:
+            raise UserError(
+                "--cache_text_embeddings cannot hold captions that change with the step (token_warmup_step): "
+                "drop the cache flag or the warm-up"
+            )
         if any(o.is_random for o in options) and not self.caption_variants:
             raise UserError(
                 "--cache_text_embeddings with --shuffle_caption or --caption_tag_dropout_rate needs "
                 "--caption_variants K (K processed forms of each caption are cached; try 8)"
             )
-        texts = {""} if self.empty_prompt_share > 0 or any(o.dropout_rate > 0 for o in options) else set()
+        drops = any(o.dropout_rate > 0 or o.dropout_every_n_epochs > 0 for o in options)
+        texts = {""} if self.empty_prompt_share > 0 or drops else set()
         for row, value in enumerate(column(self.rows, self.caption_column)):
             row_options = self.options(row)
             for caption in [value] if isinstance(value, str) else value:
@@ -167,22 +201,29 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = sample_rng(self.seed, self.epoch, index)
         if self.image_cache is not None:
-            out = self.image_cache.sample(self.row(index), flip=draw_flip(rng, self.transform.random_flip))
+            out = self.image_cache.sample(
+                self.row(index), flip=draw_flip(rng, self.transform_of(self.row(index)).random_flip)
+            )
         else:
             out = self.load(index, rng=rng)
         caption = self.caption(index)
         if self.class_sample is not None:
             out["is_class"] = torch.tensor(self.class_sample[index])
+        if self.sample_weights is not None:
+            out["loss_weight"] = torch.tensor(self.sample_weights[index])
         if self.text_cache is not None:
             return {**out, **self.text_cache.sample(self.text_ids[caption])}
         return {**out, **self.tokenize(caption)}
 
     def evaluation_view(self) -> CaptionedImageDataset:
         """This data set as the held-out loss reads it, whatever the training epoch: epoch 0's crops and
-        flips, and no caption dropout (a shallow copy: the images and caches are shared)."""
+        flips, and no caption dropout or token warm-up (a shallow copy: the images and caches are shared)."""
         view = copy.copy(self)
         view.epoch, view.empty_prompt_share = 0, 0.0
-        view.caption_options = [dataclasses.replace(o, dropout_rate=0.0) for o in self.caption_options]
+        view.caption_options = [
+            dataclasses.replace(o, dropout_rate=0.0, dropout_every_n_epochs=0, token_warmup_step=0)
+            for o in self.caption_options
+        ]
         return view
 
     def drops_caption(self, index: int) -> bool:

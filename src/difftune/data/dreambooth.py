@@ -1,11 +1,13 @@
 """DreamBooth with prior preservation: the flags (diffusers' names), their checks, and the class images as rows
 of the training data.
 
-Class images come from --class_data_dir (generated there by difftune.generate.class_images when too few), from a
---reg_data_dir of kohya `<repeats>_<class tokens>` folders, or from `is_reg = true` subsets of a
---dataset_config. They are appended to the data set's rows, so they share its transforms, buckets and caches;
-the batch sampler pairs every instance batch with a class batch (data.sampling.PairedBatchSampler), and the
-loss is the instance loss + --prior_loss_weight x the class loss (difftune.train.objectives).
+Class images come from --class_data_dir (generated there by difftune.generate.class_images when too few). They are
+appended to the data set's rows, so they share its transforms, buckets and caches; the batch sampler pairs every
+instance batch with a class batch (data.sampling.PairedBatchSampler), and the loss is the instance loss +
+--prior_loss_weight x the class loss (difftune.train.objectives).
+
+kohya's regularisation images (a --reg_data_dir of `<repeats>_<class tokens>` folders, `is_reg = true` subsets)
+keep kohya's meaning instead: part of the epoch (difftune.data.subsets), each weighted --prior_loss_weight.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def add_dreambooth_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sample_batch_size", type=int, default=4, help="Batch size of class-image generation.")
     group.add_argument(
         "--reg_data_dir", default=None,
-        help="kohya's form: a folder of '<repeats>_<class tokens>' subfolders of class images (none generated).",
+        help="kohya's form: '<repeats>_<class tokens>' subfolders of regularisation images, trained in the epoch "
+        "as kohya does (repeated up to the training samples' count, loss weighted --prior_loss_weight).",
     )  # fmt: skip
 
 
@@ -71,8 +74,17 @@ def check_dreambooth_args(args: argparse.Namespace, parser: argparse.ArgumentPar
         raise UserError(f"--prior_loss_weight must be >= 0, got {args.prior_loss_weight}")
     if args.reg_data_dir is not None and not Path(args.reg_data_dir).is_dir():
         raise UserError(f"--reg_data_dir {args.reg_data_dir} does not exist: pass a folder of kohya subfolders")
+    if args.with_prior_preservation and args.reg_data_dir is not None:
+        raise UserError(
+            "--reg_data_dir (kohya: regularisation images in the epoch) and --with_prior_preservation (diffusers: "
+            "a class batch with every batch) are two forms of the same thing: pass one of them"
+        )
     if not args.with_prior_preservation:
-        unused = [f"--{name}" for name in CLASS_FLAGS if getattr(args, name) != parser.get_default(name)]
+        kohya = args.reg_data_dir is not None or getattr(args, "dataset_config", None)  # (is_reg weights)
+        unused = [
+            f"--{name}" for name in CLASS_FLAGS
+            if getattr(args, name) != parser.get_default(name) and not (kohya and name == "prior_loss_weight")
+        ]  # fmt: skip
         if unused:
             logger.warning("%s: unused without --with_prior_preservation", ", ".join(unused))
         return
@@ -110,8 +122,7 @@ def with_caption_lists(images, caption_column: str):
 
 def class_rows(args, columns: list[str], scanning: tuple):
     """The class images as a datasets.Dataset (image, caption, repeats columns), or None without them: the first
-    --num_class_images of --class_data_dir (captioned --class_prompt unless a caption file says otherwise),
-    then every image of --reg_data_dir's kohya subfolders (captioned with their class tokens)."""
+    --num_class_images of --class_data_dir (captioned --class_prompt unless a caption file says otherwise)."""
     parts = []
     extension = getattr(args, "caption_extension", None) or ".txt"
     if args.with_prior_preservation:
@@ -120,10 +131,6 @@ def class_rows(args, columns: list[str], scanning: tuple):
         rows = folders.read_subsets([subset], source, args.class_prompt, prompt_flag="--class_prompt")
         rows = folders.first_rows(rows, args.num_class_images)
         parts.append((folders.folder_dataset(rows, *columns), source))
-    if args.reg_data_dir is not None:
-        source = f"--reg_data_dir {args.reg_data_dir}"
-        subsets = folders.kohya_subsets(Path(args.reg_data_dir), extension, "--reg_data_dir")
-        parts.append((folders.folder_dataset(folders.read_subsets(subsets, source), *columns), source))
     if not parts:
         return None
     selected = [checked_selection(rows, columns[0], None, args.seed, source, *scanning) for rows, source in parts]

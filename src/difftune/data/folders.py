@@ -1,17 +1,17 @@
 """Image folders as kohya, OneTrainer and SimpleTuner users keep them: caption files beside the images,
 and subfolders named `<repeats>_<class tokens>`.
 
-A caption file is `<image stem><caption extension>` in the image's folder; each non-empty line is an
-alternative caption (one is picked per sample and epoch). An image without one takes its folder's class
-tokens. Subfolders without a number prefix are skipped with a warning, as kohya does; images directly in
-the folder count once, with no class tokens.
+A caption file is `<image stem><caption extension>` in the image's folder, read as kohya reads it: its first
+line (every non-empty line is an alternative with --enable_wildcard). A plain folder (no `<repeats>_` subfolders)
+needs a caption for every image (a caption file or --instance_prompt); kohya's layout is read by
+difftune.data.subsets with kohya's rules (class tokens or the empty caption, with a warning).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from difftune.cli.errors import UserError
@@ -25,16 +25,53 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 
 
 @dataclass(frozen=True)
-class Subset:
-    """A folder of images trained `repeats` times per epoch; `options` None means the flags' processing."""
+class Augment:
+    """A kohya subset's image augmentations (keys flip_aug, color_aug, random_crop, face_crop_aug_range,
+    resize_interpolation)."""
 
-    image_dir: Path
+    flip: bool = False
+    color: bool = False
+    random_crop: bool = False
+    face_crop_range: tuple[float, float] | None = None
+    interpolation: str | None = None
+
+
+@dataclass(frozen=True)
+class Subset:
+    """A folder of images trained `repeats` times per epoch; `options` None means the flags' processing.
+    kohya subsets (from a --dataset_config or `<repeats>_<class tokens>` folders) carry their `augment`;
+    a fine-tuning subset reads its captions from `metadata_file` instead of caption files."""
+
+    image_dir: Path | None
     repeats: int = 1
     class_tokens: str | None = None
     caption_extension: str = ".txt"
     options: CaptionOptions | None = None
     alpha_mask: bool = False  # --masked_loss: its images' alpha channels are their masks
-    is_reg: bool = False  # kohya's regularisation subset: its images are class images (prior preservation)
+    is_reg: bool = False  # kohya's regularisation subset
+    metadata_file: Path | None = None
+    augment: Augment | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata_file or self.image_dir)
+
+    def summary(self) -> dict:
+        """The subset's settings as args.json and the model card record them."""
+        out = {"image_dir": str(self.image_dir) if self.image_dir else None, "num_repeats": self.repeats}
+        if self.metadata_file:
+            out["metadata_file"] = str(self.metadata_file)
+        else:
+            out |= {"class_tokens": self.class_tokens, "caption_extension": self.caption_extension}
+        out |= {"is_reg": self.is_reg, "alpha_mask": self.alpha_mask}
+        if self.options is not None:
+            out["captions"] = {k: v for k, v in asdict(self.options).items() if v != CAPTION_DEFAULTS[k]}
+        if self.augment is not None:
+            out["augment"] = {k: v for k, v in asdict(self.augment).items() if v}
+        return out
+
+
+CAPTION_DEFAULTS = asdict(CaptionOptions())
 
 
 @dataclass
@@ -47,6 +84,7 @@ class FolderRows:
     captions: list[list[str]] = field(default_factory=list)
     repeats: list[int] = field(default_factory=list)
     subsets: list[int] = field(default_factory=list)
+    held_out: list[bool] = field(default_factory=list)  # kohya's validation_split (empty: none held out)
 
 
 def metadata_file(folder: str | Path) -> Path | None:
@@ -61,34 +99,58 @@ def is_image(entry: os.DirEntry) -> bool:
     return entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def kohya_subsets(folder: Path, caption_extension: str, flag: str) -> list[Subset]:
-    """The folder's own images (once each), then one subset per `<repeats>_<class tokens>` subfolder."""
+def kohya_subsets(folder: Path, caption_extension: str, flag: str, top_level: bool = True) -> list[Subset]:
+    """One subset per `<repeats>_<class tokens>` subfolder, split as kohya splits the name (on "_": "10" and
+    "10_" have empty class tokens; a count below 1 skips the folder with a warning); a subfolder without a
+    count is skipped with a warning. With `top_level`, the folder's own images come first, once each."""
     entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    subsets = [Subset(folder, 1, None, caption_extension)] if any(is_image(e) for e in entries) else []
+    subsets = [Subset(folder, 1, None, caption_extension)] if top_level and any(is_image(e) for e in entries) else []
     for entry in entries:
         if not entry.is_dir() or entry.name.startswith("."):
             continue
-        count, underscore, tokens = entry.name.partition("_")
-        if not (underscore and count.isdigit()):
+        count, _, tokens = entry.name.partition("_")
+        try:
+            repeats = int(count)
+        except ValueError:
             logger.warning("skipping %s: a subfolder is named <repeats>_<class tokens>, e.g. '10_sks dog'", entry.path)
             continue
-        if int(count) < 1 or not tokens.strip():
-            raise UserError(
-                f"{flag} subfolder {entry.name!r} needs at least 1 repeat and class tokens after the '_' "
-                "(e.g. '10_sks dog'): rename it"
-            )
-        subsets.append(Subset(Path(entry.path), int(count), tokens.strip(), caption_extension))
+        if repeats < 1:
+            logger.warning("skipping %s: %d repeats (kohya skips folders below 1)", entry.path, repeats)
+            continue
+        subsets.append(Subset(Path(entry.path), repeats, tokens, caption_extension))
+    if not top_level and any(is_image(e) for e in entries):
+        logger.warning(
+            "%s %s: its own images are not trained (as in kohya): only its '<repeats>_<class tokens>' subfolders",
+            flag, folder,
+        )  # fmt: skip
     return subsets
 
 
-def read_caption_file(path: str | Path) -> list[str]:
-    """The non-empty lines of a caption file (an empty file is the empty caption)."""
+def caption_file_for(folder_names: set[str], image_name: str, extension: str) -> str | None:
+    """The name of the caption file of `image_name` among `folder_names` (None: it has none): kohya's
+    `<stem><extension>`, else, for a face crop `<name>_<4 numbers>`, `<name><extension>`."""
+    stem = os.path.splitext(image_name)[0]
+    parts = stem.split("_")
+    candidates = [stem + extension]
+    if len(parts) >= 5:  # kohya's face-crop images share their source image's caption
+        candidates.append("_".join(parts[:-4]) + extension)
+    return next((name for name in candidates if name in folder_names), None)
+
+
+def read_caption_file(path: str | Path, all_lines: bool = False) -> list[str]:
+    """A caption file as kohya reads it: its first line stripped, or with `all_lines` (--enable_wildcard)
+    its non-empty stripped lines, each an alternative ([""] when all are blank). An empty file is refused."""
     try:
-        with open(path, encoding="utf-8-sig") as handle:  # (not Path.read_text: 20,000 of them add up)
-            text = handle.read()
+        # utf-8-sig: a BOM is not part of the caption (kohya keeps it); not Path.read_text: 20,000 add up.
+        with open(path, encoding="utf-8-sig") as handle:
+            lines = handle.readlines()  # kohya's line ends: \n, \r\n and \r
     except UnicodeDecodeError:
         raise UserError(f"caption file {path} is not UTF-8 text: re-save it as UTF-8") from None
-    return [line.strip() for line in text.splitlines() if line.strip()] or [""]
+    if not lines:
+        raise UserError(f"caption file {path} is empty: write a caption in it or delete it")
+    if not all_lines:
+        return [lines[0].strip()]
+    return [line.strip() for line in lines if line.strip()] or [""]
 
 
 def read_subsets(
@@ -153,6 +215,8 @@ def folder_dataset(rows: FolderRows, image_column: str, caption_column: str):
         "repeats": rows.repeats,
         "subset": rows.subsets,
     }
+    if rows.held_out:
+        table["held_out"] = rows.held_out
     return datasets.Dataset.from_dict(table).cast_column(image_column, datasets.Image(decode=False))
 
 

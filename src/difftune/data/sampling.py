@@ -30,10 +30,12 @@ def to_device(batch: dict, device: torch.device) -> dict:
 class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Shuffled batches, reshuffled each epoch from (seed, epoch), split across processes.
 
-    Each global batch of batch_size * num_processes samples is cut into one batch per
-    process; incomplete global batches are dropped so that every process runs the same
-    number of steps. With `groups` (e.g. aspect-ratio buckets) every global batch comes from
-    one group. `start` skips batches (for resuming mid-epoch).
+    Each global batch of batch_size * num_processes samples is cut into one batch per process. With `groups`
+    (aspect-ratio buckets, data sets) every global batch comes from one group, and `batch_sizes` (one per
+    sample) give each group its own batch size (kohya's per-data-set batch_size). A group's last incomplete
+    batch is dropped, so every process runs the same number of steps of equal batches; with `keep_partial`
+    (kohya's data) it is kept, as kohya keeps it, and shared across processes as evenly as it goes, a
+    process short of samples repeating the batch's first ones. `start` skips batches (for resuming mid-epoch).
     """
 
     def __init__(
@@ -44,10 +46,12 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
         num_processes: int = 1,
         process_index: int = 0,
         groups: list | None = None,
+        batch_sizes: list[int] | None = None,
+        keep_partial: bool = False,
     ) -> None:
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.num_processes, self.process_index = num_processes, process_index
-        self.groups = groups
+        self.groups, self.batch_sizes, self.keep_partial = groups, batch_sizes, keep_partial
         self.epoch, self.start = 0, 0
         if len(self) == 0:
             raise UserError(
@@ -59,37 +63,50 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
-    def global_batches(self) -> list[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.num_samples, generator=generator).tolist()
-        size = self.batch_size * self.num_processes
+    def group_members(self, order: list[int]) -> list[list[int]]:
         if self.groups is None:
-            return [order[i : i + size] for i in range(0, len(order) - size + 1, size)]
+            return [order]
         by_group: dict = {}
         for index in order:
             by_group.setdefault(self.groups[index], []).append(index)
-        batches = [
-            members[i : i + size] for members in by_group.values() for i in range(0, len(members) - size + 1, size)
-        ]
+        return list(by_group.values())
+
+    def global_size(self, members: list[int]) -> int:
+        batch_size = self.batch_size if self.batch_sizes is None else self.batch_sizes[members[0]]
+        return batch_size * self.num_processes
+
+    def cut(self, members: list[int]) -> list[list[int]]:
+        """A group's global batches, in order."""
+        size = self.global_size(members)
+        batches = [members[i : i + size] for i in range(0, len(members) - size + 1, size)]
+        rest = members[len(batches) * size :]
+        return [*batches, rest] if self.keep_partial and rest else batches
+
+    def global_batches(self) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        batches = [batch for members in self.group_members(order) for batch in self.cut(members)]
+        if self.groups is None:
+            return batches
         return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
     def __len__(self) -> int:
-        size = self.batch_size * self.num_processes
-        if self.groups is None:
-            return self.num_samples // size
-        counts: dict = {}
-        for group in self.groups:
-            counts[group] = counts.get(group, 0) + 1
-        return sum(count // size for count in counts.values())
+        return sum(len(self.cut(members)) for members in self.group_members(list(range(self.num_samples))))
+
+    def samples_per_epoch(self) -> int:
+        """The samples an epoch trains on, over all processes (a dropped incomplete batch's are not)."""
+        cut = [batch for members in self.group_members(list(range(self.num_samples))) for batch in self.cut(members)]
+        return sum(map(len, cut))
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.global_batches()[self.start :]:
             yield self.share(batch)
 
     def share(self, global_batch: list[int]) -> list[int]:
-        """This process's part of a global batch."""
-        offset = self.process_index * self.batch_size
-        return global_batch[offset : offset + self.batch_size]
+        """This process's part of a global batch (an incomplete one padded by repeating its first samples)."""
+        per = math.ceil(len(global_batch) / self.num_processes)
+        padded = (global_batch * self.num_processes)[: per * self.num_processes]
+        return padded[self.process_index * per : (self.process_index + 1) * per]
 
 
 class PairedBatchSampler(torch.utils.data.Sampler[list[int]]):

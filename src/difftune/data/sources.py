@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,12 +12,13 @@ import torch
 
 from difftune.cli.errors import UserError
 from difftune.data import dreambooth, folders, masks
-from difftune.data.buckets import closest_bucket, image_size, make_buckets
+from difftune.data.buckets import BucketRule, image_size
 from difftune.data.captions import CaptionOptions, options_from_args
-from difftune.data.config import DatasetSpec, load_dataset_config
+from difftune.data.config import DatasetSpec, load_dataset_config, specs_from_folders
 from difftune.data.dataset import CaptionedImageDataset
 from difftune.data.images import ImageTransform, column
 from difftune.data.selection import append_rows, checked_selection
+from difftune.data.subsets import read_spec_rows, regularisation_repeats
 from difftune.storage.hub import is_offline, looks_like_hub_id
 
 logger = logging.getLogger(__name__)
@@ -81,21 +82,33 @@ def load_captioned_images(
     return checked_selection(dataset, image_column, max_train_samples, seed, source, cache_dir, workers)
 
 
+def kohya_specs(args) -> list[DatasetSpec] | None:
+    """The run's kohya data sets: its --dataset_config, or its `<repeats>_<class tokens>` folders (None: neither)."""
+    if getattr(args, "dataset_config", None):
+        return load_dataset_config(args.dataset_config, args)
+    return specs_from_folders(args)
+
+
 def dataset_from_args(
     args, transform: ImageTransform, tokenize: Callable[[str], dict[str, torch.Tensor]]
 ) -> CaptionedImageDataset:
     """The training data set described by the data flags (see difftune.train.args.add_data_args). The images of
     --eval_data_dir come after the training images, as `held_out_indices`: transformed and cached alike,
     each once (repeats count for training only). Class images (difftune.data.dreambooth) come between the two:
-    `class_sample` marks them."""
+    `class_sample` marks them. kohya's forms (a --dataset_config, `<repeats>_<class tokens>` folders) train with
+    kohya's rules: see `apply_dataset_specs`."""
     columns = [args.image_column, args.caption_column]
     extension = getattr(args, "caption_extension", None) or ".txt"
-    specs, scanning = None, (getattr(args, "cache_dir", None), args.dataloader_num_workers)
-    if getattr(args, "dataset_config", None):
-        specs = load_dataset_config(args.dataset_config, args)
-        source = f"--dataset_config {args.dataset_config}"
+    scanning = (getattr(args, "cache_dir", None), args.dataloader_num_workers)
+    specs = kohya_specs(args)
+    if specs:
+        source = (
+            f"--dataset_config {args.dataset_config}"
+            if args.dataset_config
+            else f"--train_data_dir {args.train_data_dir}"
+        )
         subsets = [subset for spec in specs for subset in spec.subsets]
-        rows = folders.read_subsets(subsets, source, getattr(args, "instance_prompt", None))
+        rows = read_spec_rows(specs, source, getattr(args, "instance_prompt", None), args.seed)
         images = folders.folder_dataset(rows, *columns)
         images = checked_selection(images, args.image_column, args.max_train_samples, args.seed, source, *scanning)
     else:
@@ -114,13 +127,17 @@ def dataset_from_args(
         )
     repeats = column(images, "repeats") if "repeats" in images.column_names else [1] * len(images)
     row_subsets = column(images, "subset") if specs else None
-    is_class = [subsets[s].is_reg for s in row_subsets] if specs else [False] * len(images)
+    held_rows = column(images, "held_out") if "held_out" in images.column_names else [False] * len(images)
+    is_class = [False] * len(images)
     classes = dreambooth.class_rows(args, columns, scanning) if hasattr(args, "with_prior_preservation") else None
     if classes is not None:
         instances = dreambooth.with_caption_lists(images.select_columns(columns), args.caption_column)
         images = append_rows(instances, classes.select_columns(columns), "the class images")
         repeats, is_class = repeats + column(classes, "repeats"), is_class + [True] * len(classes)
+        held_rows = held_rows + [False] * len(classes)
         row_subsets = row_subsets + [None] * len(classes) if specs else None
+    if specs:
+        repeats = kohya_repeats(specs, subsets, repeats, row_subsets, held_rows, source)
     held_out = 0
     if getattr(args, "eval_data_dir", None):
         evaluation = load_captioned_images(
@@ -132,18 +149,23 @@ def dataset_from_args(
         )
     dataset = CaptionedImageDataset(images, *columns, transform, tokenize, args.resolution, args.seed)
     dataset.empty_prompt_share = getattr(args, "proportion_empty_prompts", 0.0)
-    if any(count > 1 for count in repeats):
-        dataset.repeat_rows(repeats + [1] * held_out)
+    all_repeats = [1 if held else count for count, held in zip(repeats, held_rows, strict=True)] + [1] * held_out
+    if specs or any(count > 1 for count in repeats):
+        dataset.repeat_rows(all_repeats)
+    if not specs and any(count > 1 for count in repeats):
         logger.info("%d images, %d samples per epoch with their repeats", len(repeats), len(dataset) - held_out)
-    dataset.held_out_indices = list(range(len(dataset) - held_out, len(dataset))) if held_out else None
+    held = [dataset.first_sample(row) for row, flag in enumerate(held_rows) if flag and all_repeats[row]]
+    held += list(range(len(dataset) - held_out, len(dataset))) if held_out else []
+    dataset.held_out_indices = held if (held or specs) else None
     if any(is_class):
         rows_class = is_class + [False] * held_out
         dataset.class_sample = [rows_class[dataset.row(i)] for i in range(len(dataset))]
     dataset.caption_options = [options_from_args(args)] if hasattr(args, "caption_prefix") else [CaptionOptions()]
     dataset.caption_variants = getattr(args, "caption_variants", 0)
     if specs:
-        apply_dataset_specs(dataset, specs, row_subsets + [None] * held_out)
-    if specs:
+        apply_dataset_specs(dataset, args, specs, row_subsets + [None] * held_out)
+        args.datasets = [spec.summary() for spec in specs]  # recorded in args.json and the card
+        args.trained_size = list(specs[0].resolution)  # (height, width) validation and infer.py sample at
         alpha_rows = [s is not None and subsets[s].alpha_mask for s in row_subsets]
     else:
         alpha_rows = [getattr(args, "alpha_mask", False)] * len(repeats)
@@ -151,27 +173,87 @@ def dataset_from_args(
     return dataset
 
 
-def apply_dataset_specs(dataset: CaptionedImageDataset, specs: list[DatasetSpec], row_subsets: list) -> None:
-    """Each row's caption options, and each sample's size and batch group (its data set and bucket), from a
-    --dataset_config; rows of no subset (--eval_data_dir) keep the flags' options and --resolution."""
+def kohya_repeats(
+    specs: list[DatasetSpec], subsets: list, repeats: list[int], row_subsets: list, held_rows: list[bool], source: str
+) -> list[int]:
+    """Each row's repeats with kohya's regularisation count (per data set: the regularisation images repeated in
+    turn up to its training samples), and the counts in the log as kohya gives them."""
+    repeats, first = list(repeats), 0
+    for number, spec in enumerate(specs, start=1):
+        mine = range(first, first + len(spec.subsets))
+        first += len(spec.subsets)
+        rows = [r for r, s in enumerate(row_subsets) if s in mine]
+        train = [r for r in rows if not subsets[row_subsets[r]].is_reg and not held_rows[r]]
+        reg = [r for r in rows if subsets[row_subsets[r]].is_reg]
+        train_samples = sum(repeats[r] for r in train)
+        reg_repeats = regularisation_repeats(train_samples, [repeats[r] for r in reg])
+        for row, count in zip(reg, reg_repeats, strict=True):
+            repeats[row] = count
+        held = sum(held_rows[r] for r in rows)
+        logger.info(
+            "%s data set %d: %d training images, %d samples per epoch with repeats%s%s",
+            source, number, len(train), train_samples,
+            f"; {len(reg)} regularisation images, {sum(reg_repeats)} samples with repeats" if reg else "",
+            f"; {held} images held out (validation_split)" if held else "",
+        )  # fmt: skip
+        if reg and sum(1 for count in reg_repeats if count == 0):
+            logger.warning("%s data set %d: %d regularisation images are not used (more than training samples, "
+                           "as kohya)", source, number, sum(1 for count in reg_repeats if count == 0))  # fmt: skip
+    return repeats
+
+
+def apply_dataset_specs(dataset: CaptionedImageDataset, args, specs: list[DatasetSpec], row_subsets: list) -> None:
+    """kohya's rules per row and sample: the subset's caption options and image transform (its augmentations,
+    kohya's resize and crop), the data set's bucket (kohya's bucket rule) and batch size, and the loss weight of
+    regularisation images (--prior_loss_weight). Rows of no subset (class images of --class_data_dir,
+    --eval_data_dir) keep the flags' options and --resolution."""
     subsets = [(number, subset) for number, spec in enumerate(specs) for subset in spec.subsets]
     flags_options = len(subsets)
     dataset.caption_options = [subset.options for _, subset in subsets] + dataset.caption_options
     dataset.row_options = [flags_options if s is None else s for s in row_subsets]
-    sizes, groups = [], []
+    base = dataset.transform
+    dataset.transforms = [
+        kohya_transform(base, subset.augment, specs[number].enable_bucket) for number, subset in subsets
+    ] + [base]
+    dataset.row_transforms = [flags_options if s is None else s for s in row_subsets]
+    rules = [BucketRule.from_spec(spec) for spec in specs]
+    weight = getattr(args, "prior_loss_weight", 1.0)
+    sizes, resized, groups, batch_sizes, weights = [], [], [], [], []
     for row, subset in enumerate(row_subsets):
         if subset is None:
-            size, group = (dataset.resolution, dataset.resolution), None
+            size, scaled, group, batch_size, is_reg = (
+                (dataset.resolution,) * 2,
+                None,
+                None,
+                args.train_batch_size,
+                False,
+            )
         else:
-            spec = specs[subsets[subset][0]]
-            size = spec.resolution
-            if spec.enable_bucket:  # buckets of about the data set's area
-                side = round(math.sqrt(size[0] * size[1]))
-                size = closest_bucket(*image_size(dataset.rows[row][dataset.image_column]), make_buckets(side))
-            group = subsets[subset][0]
+            number = subsets[subset][0]
+            size, scaled = rules[number].select(*image_size(dataset.rows[row][dataset.image_column]))
+            group, batch_size, is_reg = number, specs[number].batch_size, subsets[subset][1].is_reg
         sizes.append(size)
+        resized.append(scaled)
         groups.append((group, size))
-    dataset.target_sizes = [sizes[dataset.row(i)] for i in range(len(dataset))]
-    dataset.batch_groups = [groups[dataset.row(i)] for i in range(len(dataset))]
-    described = [(spec.resolution, spec.enable_bucket) for spec in specs]
+        batch_sizes.append(batch_size)
+        weights.append(weight if is_reg else 1.0)
+    per_sample = [dataset.row(i) for i in range(len(dataset))]
+    dataset.target_sizes = [sizes[row] for row in per_sample]
+    dataset.resized_sizes = [resized[row] for row in per_sample]
+    dataset.batch_groups = [groups[row] for row in per_sample]
+    dataset.batch_sizes = [batch_sizes[row] for row in per_sample]
+    dataset.keep_partial_batches = True
+    if any(w != 1.0 for w in weights):
+        dataset.sample_weights = [weights[row] for row in per_sample]
+    described = [spec.summary() for spec in specs]
     dataset.fingerprint = hashlib.sha256(f"{dataset.fingerprint}:{described}".encode()).hexdigest()[:16]
+
+
+def kohya_transform(base: ImageTransform, augment, enable_bucket: bool) -> ImageTransform:
+    """The script's transform (its normalisation) with a kohya subset's augmentations and kohya's geometry (its
+    face crop only without buckets, as kohya)."""
+    augment = augment or folders.Augment()
+    return dataclasses.replace(
+        base, kohya=True, center_crop=not augment.random_crop, random_flip=augment.flip, color_aug=augment.color,
+        face_crop_range=None if enable_bucket else augment.face_crop_range, interpolation=augment.interpolation,
+    )  # fmt: skip

@@ -44,7 +44,7 @@ def write_model_card(
         f"| text encoder(s) trained | {'yes' if args.train_text_encoder else 'no'} |",
         f"| data | {data} |",
         *prior_preservation_rows(args),
-        f"| resolution | {args.resolution} |",
+        *resolution_rows(args),
         f"| steps | {args.max_train_steps} (batch {args.train_batch_size} per process, "
         f"accumulation {args.gradient_accumulation_steps}) |",
         f"| learning rate | {args.learning_rate} ({args.lr_scheduler}) |",
@@ -94,3 +94,32 @@ def prior_preservation_rows(args: argparse.Namespace) -> list[str]:
     if not sources:
         return []
     return [f"| prior preservation | class images: {'; '.join(sources)}; weight {args.prior_loss_weight} |"]
+
+
+def resolution_rows(args: argparse.Namespace) -> list[str]:
+    """The resolution the run trained at: --resolution, or each kohya data set's size, buckets, batch size and
+    subsets (their repeats, class tokens, caption options and augmentations)."""
+    datasets = getattr(args, "datasets", None)
+    if not datasets:
+        return [f"| resolution | {args.resolution} |"]
+    rows = []
+    for number, spec in enumerate(datasets, start=1):
+        width, height = spec["resolution"]
+        text = f"{width}x{height}, batch {spec['batch_size']}"
+        if "min_bucket_reso" in spec:
+            text += (
+                f", buckets {spec['min_bucket_reso']}-{spec['max_bucket_reso']} in steps of "
+                f"{spec['bucket_reso_steps']}{' without upscaling' if spec['bucket_no_upscale'] else ''}"
+            )
+        if spec.get("validation_split"):
+            text += f", {spec['validation_split']:g} held out"
+        for subset in spec["subsets"]:
+            settings = [f"x{subset['num_repeats']}"]
+            if subset.get("is_reg"):
+                settings.append("regularisation")
+            if subset.get("class_tokens") is not None:
+                settings.append(f"class tokens '{subset['class_tokens']}'")
+            settings += [f"{k} {v}" for k, v in {**subset.get("captions", {}), **subset.get("augment", {})}.items()]
+            text += f"; {subset.get('metadata_file') or subset['image_dir']} ({', '.join(settings)})"
+        rows.append(f"| data set {number} | {text} |")
+    return rows

@@ -65,6 +65,13 @@ def resolve_samples(
     return samples
 
 
+def trained_size(args) -> tuple[int, int]:
+    """(height, width) the run trained at: its first kohya data set's resolution, else --resolution (validation
+    and infer.py sample at it)."""
+    size = getattr(args, "trained_size", None)
+    return (size[0], size[1]) if size else (args.resolution, args.resolution)
+
+
 def first_prompt(args) -> str:
     """The run's first validation prompt, for the model card's snippet."""
     return args.validation_samples[0]["prompt"] if args.validation_samples else "a photo"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import logging
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ from pathlib import Path
 from difftune.cli.errors import UserError
 from difftune.data.captions import add_caption_args, check_caption_args
 from difftune.data.dreambooth import add_dreambooth_args, check_dreambooth_args
+from difftune.data.images import INTERPOLATIONS
 from difftune.data.masks import add_mask_args, check_mask_args
 from difftune.generate.prompts import check_validation_args
 from difftune.train.objectives import check_objective_args
@@ -44,18 +46,98 @@ def add_data_args(parser: argparse.ArgumentParser, *, resolution: int) -> None:
     group.add_argument(
         "--dataset_config",
         default=None,
-        help="A kohya data-set config (TOML: [general], [[datasets]], [[datasets.subsets]]); see docs/data.md.",
+        help="A kohya data-set config (TOML or .json: [general], [[datasets]], [[datasets.subsets]]), trained "
+        "with kohya's rules; see docs/data.md.",
     )
     group.add_argument("--image_column", default="image")
     group.add_argument("--caption_column", default="text")
     group.add_argument("--max_train_samples", type=int, default=None, help="Train on this many samples at most.")
     group.add_argument("--resolution", type=int, default=resolution, help="Training image side, a multiple of 8.")
-    group.add_argument("--center_crop", action="store_true", help="Crop the centre (default: a random crop).")
-    group.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    group.add_argument(
+        "--center_crop", action="store_true",
+        help="Crop the centre (default: a random crop; kohya's forms crop the centre unless --random_crop).",
+    )  # fmt: skip
+    group.add_argument(
+        "--random_flip", "--flip_aug", action="store_true", help="Flip images horizontally at random (kohya: flip_aug)."
+    )
     group.add_argument("--dataloader_num_workers", type=int, default=0)
     add_mask_args(group)
+    add_kohya_data_args(parser)
     add_caption_args(parser)
     add_dreambooth_args(parser)
+
+
+def add_kohya_data_args(parser: argparse.ArgumentParser) -> None:
+    """kohya's data-set keys as flags: the level above a --dataset_config's [general], and the settings of
+    `<repeats>_<class tokens>` folders (kohya's argparse names and defaults)."""
+    group = parser.add_argument_group("kohya data sets (--dataset_config, '<repeats>_<class tokens>' folders)")
+    group.add_argument("--random_crop", action="store_true", help="Crop at random (default: the centre, as kohya).")
+    group.add_argument("--color_aug", action="store_true", help="kohya's colour augmentation (hue or gamma, 1 in 3).")
+    group.add_argument(
+        "--face_crop_aug_range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+        help="kohya's face crop for images named <name>_<cx>_<cy>_<w>_<h> (without buckets).",
+    )  # fmt: skip
+    group.add_argument(
+        "--resize_interpolation", default=None, choices=INTERPOLATIONS,
+        help="Resampling filter (default: area when shrinking, else lanczos, as kohya).",
+    )  # fmt: skip
+    group.add_argument("--min_bucket_reso", type=int, default=256, help="Smallest bucket side (kohya's default).")
+    group.add_argument("--max_bucket_reso", type=int, default=1024, help="Largest bucket side (kohya's default).")
+    group.add_argument("--bucket_reso_steps", type=int, default=64, help="Bucket sides are multiples of this.")
+    group.add_argument(
+        "--bucket_no_upscale", action="store_true", help="Buckets from the image sizes, never enlarging an image."
+    )
+
+
+@contextlib.contextmanager
+def muted(*names: str):
+    """Those loggers silent for a moment."""
+    loggers = [logging.getLogger(name) for name in names]
+    before = [logger.disabled for logger in loggers]
+    for logger in loggers:
+        logger.disabled = True
+    try:
+        yield
+    finally:
+        for logger, disabled in zip(loggers, before, strict=True):
+            logger.disabled = disabled
+
+
+def check_kohya_data_args(args: argparse.Namespace, image_flag: str) -> None:
+    """A --dataset_config is read and checked whole (every problem in one message), and kohya's forms checked
+    against the caches, before any model loads."""
+    from difftune.data.sources import kohya_specs
+
+    for name in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    face = args.face_crop_aug_range
+    if face is not None and not 0 < face[0] <= face[1]:
+        raise UserError(f"--face_crop_aug_range {face[0]} {face[1]} must satisfy 0 < LOW <= HIGH")
+    with muted("difftune.data.folders", "difftune.data.config"):  # (their warnings come again when data loads)
+        specs = kohya_specs(args)
+    defaults = {"min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64, "bucket_no_upscale": False}
+    kohya_only = [f"--{n}" for n in ("random_crop", "color_aug") if getattr(args, n)]
+    kohya_only += [f"--{n}" for n, default in defaults.items() if getattr(args, n) != default]
+    kohya_only += ["--face_crop_aug_range"] * (face is not None) + ["--resize_interpolation"] * bool(
+        args.resize_interpolation
+    )
+    if not specs:
+        if kohya_only:
+            raise UserError(
+                f"{', '.join(kohya_only)} apply to kohya's data forms (--dataset_config, '<repeats>_<class tokens>' "
+                "folders); for other data use --center_crop / --random_flip (--aspect_ratio_buckets: kohya's "
+                "default buckets)"
+            )
+        return
+    subsets = [subset for spec in specs for subset in spec.subsets]
+    drawn = sorted({k for s in subsets for k, on in (("random_crop", s.augment.random_crop),
+                                                   ("color_aug", s.augment.color)) if on})  # fmt: skip
+    if getattr(args, image_flag, False) and drawn:
+        raise UserError(
+            f"--{image_flag} cannot hold images that change every epoch ({' and '.join(drawn)}, as kohya refuses "
+            f"to cache latents with them): drop --{image_flag} or those settings"
+        )
 
 
 def add_cache_args(parser: argparse.ArgumentParser, image_flag: str, image_help: str) -> None:
@@ -68,7 +150,10 @@ def add_cache_args(parser: argparse.ArgumentParser, image_flag: str, image_help:
 
 
 def check_cache_args(args: argparse.Namespace, image_flag: str) -> None:
-    if getattr(args, image_flag) and not args.center_crop:
+    from difftune.data.config import kohya_root
+
+    kohya = args.dataset_config or kohya_root(args.train_data_dir)  # (centre-cropped unless random_crop)
+    if getattr(args, image_flag) and not args.center_crop and not kohya:
         raise UserError(
             f"--{image_flag} needs --center_crop: random crops differ every epoch and cannot be cached "
             f"(add --center_crop, or drop --{image_flag})"
@@ -247,6 +332,7 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, image_cac
         raise UserError(f"--dataset_config and {given} both name the training data: pass one of them")
     check_common_args(args)
     check_cache_args(args, image_cache_flag)
+    check_kohya_data_args(args, image_cache_flag)
     check_objective_args(args)
     check_mask_args(args)
     return args

@@ -25,7 +25,7 @@ EVAL_TIMESTEPS = 4
 def held_out_split(dataset, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """(training indices, held-out indices): the data set's --eval_data_dir rows, or a seeded `fraction`."""
     fixed = getattr(dataset, "held_out_indices", None)
-    if fixed:
+    if fixed is not None:  # (a kohya data set chose its own, maybe none: its validation_split is applied)
         held = set(fixed)
         return [i for i in range(len(dataset)) if i not in held], sorted(held)
     sample_rows = getattr(dataset, "sample_rows", None)

@@ -173,6 +173,7 @@ class TrainingRun:
         self.accum = args.gradient_accumulation_steps
         self.build_data()
         self.max_steps = args.max_train_steps = args.max_train_steps or args.num_train_epochs * self.steps_per_epoch
+        dataset.max_train_steps = self.max_steps  # (a token warm-up given as a share of the steps)
         self.ema = make_ema(args, adapters)  # before DeepSpeed casts the adapters: it starts from fp32 weights
         self.update = make_update(accelerator, args, adapters, param_groups)
         self.lr_scheduler = get_scheduler(
@@ -197,10 +198,14 @@ class TrainingRun:
             self.train_indices = [i for i in self.train_indices if not is_class[i]]
             self.held_out = [i for i in self.held_out if not is_class[i]]
 
+        batch_sizes = getattr(dataset, "batch_sizes", None)  # kohya data sets: each its own
+
         def batches(indices: list[int], seed: int) -> EpochBatchSampler:
             return EpochBatchSampler(
                 len(indices), args.train_batch_size, seed, accelerator.num_processes, accelerator.process_index,
                 groups=[sizes[i] for i in indices] if sizes else None,
+                batch_sizes=[batch_sizes[i] for i in indices] if batch_sizes else None,
+                keep_partial=getattr(dataset, "keep_partial_batches", False),
             )  # fmt: skip
 
         self.sampler = batches(self.train_indices, args.seed)
@@ -220,6 +225,20 @@ class TrainingRun:
         )
         self.steps_per_epoch = num_update_steps_per_epoch(len(self.sampler), self.accum)
         self.held_out_data = dataset.evaluation_view() if self.held_out else None
+
+    def sample_steps(self, epoch: int) -> dict[int, int] | None:
+        """For token warm-up: the optimizer step at which each training sample of `epoch` trains (the sampler is
+        set to `epoch` already)."""
+        if not getattr(self.dataset, "needs_steps", False):
+            return None
+        self.dataset.max_train_steps = self.max_steps
+        instance = getattr(self.sampler, "instance", self.sampler)  # (prior preservation: the instance batches)
+        first = epoch * self.steps_per_epoch
+        return {
+            self.train_indices[position]: first + number // self.accum
+            for number, batch in enumerate(instance.global_batches())
+            for position in batch
+        }
 
     def resume(self) -> None:
         """Adapters, optimizer, EMA, scheduler and counters from --resume_from_checkpoint (if any)."""
@@ -248,14 +267,16 @@ class TrainingRun:
         if self.held_out:
             source = args.eval_data_dir or f"{len(self.dataset)} samples"
             logger.info("evaluation loss on %d held-out samples of %s", len(self.held_out), source)
-        per_epoch = len(self.sampler) * args.train_batch_size * accelerator.num_processes
+        instance = getattr(self.sampler, "instance", self.sampler)
+        per_epoch = instance.samples_per_epoch()
+        sizes = sorted(set(getattr(self.dataset, "batch_sizes", None) or [args.train_batch_size]))
         logger.info(
-            "training: %d samples, %d of them per epoch in %d batches of %d x %d processes; %d steps per epoch "
+            "training: %d samples, %d of them per epoch in %d batches of %s x %d processes; %d steps per epoch "
             "(accumulation %d), %d steps",
             len(self.train_indices),
             per_epoch,
             len(self.sampler),
-            args.train_batch_size,
+            "/".join(map(str, sizes)),
             accelerator.num_processes,
             self.steps_per_epoch,
             self.accum,
@@ -288,7 +309,7 @@ class TrainingRun:
             while self.global_step < self.max_steps and not stopped_by:
                 self.sampler.set_epoch(epoch, start=step_in_epoch * self.accum)
                 if hasattr(self.dataset, "set_epoch"):
-                    self.dataset.set_epoch(epoch)
+                    self.dataset.set_epoch(epoch, self.sample_steps(epoch))
                 batches = iter(self.loader)
                 for index in range(step_in_epoch, self.steps_per_epoch):
                     step_start = self.step(batches, min(self.accum, len(self.sampler) - index * self.accum))

@@ -309,9 +309,14 @@ class Draw:
 
     def loss(self, pred: torch.Tensor, x0: torch.Tensor, batch: dict | None = None) -> torch.Tensor:
         """The loss of `pred` (weighted by batch["mask"] with --masked_loss); a batch with class samples (prior
-        preservation) gets each part reduced apart, and their means put in batch["loss_parts"] for the log."""
+        preservation) gets each part reduced apart, and their means put in batch["loss_parts"] for the log; a
+        batch of a kohya data set with regularisation images weights each sample by batch["loss_weight"] (kohya's
+        loss_weights: --prior_loss_weight for those images) before the mean, as kohya does."""
         target = self.objective.target(x0, self.noise, self.timesteps)
         mask = None if batch is None else batch.get("mask")
+        if batch is not None and "loss_weight" in batch:  # kohya's regularisation images: one weighted mean
+            per_sample = self.objective.per_sample_loss(pred, target, self.timesteps, mask)
+            return (per_sample * batch["loss_weight"].to(per_sample)).mean()
         if batch is None or "is_class" not in batch:
             return self.objective.loss(pred, target, self.timesteps, mask)
         per_sample = self.objective.per_sample_loss(pred, target, self.timesteps, mask)
