@@ -131,6 +131,11 @@ def check_kohya_data_args(args: argparse.Namespace, image_flag: str) -> None:
             )
         return
     subsets = [subset for spec in specs for subset in spec.subsets]
+    missing = [str(s.metadata_file) for s in subsets if s.metadata_file and not s.metadata_file.is_file()]
+    missing += [str(s.image_dir) for s in subsets if not s.metadata_file and not s.image_dir.is_dir()]
+    if missing:
+        raise UserError(f"{len(missing)} image folders or metadata files of the data set do not exist: "
+                        f"{', '.join(missing)}")  # fmt: skip
     drawn = sorted({k for s in subsets for k, on in (("random_crop", s.augment.random_crop),
                                                    ("color_aug", s.augment.color)) if on})  # fmt: skip
     if getattr(args, image_flag, False) and drawn:
