@@ -91,7 +91,9 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
         return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
     def __len__(self) -> int:
-        return sum(len(self.cut(members)) for members in self.group_members(list(range(self.num_samples))))
+        if not hasattr(self, "_length"):  # (asked every step; the groups never change)
+            self._length = sum(len(self.cut(members)) for members in self.group_members(list(range(self.num_samples))))
+        return self._length
 
     def samples_per_epoch(self) -> int:
         """The samples an epoch trains on, over all processes (a dropped incomplete batch's are not)."""
