@@ -20,18 +20,26 @@ from pathlib import Path
 
 from difftune.adapters.ema import adapter_dir
 from difftune.cli.errors import UserError, run_cli
+from difftune.cli.lazy import LazyModule
 from difftune.cli.parsing import DTYPES, ErrorOnlyParser
-from difftune.formats import comfyui, kohya, merged_checkpoint
 from difftune.generate.inference import checkpoint_family
-from difftune.models import cascade, priors, single_file, wuerstchen
+from difftune.models import single_file
 from difftune.storage import integrity
-from difftune.storage.checkpoints import ARGS_FILE, read_json
+from difftune.storage.checkpoints import ARGS_FILE, honour_umask, read_json
+
+# Imported at their first use: --help answers without torch and diffusers.
+comfyui = LazyModule("difftune.formats.comfyui")
+kohya = LazyModule("difftune.formats.kohya")
+merged_checkpoint = LazyModule("difftune.formats.merged_checkpoint")
+cascade = LazyModule("difftune.models.cascade")
+priors = LazyModule("difftune.models.priors")
+wuerstchen = LazyModule("difftune.models.wuerstchen")
 
 SDXL_MODELS = ("unet", "text_encoder_one", "text_encoder_two")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = ErrorOnlyParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ErrorOnlyParser(description=__doc__, usage="%(prog)s --checkpoint DIR --out FILE [options]")
     parser.add_argument("--checkpoint", type=Path, required=True, help="A step<N> dir of a training run.")
     parser.add_argument("--format", choices=["kohya", "checkpoint", "diffusers", "comfyui"], default="kohya")
     parser.add_argument("--out", type=Path, required=True, help="The .safetensors file to write.")
@@ -160,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if (family, args.format) == ("sdxl", "checkpoint"):
         args.out.parent.mkdir(parents=True, exist_ok=True)
         written = export_sdxl_checkpoint(args)
+        honour_umask(args.out.with_suffix(".partial"))
         args.out.with_suffix(".partial").replace(args.out)
         print(f"wrote {args.out} ({written}, {args.dtype})")
         return
@@ -185,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     partial = args.out.with_suffix(".partial")
     save_file(state, str(partial), metadata=metadata)
+    honour_umask(partial)  # safetensors writes 0600; the file is for other programs, maybe other users
     partial.replace(args.out)
     modules = len({k.rsplit(".", 1)[0] for k in state})
     print(f"wrote {args.out} ({modules} modules, {args.format}, {args.dtype})")

@@ -13,20 +13,24 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-from PIL import Image
-
 from difftune.adapters.ema import adapter_dir
 from difftune.cli.errors import UserError, run_cli
+from difftune.cli.lazy import LazyModule
 from difftune.cli.parsing import DTYPES, ErrorOnlyParser
-from difftune.generate import inference, prompts, validation
-from difftune.models import priors, wuerstchen
+from difftune.generate import inference, prompts
 from difftune.storage import integrity
 from difftune.storage.checkpoints import ARGS_FILE, read_json
 
+# Imported at their first use: --help answers without torch, PIL and diffusers.
+torch = LazyModule("torch")
+Image = LazyModule("PIL.Image")
+validation = LazyModule("difftune.generate.validation")
+priors = LazyModule("difftune.models.priors")
+wuerstchen = LazyModule("difftune.models.wuerstchen")
+
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = ErrorOnlyParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ErrorOnlyParser(description=__doc__, usage="%(prog)s --checkpoint DIR --prompt TEXT [options]")
     parser.add_argument("--checkpoint", type=Path, required=True, help="A training run's OUTPUT_DIR/step<N>.")
     parser.add_argument("--prompt", action="append", default=[], help="Repeat for several prompts.")
     parser.add_argument(

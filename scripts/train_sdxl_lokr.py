@@ -1,6 +1,7 @@
 """Fine-tune Stable Diffusion XL with a LoKr adapter on the UNet (and optionally both text encoders).
 
-    accelerate launch scripts/train_sdxl_lokr.py --train_data_dir DATA --output_dir OUT ...
+    accelerate launch -q --config_file configs/accelerate/accelerate_config.yaml \
+        scripts/train_sdxl_lokr.py --train_data_dir DATA --output_dir OUT ...
 
 Checkpoints land in OUTPUT_DIR/step<N>/ in peft format (unet/, text_encoder_one/,
 text_encoder_two/), loadable with PeftModel.from_pretrained; see docs/adapters-and-export.md.
@@ -12,17 +13,24 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from difftune import adapters, data
 from difftune.adapters import init_adapter
 from difftune.cli.errors import run_cli
+from difftune.cli.lazy import LazyModule
 from difftune.cli.parsing import ErrorOnlyParser
 from difftune.formats.modelcard import literal, write_model_card
-from difftune.generate import class_images, validation
-from difftune.models import sdxl, single_file
+from difftune.models import single_file
 from difftune.train import args as flags
-from difftune.train import loop, objectives, placement, run_setup
+
+# Imported at their first use, in main(): --help answers without torch, diffusers and transformers.
+torch = LazyModule("torch")
+class_images = LazyModule("difftune.generate.class_images")
+validation = LazyModule("difftune.generate.validation")
+sdxl = LazyModule("difftune.models.sdxl")
+loop = LazyModule("difftune.train.loop")
+objectives = LazyModule("difftune.train.objectives")
+placement = LazyModule("difftune.train.placement")
+run_setup = LazyModule("difftune.train.run_setup")
 
 PROJECT = "sdxl-lokr"
 LOADING = """
@@ -50,34 +58,35 @@ VAE = "vae = AutoencoderKL.from_pretrained({vae}, torch_dtype=torch.float16)\n"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = ErrorOnlyParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
+    parser = ErrorOnlyParser(description=__doc__)
+    model = parser.add_argument_group("model")
+    model.add_argument(
         "--pretrained_model_name_or_path",
         default="stabilityai/stable-diffusion-xl-base-1.0",
         help="A diffusers folder, a Hub id, or one SDXL .safetensors file (original layout, as community models ship).",
     )
-    single_file.add_single_file_args(parser)
-    parser.add_argument(
+    single_file.add_single_file_args(model)
+    model.add_argument(
         "--pretrained_vae_model_name_or_path",
         default="madebyollin/sdxl-vae-fp16-fix",
         help='A VAE that survives fp16; "none" uses the base model\'s own.',
     )
-    flags.add_model_args(parser)
-    flags.add_data_args(parser, resolution=1024)
-    flags.add_cache_args(
-        parser, "--cache_latents", "Encode the images with the VAE once (both flips with --random_flip)."
-    )
-    flags.add_training_args(parser, output_dir="work_dirs/stable_diffusion_xl_lokr_pokemon_blip")
-    adapters.add_lokr_args(parser)
-    init_adapter.add_init_adapter_args(parser)
-    group = objectives.add_objective_args(parser)
-    group.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"])
+    flags.add_model_args(model)
+    init_adapter.add_init_adapter_args(model)
+    group = flags.add_data_args(parser, resolution=1024)
     group.add_argument(
         "--aspect_ratio_buckets", "--enable_bucket",
         action="store_true",
         help="Train each image near its own aspect ratio, in kohya's buckets (--min_bucket_reso, --max_bucket_reso, "
         "--bucket_reso_steps, --bucket_no_upscale).",
     )  # fmt: skip
+    flags.add_cache_args(
+        parser, "--cache_latents", "Encode the images with the VAE once (both flips with --random_flip)."
+    )
+    flags.add_training_args(parser, output_dir="work_dirs/stable_diffusion_xl_lokr_pokemon_blip")
+    adapters.add_lokr_args(parser)
+    group = flags.add_objective_args(parser)
+    group.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"])
     return flags.parse(parser, argv, image_cache_flag="cache_latents")
 
 
@@ -104,18 +113,34 @@ def write_card(
     base_models = [getattr(args, "base_model_file", base)]
     return write_model_card(
         args.output_dir, args, title="SDXL LoKr adapter", base_models=base_models, adapter="LoKr", loading=loading,
-        samples_per_epoch=samples_per_epoch,
+        samples_per_epoch=samples_per_epoch, checkpoint=checkpoint,
     )  # fmt: skip
+
+
+def build_data(args: argparse.Namespace) -> data.CaptionedImageDataset:
+    """The training data, scanned and checked: random or centre crops with SDXL's size conditioning (the
+    tokenizers come with the models)."""
+    dataset = data.dataset_from_args(args, data.ImageTransform(args.center_crop, args.random_flip), None)
+    if args.aspect_ratio_buckets and dataset.target_sizes is None:  # (kohya's forms bucket by their own rule)
+        dataset.target_sizes = data.assign_buckets(dataset, data.make_buckets(args.resolution))
+    return dataset
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    sdxl.check_sources(
+        args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, args.revision,
+        args.single_file_config,
+    )  # fmt: skip
     start = init_adapter.prepare(args, argv, ["unet", "text_encoder_one", "text_encoder_two"])
     objectives.check_timestep_range(
         args, lambda: sdxl.num_train_timesteps(args.pretrained_model_name_or_path, args.revision)
     )
     accelerator = run_setup.setup_run(args)
     device, dtype = accelerator.device, placement.weight_dtype(accelerator)
+
+    # Data: read and checked before any weights load (class images still to generate are read after that).
+    dataset = None if class_images.to_generate(args) else build_data(args)
 
     # Models: frozen in the weight dtype; the VAE in fp32 unless it is made for fp16 (force_upcast off).
     vae_path = sdxl.vae_location(args.pretrained_vae_model_name_or_path)
@@ -140,15 +165,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         lambda pipe: {"height": args.resolution, "width": args.resolution,
                       "num_inference_steps": args.validation_inference_steps},
     )  # fmt: skip
-
-    # Data: random or centre crops, with SDXL's size conditioning; captions for both tokenizers.
-    dataset = data.dataset_from_args(
-        args,
-        data.ImageTransform(args.center_crop, args.random_flip),
-        data.Tokenize({"one": sd.tokenizer_one, "two": sd.tokenizer_two}),
-    )
-    if args.aspect_ratio_buckets and dataset.target_sizes is None:  # (a --dataset_config sets its own)
-        dataset.target_sizes = data.assign_buckets(dataset, data.make_buckets(args.resolution))
+    dataset = build_data(args) if dataset is None else dataset
+    dataset.tokenize = data.Tokenize({"one": sd.tokenizer_one, "two": sd.tokenizer_two})  # captions for both
 
     # Caches: encode once; the frozen encoders then leave the accelerator (until validation).
     sdxl.cache_encodings(accelerator, args, sd, dataset, vae_dtype)

@@ -1,7 +1,8 @@
 """Fine-tune a Wuerstchen prior (stage C) with a LoRA adapter (and optionally its text encoder): Wuerstchen v2
 or Stable Cascade (Wuerstchen v3), whichever --pretrained_prior_model_name_or_path holds.
 
-    accelerate launch scripts/train_wuerstchen_lora.py --train_data_dir DATA --output_dir OUT ...
+    accelerate launch -q --config_file configs/accelerate/accelerate_config.yaml \
+        scripts/train_wuerstchen_lora.py --train_data_dir DATA --output_dir OUT ...
 
 Checkpoints land in OUTPUT_DIR/step<N>/: prior/ (peft format), text_encoder/ when trained, and for v2
 pytorch_lora_weights.safetensors (diffusers format, for load_lora_weights); see docs/adapters-and-export.md.
@@ -15,17 +16,25 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from difftune import adapters, data
 from difftune.adapters import init_adapter
 from difftune.cli.errors import run_cli
+from difftune.cli.lazy import LazyModule
 from difftune.cli.parsing import ErrorOnlyParser
 from difftune.formats.modelcard import literal, write_model_card
-from difftune.generate import class_images, validation
-from difftune.models import cascade, priors, wuerstchen
 from difftune.train import args as flags
-from difftune.train import loop, objectives, placement, run_setup
+
+# Imported at their first use, in main(): --help answers without torch, diffusers and transformers.
+torch = LazyModule("torch")
+class_images = LazyModule("difftune.generate.class_images")
+validation = LazyModule("difftune.generate.validation")
+cascade = LazyModule("difftune.models.cascade")
+priors = LazyModule("difftune.models.priors")
+wuerstchen = LazyModule("difftune.models.wuerstchen")
+loop = LazyModule("difftune.train.loop")
+objectives = LazyModule("difftune.train.objectives")
+placement = LazyModule("difftune.train.placement")
+run_setup = LazyModule("difftune.train.run_setup")
 
 PROJECT = "wuerstchen-prior-lora"
 logger = logging.getLogger("difftune")
@@ -117,32 +126,36 @@ TE_PEFT = """pipe.prior_pipe.text_encoder = PeftModel.from_pretrained(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = ErrorOnlyParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
+    parser = ErrorOnlyParser(description=__doc__)
+    model = parser.add_argument_group("model")
+    model.add_argument(
         "--pretrained_prior_model_name_or_path",
         default="warp-ai/wuerstchen-prior",
         help="A Wuerstchen v2 prior repo or a Stable Cascade one (stabilityai/stable-cascade-prior).",
     )
-    parser.add_argument("--prior_subfolder", default="prior", help="Stable Cascade: prior (3.6 B) or prior_lite (1 B).")
-    parser.add_argument(
+    model.add_argument("--prior_subfolder", default="prior", help="Stable Cascade: prior (3.6 B) or prior_lite (1 B).")
+    model.add_argument(
         "--pretrained_decoder_model_name_or_path",
         default=None,
         help="For validation images. Default: warp-ai/wuerstchen (v2) or stabilityai/stable-cascade.",
     )
-    parser.add_argument("--decoder_subfolder", default="decoder", help="Stable Cascade: decoder or decoder_lite.")
-    parser.add_argument(
+    model.add_argument("--decoder_subfolder", default="decoder", help="Stable Cascade: decoder or decoder_lite.")
+    # The defaults are wuerstchen.DEFAULT_IMAGE_ENCODER and cascade.DEFAULT_IMAGE_ENCODER, written out: those
+    # modules load torch, which --help must not wait for (tests/test_help.py keeps the two in step).
+    model.add_argument(
         "--image_encoder_path",
         default=None,
         help="EfficientNet weights: stage B's .pt (read weights-only), a .safetensors, or a Hub org/repo/file. "
-        f"Default: {wuerstchen.DEFAULT_IMAGE_ENCODER} (v2) or {cascade.DEFAULT_IMAGE_ENCODER}.",
+        "Default: dome272/wuerstchen/model_v2_stage_b.pt (v2) or "
+        "stabilityai/stable-cascade/effnet_encoder.safetensors.",
     )
-    flags.add_model_args(parser)
+    flags.add_model_args(model)
+    init_adapter.add_init_adapter_args(model)
     flags.add_data_args(parser, resolution=768)
     flags.add_cache_args(parser, "--cache_image_embeddings", "Encode the images with EfficientNet once.")
     flags.add_training_args(parser, output_dir="work_dirs/wuerstchen_prior_lora_pokemon_blip")
     adapters.add_lora_args(parser)
-    init_adapter.add_init_adapter_args(parser)
-    objectives.add_objective_args(parser)
+    flags.add_objective_args(parser)
     return flags.parse(parser, argv, image_cache_flag="cache_image_embeddings")
 
 
@@ -153,7 +166,7 @@ def write_card(args: argparse.Namespace, checkpoint: Path, samples_per_epoch: in
     if family is cascade.CASCADE:
         return write_model_card(
             args.output_dir, args, title="Stable Cascade stage C LoRA adapter", base_models=[prior, decoder],
-            adapter="LoRA", samples_per_epoch=samples_per_epoch, loading=CASCADE_LOADING.format(
+            adapter="LoRA", samples_per_epoch=samples_per_epoch, checkpoint=checkpoint, loading=CASCADE_LOADING.format(
                 prior=literal(prior), decoder=literal(decoder), checkpoint=literal(checkpoint),
                 prior_subfolder=literal(args.prior_subfolder), decoder_subfolder=literal(args.decoder_subfolder),
                 te_peft=TE_PEFT.format(checkpoint="{checkpoint}") if args.train_text_encoder else "",
@@ -176,7 +189,17 @@ def write_card(args: argparse.Namespace, checkpoint: Path, samples_per_epoch: in
         adapter="LoRA",
         loading=loading,
         samples_per_epoch=samples_per_epoch,
+        checkpoint=checkpoint,
     )
+
+
+def build_data(args: argparse.Namespace) -> data.CaptionedImageDataset:
+    """The training data, scanned and checked: ImageNet-normalised images for EfficientNet (the tokenizer comes
+    with the models)."""
+    transform = data.ImageTransform(
+        args.center_crop, args.random_flip, wuerstchen.IMAGENET_MEAN, wuerstchen.IMAGENET_STD
+    )
+    return data.dataset_from_args(args, transform, None)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -190,6 +213,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     objectives.check_timestep_range(args, lambda: objectives.CONTINUOUS_BINS)
     accelerator = run_setup.setup_run(args)
     device, dtype = accelerator.device, placement.weight_dtype(accelerator)
+
+    # Data: read and checked before any weights load (class images still to generate are read after that).
+    dataset = None if class_images.to_generate(args) else build_data(args)
 
     # Models: the prior, its text encoder and the frozen EfficientNet image encoder.
     base = args.pretrained_prior_model_name_or_path
@@ -219,12 +245,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     decoder_parts.clear()  # validation loads it again, when it runs
 
-    # Data: ImageNet-normalised images for EfficientNet; captions padded, with attention masks.
-    dataset = data.dataset_from_args(
-        args,
-        data.ImageTransform(args.center_crop, args.random_flip, wuerstchen.IMAGENET_MEAN, wuerstchen.IMAGENET_STD),
-        data.Tokenize({"prior": prior.tokenizer}, attention_mask=True),
-    )
+    dataset = build_data(args) if dataset is None else dataset
+    dataset.tokenize = data.Tokenize({"prior": prior.tokenizer}, attention_mask=True)  # padded, with masks
 
     # Caches: encode once; the frozen encoders then leave the accelerator (until validation).
     wuerstchen.cache_encodings(accelerator, args, prior, image_encoder, dataset, dtype, family)

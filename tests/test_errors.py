@@ -35,10 +35,81 @@ def base(assets, tmp_path):
         ("--resume_from_checkpoint", "/nonexistent/step5", "does not exist"),
     ],
 )
-def test_bad_input_gives_one_line(run_main, capsys, base, flag, value, message):
+def test_bad_input_gives_one_line(run_main, capsys, base, flag, value, message, weights_loaded):
     argv = replace(base, flag, value) if flag in base else [*base, flag, value]
     assert run_main("train_sdxl_lokr", argv) == 2
     assert message in one_line_error(capsys)
+    assert weights_loaded == []  # found before any model's weights were read
+
+
+@pytest.fixture
+def weights_loaded(monkeypatch) -> list[str]:
+    """Every model class whose weights load (diffusers' and transformers' from_pretrained)."""
+    import diffusers
+    import transformers
+
+    loaded = []
+    for base_class in (diffusers.ModelMixin, transformers.PreTrainedModel):
+        real = base_class.from_pretrained.__func__
+
+        def spy(cls, *args, _real=real, **kwargs):
+            loaded.append(cls.__name__)
+            return _real(cls, *args, **kwargs)
+
+        monkeypatch.setattr(base_class, "from_pretrained", classmethod(spy))
+    return loaded
+
+
+def unusable_folder(tmp_path):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("no images here")
+    return folder
+
+
+def uncaptioned_folder(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "uncaptioned"
+    folder.mkdir()
+    Image.new("RGB", (64, 64)).save(folder / "a.png")
+    return folder
+
+
+def split_folder(tmp_path):
+    """A Hugging Face image folder with a train/ split (what `datasets` writes and reads)."""
+    from PIL import Image
+
+    train = tmp_path / "hf" / "train"
+    train.mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(train / "a.png")
+    (train / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a"}\n')
+    return train.parent
+
+
+@pytest.mark.parametrize(
+    ("script", "extra", "message"),
+    [
+        ("train_sdxl_lokr", ("--rank", "0"), "--rank must be a positive integer, got 0"),
+        ("train_sdxl_lokr", ("--train_data_dir", unusable_folder), "holds no usable image"),
+        ("train_sdxl_lokr", ("--train_data_dir", uncaptioned_folder), "1 of 1 images in --train_data_dir"),
+        ("train_wuerstchen_lora", ("--train_data_dir", unusable_folder), "holds no usable image"),
+        ("train_sdxl_lokr", ("--train_data_dir", split_folder), "with splits (train/): pass it as --dataset_name"),
+        ("train_wuerstchen_lora", ("--validation_prompts_file", "/nonexistent/prompts.txt"), "does not exist"),
+    ],
+)
+def test_bad_data_and_flags_stop_before_any_weights_load(
+    run_main, capsys, assets, tmp_path, weights_loaded, script, extra, message
+):
+    from helpers import wuerstchen_args
+
+    argv = (sdxl_args if script == "train_sdxl_lokr" else wuerstchen_args)(assets, tmp_path / "out")
+    flag, value = extra
+    value = value(tmp_path) if callable(value) else value
+    argv = replace(argv, flag, value) if flag in argv else [*argv, flag, value]
+    assert run_main(script, argv) == 2
+    assert message in one_line_error(capsys)
+    assert weights_loaded == []
 
 
 def test_not_an_sdxl_pipeline(run_main, capsys, base, assets):

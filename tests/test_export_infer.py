@@ -3,6 +3,7 @@
 import argparse
 import json
 import shutil
+import stat
 from types import SimpleNamespace
 
 import numpy as np
@@ -229,6 +230,38 @@ def test_checkpoint_configs_record_the_flags(sdxl_checkpoint):
         assert (config["rank_dropout"], config["module_dropout"], config["init_weights"]) == (0.25, 0.125, "lycoris")
         targets = CONV_AND_LINEAR if name == "unet" else adapters.TEXT_ENCODER_TARGETS
         assert sorted(config["target_modules"]) == sorted(targets.split(",")), name
+
+
+def file_modes(folder) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_checkpoints_and_exports_get_the_umask_s_mode(sdxl_checkpoint, wuerstchen_checkpoint, tmp_path, run_main):
+    """safetensors writes its files 0600: the adapters, the diffusers file and the export get the mode json
+    files get from the umask (args.json is written by plain open())."""
+    plain = stat.S_IMODE((sdxl_checkpoint / "args.json").stat().st_mode)
+    if plain == 0o600:
+        pytest.skip("under umask 077 every file is 0600: nothing to tell apart")
+    for checkpoint in (sdxl_checkpoint, wuerstchen_checkpoint):
+        modes = file_modes(checkpoint)
+        assert any(name.endswith(".safetensors") for name in modes)
+        assert {name for name, mode in modes.items() if mode != plain} == set()
+    run_export(run_main, sdxl_checkpoint, tmp_path / "kohya.safetensors")
+    run_export(run_main, wuerstchen_checkpoint, tmp_path / "lora.safetensors", "--format", "diffusers")
+    assert file_modes(tmp_path) == {"kohya.safetensors": plain, "lora.safetensors": plain}
+
+
+def test_adapter_folders_hold_no_peft_card_and_the_manifest_verifies(sdxl_checkpoint, wuerstchen_checkpoint):
+    """peft's save_pretrained writes an empty model card template into each adapter folder: removed (the
+    run's card is OUTPUT_DIR/README.md) before the manifest, which still verifies."""
+    from difftune.storage import integrity
+
+    for checkpoint in (sdxl_checkpoint, wuerstchen_checkpoint):
+        assert (checkpoint / "ema").is_dir()  # the EMA adapters are saved the same way
+        assert list(checkpoint.rglob("README.md")) == []
+        assert integrity.damaged_checkpoint(checkpoint) is None
+        listed = json.loads((checkpoint / integrity.MANIFEST).read_text())
+        assert set(listed) == set(file_modes(checkpoint)) - {integrity.MANIFEST}
 
 
 def test_ema_exports_the_ema_adapter(sdxl_checkpoint, wuerstchen_checkpoint, assets, tmp_path, run_main, capsys):

@@ -82,14 +82,22 @@ def test_new_run_from_the_export_starts_at_the_original_deltas(original, assets,
     started = start_from(assets, tmp_path / "from_file", exported)  # no --rank / --alpha / targets: from the file
     assert_same_deltas(expected, deltas(started, assets))
     assert json.loads((started / "training_state.json").read_text())["global_step"] == 1  # a new run from step 0
+    # The file's module names become the run's targets: the card counts them, adapted_modules.txt names them.
+    card = (started.parent / "README.md").read_text()
+    assert "on the modules counted below" in card and max(map(len, card.splitlines())) < 500
+    listed = (started.parent / "adapted_modules.txt").read_text().splitlines()
+    assert len([line for line in listed if line and not line.startswith("# ")]) == len(expected)
 
 
-def test_new_run_from_our_checkpoint_folder(original, assets, tmp_path):
+def test_new_run_from_our_checkpoint_folder(original, assets, tmp_path, caplog):
     """step<N>/ gives every adapter in it; its unet/ gives the UNet's (the text encoders then train from zero)."""
     step, _ = original
     expected = deltas(step, assets)
     source = step if "split" in str(step) else step / "unet"
-    started = start_from(assets, tmp_path / "run", source)
+    with caplog.at_level("INFO", logger="difftune"):
+        started = start_from(assets, tmp_path / "run", source)
+    modules = sum(1 for k in expected if k.startswith("unet/"))
+    assert f"--init_adapter {source}: unet starts from its {modules} adapted modules (rank" in caplog.text
     got = deltas(started, assets)
     if source.name == "unet":
         assert not (started / "text_encoder_one").exists()

@@ -230,6 +230,16 @@ def test_a_cache_written_before_checksums_is_used_as_it_is(tmp_path):
     read_all(path)
 
 
+def test_cache_shards_get_the_mode_of_a_plain_file(tmp_path):
+    """safetensors writes 0600: a cache shared by a group's runs must be as readable as its complete.json."""
+    import stat
+
+    path = tmp_path / "test-cache"
+    build_cache(path, [])
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir() if p.is_file()}
+    assert len(modes) > 2 and set(modes.values()) == {modes[shards.COMPLETE]}
+
+
 def test_two_runs_needing_one_cache_build_it_once(tmp_path):
     path, calls, errors = tmp_path / "test-cache", [], []
 

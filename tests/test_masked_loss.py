@@ -190,7 +190,6 @@ def test_a_dataset_config_subset_takes_its_masks_from_alpha(tmp_path, caplog):
     flags.add_data_args(parser, resolution=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train_batch_size", type=int, default=1)
-    parser.add_argument("--masked_loss", action="store_true")
     args = parser.parse_args(["--dataset_config", str(config), "--masked_loss"])
     with caplog.at_level(logging.WARNING):
         dataset = data.dataset_from_args(args, data.ImageTransform(True, False), lambda caption: {})

@@ -183,3 +183,52 @@ def test_text_encoder_training_in_bf16(assets, tmp_path, run_main, monkeypatch):
     full = load_user_pipeline(assets, checkpoint, text_encoders=True)
     unet_only = load_user_pipeline(assets, checkpoint)
     assert abs(sdxl_pipeline_image(full) - sdxl_pipeline_image(unet_only)).max() > 1e-4
+
+
+def test_model_card_trigger_words_last_validation_images_and_module_counts(assets, tmp_path, run_main):
+    """kohya folders: the training folder's class tokens are the trigger words (the regularisation folder's
+    name the class: not); the card shows the last validation's images by links relative to it, and counts the
+    adapted modules per block type, every name going to adapted_modules.txt."""
+    import re
+
+    from safetensors import safe_open
+
+    images = sorted((assets / "data").glob("*.png"))
+    train, reg = tmp_path / "train" / "2_sks shape", tmp_path / "reg" / "1_shape"
+    for folder, chosen in ((train, images[:2]), (reg, images[2:4])):
+        folder.mkdir(parents=True)
+        for image in chosen:
+            shutil.copy(image, folder)
+    out = tmp_path / "out"
+    argv = sdxl_args(
+        assets, out, "--reg_data_dir", reg.parent, "--validation_prompt", "a [sks] shape", "--validation_steps", "1",
+        "--num_validation_images", "2", "--validation_inference_steps", "1", steps=2,
+    )  # fmt: skip
+    argv[argv.index("--train_data_dir") + 1] = str(train.parent)
+    assert run_main("train_sdxl_lokr", argv) == 0
+    card = (out / "README.md").read_text()
+    assert "| trigger words | `sks shape` |" in card
+
+    links = re.findall(r"!\[a \\\[sks\\\] shape\]\((.+?)\)", card)
+    assert links == ["validation/step000002_prompt0_0.png", "validation/step000002_prompt0_1.png"]  # not step 1's
+    assert all((out / link).is_file() for link in links)
+
+    with safe_open(out / "step2" / "unet" / "adapter_model.safetensors", "pt") as weights:
+        modules = {key.removeprefix("base_model.model.").rsplit(".", 1)[0] for key in weights.keys()}  # noqa: SIM118
+    listed = (out / "adapted_modules.txt").read_text().splitlines()
+    assert listed[0] == f"# unet ({len(modules)} modules)" and set(listed[1:]) - {""} == modules
+    counts = "unet 136: down_blocks.attentions 48, mid_block.attentions 16, up_blocks.attentions 72"
+    assert f"| adapted modules | {counts} (all named in [adapted_modules.txt](adapted_modules.txt)) |" in card
+    assert len(modules) == 136 and "transformer_blocks" not in card
+
+
+def test_trigger_words_are_the_instance_prompt_and_the_training_subsets_class_tokens():
+    from argparse import Namespace
+
+    from difftune.formats.modelcard import trigger_words
+
+    first = [{"class_tokens": "sks dog"}, {"class_tokens": ""}, {"metadata_file": "meta.json"}]
+    second = [{"class_tokens": "dog", "is_reg": True}, {"class_tokens": "sks dog"}, {"class_tokens": "ohwx cat"}]
+    args = Namespace(instance_prompt="a photo of sks dog", datasets=[{"subsets": first}, {"subsets": second}])
+    assert trigger_words(args) == ["a photo of sks dog", "sks dog", "ohwx cat"]
+    assert trigger_words(Namespace(instance_prompt=None)) == []

@@ -144,6 +144,14 @@ def test_pickles_and_offline_configs_are_one_line_errors(assets, tmp_path, run_m
     error = one_line_error(capsys)
     assert "--single_file_config stabilityai/stable-diffusion-xl-base-1.0" in error and "offline" in error
 
+    # Offline, the default VAE and configs are both missing: one message names both and the two flags.
+    argv[argv.index("--pretrained_vae_model_name_or_path") + 1] = "madebyollin/sdxl-vae-fp16-fix"
+    assert run_main("train_sdxl_lokr", argv) == 2
+    error = one_line_error(capsys)
+    assert "--single_file_config stabilityai/stable-diffusion-xl-base-1.0 is not a local directory" in error
+    assert "--pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix is not a local directory" in error
+    assert "a single file needs its architecture's configs (--single_file_config" in error
+
 
 def test_a_changed_file_at_the_same_path_never_reuses_old_encodings(assets, tmp_path, run_main):
     path = marked_copy(assets, tmp_path)

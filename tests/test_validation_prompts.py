@@ -107,7 +107,7 @@ def test_run_wide_flags_are_checked(tmp_path, run_main, capsys):
         assert message in capsys.readouterr().err
 
 
-def test_trackers_get_each_prompt_as_the_caption(tmp_path):
+def test_trackers_get_each_prompt_as_the_caption(tmp_path, caplog):
     calls = []
     writer = types.SimpleNamespace(
         add_images=lambda tag, arrays, step, dataformats: calls.append(("images", tag, arrays.shape, step)),
@@ -115,7 +115,9 @@ def test_trackers_get_each_prompt_as_the_caption(tmp_path):
     )
     accelerator = types.SimpleNamespace(trackers=[types.SimpleNamespace(name="tensorboard", writer=writer)])
     rows = [[Image.new("RGB", (96, 64))] * 2, [Image.new("RGB", (64, 96))]]
-    paths = validation.save_and_log(accelerator, ["a red circle", "a red circle"], rows, 12, tmp_path)
+    with caplog.at_level("INFO", logger="difftune"):
+        paths = validation.save_and_log(accelerator, ["a red circle", "a red circle"], rows, 12, tmp_path)
+    assert f"validation at step 12: 3 images in {tmp_path / 'validation'}" in caplog.text  # where to look
     assert [p.name for p in paths] == [f"step000012_prompt{p}_{i}.png" for p, i in ((0, 0), (0, 1), (1, 0))]
     assert calls == [
         ("images", "validation/prompt0", (2, 64, 96, 3), 12),

@@ -13,12 +13,14 @@ import argparse
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from difftune.adapters import injection as adapter_io
 from difftune.cli.errors import UserError
 from difftune.storage import checkpoints
+
+if TYPE_CHECKING:  # (infer.py and export.py import adapter_dir before --help, which needs no torch)
+    from torch import nn
 
 EMA_DIR = "ema"  # a checkpoint's subfolder with the EMA adapter, laid out as the checkpoint itself
 EMA_FILE = "ema.pt"  # its state for resuming

@@ -12,18 +12,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from difftune.adapters import injection
 from difftune.cli.errors import UserError
-from difftune.formats import kohya
+
+# torch and difftune.formats.kohya (which needs it) are imported where used: the training scripts import this
+# module for --init_adapter, and --help must not wait for torch.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+logger = logging.getLogger("difftune")
 
 FLAG = "--init_adapter"
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te1_": "text_encoder_one", "lora_te2_": "text_encoder_two"}
@@ -37,8 +43,9 @@ FROM_SOURCE = {
 }
 
 
-def add_init_adapter_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+def add_init_adapter_args(group: argparse._ArgumentGroup) -> None:
+    """--init_adapter, in the scripts' "model" group."""
+    group.add_argument(
         FLAG,
         default=None,
         help="Start from this adapter (new run, step 0): a difftune checkpoint folder, or for SDXL a kohya / LyCORIS "
@@ -217,6 +224,10 @@ def prepare(args: argparse.Namespace, argv: Sequence[str] | None, names: Sequenc
 
 def kohya_names(model_name: str, model: nn.Module, unet_config: dict) -> dict[str, str]:
     """kohya name -> module path for every Linear / Conv2d of `model`."""
+    from torch import nn
+
+    from difftune.formats import kohya
+
     names = {}
     for module_name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -310,6 +321,9 @@ def attach_all(
         setattr(args, flag, modules)  # recorded in args.json: exactly the modules the run adapts
         trained[name] = injection.attach(model, config_for(args, make_config, settings, modules), base)
         load_into(trained[name], source, args.init_adapter)
+        rank = settings.get("r", settings.get("rank"))
+        logger.info("--init_adapter %s: %s starts from its %d adapted modules (rank %s, %s)", args.init_adapter,
+                    name, len(modules), rank, "LoKr" if source.lokr else "LoRA")  # fmt: skip
     adapted_text_encoders = [trained[n] for n in text_encoders if n in trained]
     if args.gradient_checkpointing:
         injection.enable_gradient_checkpointing(denoiser[1], adapted_text_encoders)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from difftune.adapters import lokr, lora
 from difftune.cli.errors import UserError
 from difftune.cli.parsing import comma_list
+
+# torch, and lokr / lora (which need it), are imported where used: the training scripts import this module for
+# their flags, and --help must not wait for torch.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 ATTENTION_TARGETS = "to_q,to_k,to_v,to_out.0"
 TEXT_ENCODER_TARGETS = "q_proj,k_proj,v_proj,out_proj"
@@ -22,12 +25,20 @@ def add_common_adapter_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--target_modules", type=comma_list, default=comma_list(ATTENTION_TARGETS), help="Comma-separated."
     )
+
+
+def add_text_encoder_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("text encoders")
     group.add_argument("--train_text_encoder", action="store_true", help="Also put an adapter on the text encoder(s).")
-    group.add_argument("--text_encoder_target_modules", type=comma_list, default=comma_list(TEXT_ENCODER_TARGETS))
+    group.add_argument(
+        "--text_encoder_target_modules", type=comma_list, default=comma_list(TEXT_ENCODER_TARGETS),
+        help="Comma-separated.",
+    )  # fmt: skip
     group.add_argument("--text_encoder_lr", type=float, default=None, help="Default: --learning_rate.")
 
 
 def add_lokr_args(parser: argparse.ArgumentParser) -> None:
+    """The LoKr flags, then the text encoders' (adapted alike)."""
     group = parser.add_argument_group("LoKr adapter (peft LoKrConfig)")
     add_common_adapter_args(group)
     group.add_argument("--alpha", type=float, default=8, help="Scale alpha / rank.")
@@ -36,13 +47,16 @@ def add_lokr_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rank_dropout", type=float, default=0.0)
     group.add_argument("--module_dropout", type=float, default=0.0)
     group.add_argument("--lokr_init", default="peft", choices=["peft", "lycoris"], help="Which factor starts at zero.")
+    add_text_encoder_args(parser)
 
 
 def add_lora_args(parser: argparse.ArgumentParser) -> None:
+    """The LoRA flags, then the text encoder's (adapted alike)."""
     group = parser.add_argument_group("LoRA adapter (peft LoraConfig)")
     add_common_adapter_args(group)
     group.add_argument("--lora_alpha", type=float, default=8, help="Scale lora_alpha / rank.")
     group.add_argument("--lora_dropout", type=float, default=0.0)
+    add_text_encoder_args(parser)
 
 
 def _check(args: argparse.Namespace, alpha_flag: str) -> None:
@@ -57,6 +71,13 @@ def _check(args: argparse.Namespace, alpha_flag: str) -> None:
             raise UserError(f"--{flag} must be in [0, 1), got {value}")
     if args.text_encoder_lr is not None and args.text_encoder_lr <= 0:
         raise UserError(f"--text_encoder_lr must be positive, got {args.text_encoder_lr}")
+
+
+def check_adapter_args(args: argparse.Namespace) -> None:
+    """The adapter flags' values, checked when the flags are parsed (before any model loads)."""
+    _check(args, "alpha" if hasattr(args, "alpha") else "lora_alpha")
+    if hasattr(args, "decompose_factor"):
+        check_decompose_factor(args.decompose_factor)
 
 
 def check_decompose_factor(factor: int) -> None:
@@ -103,6 +124,8 @@ def attach(
 ) -> nn.Module:
     """Freeze `model`, wrap it in a PeftModel with `config`, keep adapter weights in fp32; `flag` names the
     option that chose the target modules, for the error."""
+    from difftune.adapters import lokr, lora
+
     model.requires_grad_(False)
     peft_model = _wrap(model, config, flag)
     # Recorded in adapter_config.json, so a checkpoint names the base model it belongs to.
@@ -177,13 +200,19 @@ def adapter_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
     prefix = "base_model.model."
-    return {k.removeprefix(prefix): v for k, v in get_peft_model_state_dict(peft_model).items()}
+    # As save_adapters: no vocabulary is ever resized. peft's default ("auto") would look for the base model's
+    # config.json to find out, and warn at every save of a model whose folder has none (a diffusers repo).
+    state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    return {k.removeprefix(prefix): v for k, v in state.items()}
 
 
 def save_adapters(adapters: dict[str, nn.Module], directory: Path) -> None:
     """peft format (adapter_config.json + adapter_model.safetensors), one subfolder per model."""
     for name, peft_model in adapters.items():
         peft_model.save_pretrained(directory / name, save_embedding_layers=False)
+        # peft also writes its empty model card template ("More Information Needed"), with no flag to stop it;
+        # the run's own card is OUTPUT_DIR/README.md. Removed before the checkpoint's manifest is written.
+        (directory / name / "README.md").unlink(missing_ok=True)
 
 
 def load_adapters(adapters: dict[str, nn.Module], directory: Path) -> None:

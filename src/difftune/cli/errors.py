@@ -6,6 +6,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from difftune.cli import quiet
+
 USER_ERROR_EXIT_CODE = 2
 _on_exit: list[Callable[[], None]] = []
 
@@ -22,7 +24,9 @@ def on_exit(release: Callable[[], None]) -> None:
 
 
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Run a script's main, turning a UserError into a one-line message and exit code 2."""
+    """Run a script's main, turning a UserError into a one-line message and exit code 2; the libraries' messages
+    a user cannot act on are dropped first (difftune.cli.quiet), as some come at their import."""
+    quiet.install()
     try:
         main(argv)
     except UserError as error:

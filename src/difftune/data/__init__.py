@@ -10,41 +10,49 @@ sample index), not from a global RNG, so a resumed run sees exactly the batches 
 would have seen.
 """
 
-from difftune.data.buckets import assign_buckets, make_buckets
-from difftune.data.captions import Tokenize, pick_caption
-from difftune.data.dataset import CaptionedImageDataset
-from difftune.data.images import ImageTransform, draw_flip, image_name, image_source, open_image, sample_rng
-from difftune.data.sampling import (
-    EpochBatchSampler,
-    PairedBatchSampler,
-    collate,
-    epochs_for,
-    num_update_steps_per_epoch,
-    to_device,
-)
-from difftune.data.selection import append_rows, drop_unreadable_images
-from difftune.data.sources import dataset_from_args, load_captioned_images
+import importlib
+import importlib.util
 
-__all__ = [
-    "CaptionedImageDataset",
-    "EpochBatchSampler",
-    "ImageTransform",
-    "PairedBatchSampler",
-    "Tokenize",
-    "append_rows",
-    "assign_buckets",
-    "collate",
-    "dataset_from_args",
-    "draw_flip",
-    "drop_unreadable_images",
-    "epochs_for",
-    "image_name",
-    "image_source",
-    "load_captioned_images",
-    "make_buckets",
-    "num_update_steps_per_epoch",
-    "open_image",
-    "pick_caption",
-    "sample_rng",
-    "to_device",
-]
+# Each public name and the module it lives in, imported at the first use of the name (PEP 562): the flags import
+# a few light modules of this package (captions, dreambooth, masks), and `--help` must not wait for torch, PIL
+# and numpy, which the rest loads.
+_HOMES = {
+    "assign_buckets": "buckets",
+    "make_buckets": "buckets",
+    "Tokenize": "captions",
+    "pick_caption": "captions",
+    "CaptionedImageDataset": "dataset",
+    "ImageTransform": "images",
+    "draw_flip": "images",
+    "image_name": "images",
+    "image_source": "images",
+    "open_image": "images",
+    "sample_rng": "images",
+    "EpochBatchSampler": "sampling",
+    "PairedBatchSampler": "sampling",
+    "collate": "sampling",
+    "epochs_for": "sampling",
+    "num_update_steps_per_epoch": "sampling",
+    "to_device": "sampling",
+    "append_rows": "selection",
+    "drop_unreadable_images": "selection",
+    "dataset_from_args": "sources",
+    "load_captioned_images": "sources",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    """A public name, from its module; else a module of the package (`data.dataset`), as when this file imported
+    them all."""
+    if name in _HOMES:
+        value = getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+        globals()[name] = value  # found directly from now on
+        return value
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])

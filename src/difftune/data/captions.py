@@ -17,10 +17,12 @@ import math
 import random
 import re
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from difftune.cli.errors import UserError
+
+if TYPE_CHECKING:  # (the flags import this module: --help must not load torch)
+    import torch
 
 
 class Tokenize:

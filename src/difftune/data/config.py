@@ -23,9 +23,12 @@ import tomllib
 from difftune.cli.errors import UserError
 from difftune.data.captions import CaptionOptions, options_from_args
 from difftune.data.folders import Augment, Subset, kohya_subsets, metadata_file
-from difftune.data.images import INTERPOLATIONS
 
 logger = logging.getLogger(__name__)
+
+# kohya's resize_interpolation names (library/utils.py's validate_interpolation_fn), for the config checker and
+# --resize_interpolation; here, not in difftune.data.images (which has their PIL filters), so the flags need no PIL.
+INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
 
 KOHYA_CAPTION_EXTENSION = ".caption"
 

@@ -87,6 +87,16 @@ class FolderRows:
     held_out: list[bool] = field(default_factory=list)  # kohya's validation_split (empty: none held out)
 
 
+SPLITS = ("train", "validation", "test")  # a datasets image folder's split subfolders
+
+
+def is_image_folder(folder: Path) -> bool:
+    """A folder with a metadata file or images directly in it."""
+    if not folder.is_dir():
+        return False
+    return metadata_file(folder) is not None or any(is_image(entry) for entry in os.scandir(folder))
+
+
 def metadata_file(folder: str | Path) -> Path | None:
     """The folder's metadata file (diffusers / datasets imagefolder layout), if it has one."""
     for name in METADATA_FILES:
@@ -234,5 +244,11 @@ def folder_rows(
         raise UserError(f"{folder_flag} {train_data_dir} does not exist: pass a folder of images")
     if metadata_file(train_data_dir) is not None:
         return None
+    splits = [name for name in SPLITS if is_image_folder(Path(train_data_dir) / name)]
+    if splits and not any(is_image(entry) for entry in os.scandir(train_data_dir)):
+        raise UserError(
+            f"{folder_flag} {train_data_dir} looks like a Hugging Face image folder with splits "
+            f"({', '.join(splits)}/): pass it as --dataset_name {train_data_dir} (its train split trains)"
+        )
     subsets = kohya_subsets(Path(train_data_dir), caption_extension, folder_flag)
     return read_subsets(subsets, f"{folder_flag} {train_data_dir}", fallback_prompt)

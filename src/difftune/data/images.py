@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from difftune.data.config import INTERPOLATIONS
+
 
 def column(dataset, name: str) -> list:
     """A column of a datasets.Dataset as a list, read through Arrow (iterating rows formats each one: slow)."""
@@ -158,8 +160,6 @@ def face_crop(
     return (resized_h, resized_w), (offsets[0], offsets[1])
 
 
-# kohya's resize_interpolation names (library/utils.py's validate_interpolation_fn), for the config checker.
-INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
 _FILTERS = {
     "lanczos": Image.Resampling.LANCZOS,
     "nearest": Image.Resampling.NEAREST,

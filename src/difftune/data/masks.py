@@ -15,14 +15,16 @@ import json
 import logging
 import os
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from difftune.cli.errors import UserError
 from difftune.data.folders import IMAGE_EXTENSIONS
-from difftune.data.images import column, image_source
+
+# torch, PIL and difftune.data.images (both, and numpy) are imported where used: the flags import this module, and
+# --help must not wait for them.
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +32,9 @@ ALPHA = "alpha"  # a row's mask source: its image's alpha channel (otherwise a m
 
 
 def add_mask_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--masked_loss", action="store_true", help="Weight the loss by a mask per image (--alpha_mask, --mask_dir)."
+    )
     group.add_argument(
         "--alpha_mask", action="store_true", help="--masked_loss: each image's alpha channel is its mask."
     )
@@ -58,6 +63,10 @@ def check_mask_args(args: argparse.Namespace) -> None:
 
 def has_alpha(record: dict) -> bool:
     """Whether the image has transparency (read from its header)."""
+    from PIL import Image
+
+    from difftune.data.images import image_source
+
     with Image.open(image_source(record)) as image:
         return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
 
@@ -88,6 +97,8 @@ def mask_sources(
         return None
     if not args.mask_dir and not any(alpha_rows):
         raise UserError("--masked_loss needs masks: add --alpha_mask, --mask_dir DIR, or alpha_mask = true in a subset")
+    from difftune.data.images import column
+
     records = column(rows, image_column)[: len(class_rows)]
     files = mask_files(Path(args.mask_dir)) if args.mask_dir else {}
     sources: list[str | None] = []
@@ -116,6 +127,10 @@ def mask_sources(
 def open_mask(record: dict, source: str | None, size: tuple[int, int]) -> Image.Image:
     """A row's mask as a grayscale image; all white (ones) for a row without one. `size` is the image's
     (width, height): a mask file of another size is stretched to it by the transform."""
+    from PIL import Image
+
+    from difftune.data.images import image_source
+
     if source is None:
         return Image.new("L", size, 255)
     try:
@@ -141,6 +156,8 @@ def fingerprint(sources: list[str | None]) -> str:
 def on_grid(mask: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
     """Masks (batch, 1, H, W) reduced to the latent grid `size` by area interpolation (the mean of the pixels
     each latent covers); a mask already on that grid is returned as it is."""
+    import torch.nn.functional as F
+
     if tuple(mask.shape[-2:]) == tuple(size):
         return mask.float()
     return F.interpolate(mask.float(), size=tuple(size), mode="area")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from difftune.cli.errors import UserError
-from difftune.data.scan import readable_rows
 
 
 def checked_selection(
@@ -20,6 +19,8 @@ def checked_selection(
 
 def drop_unreadable_images(dataset, image_column: str, cache_dir=None, workers: int = 0):
     """Skip images that PIL cannot decode, with a warning naming each one (see difftune.data.scan)."""
+    from difftune.data.scan import readable_rows  # (PIL: not for the flags, which import this module)
+
     good, _ = readable_rows(dataset, image_column, cache_dir, workers)
     return dataset if len(good) == len(dataset) else dataset.select(good)
 

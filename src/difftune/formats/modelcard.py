@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import re
+from collections import Counter
 from pathlib import Path
 
 import difftune
-from difftune.storage.checkpoints import STATE_FILE, list_checkpoints, read_json
+from difftune.storage.checkpoints import CHECKPOINT_NAME, STATE_FILE, list_checkpoints, read_json
+
+MODULES_FILE = "adapted_modules.txt"
+MAX_IMAGES = 16  # a long prompt file's images stay in validation/, not all on the card
 
 
 def write_model_card(
@@ -18,12 +23,16 @@ def write_model_card(
     adapter: str,
     loading: str,
     samples_per_epoch: int | None = None,
+    checkpoint: Path | None = None,
 ) -> Path:
-    """README.md with the base model, adapter settings, data, steps and how to load the result."""
+    """README.md with the base model, adapter settings, trigger words, data, steps, the last validation images
+    and how to load the result; `checkpoint`'s adapted modules are counted on it and listed in MODULES_FILE."""
     data = args.train_data_dir or getattr(args, "dataset_config", None) or args.dataset_name
     if samples_per_epoch is not None:
         data += f" ({samples_per_epoch} samples per epoch, repeats counted)"
-    targets = ", ".join(args.target_modules)
+    # --init_adapter records every module its file adapts as the targets: counted below instead.
+    targets = ", ".join(args.target_modules) if len(args.target_modules) <= 12 else "the modules counted below"
+    triggers = trigger_words(args)
     alpha = getattr(args, "alpha", None) or getattr(args, "lora_alpha", None)
     lines = [
         "---",
@@ -41,6 +50,8 @@ def write_model_card(
         f"| base model | {', '.join(base_models)} |",
         *([f"| base model sha256 | {args.base_model_sha256} |"] if getattr(args, "base_model_sha256", None) else []),
         f"| adapter | {adapter}, rank {args.rank}, alpha {alpha}, on {targets} |",
+        *module_rows(Path(output_dir), checkpoint),
+        *([f"| trigger words | {', '.join(cell(f'`{w}`') for w in triggers)} |"] if triggers else []),
         f"| text encoder(s) trained | {'yes' if args.train_text_encoder else 'no'} |",
         f"| data | {data} |",
         *prior_preservation_rows(args),
@@ -54,6 +65,7 @@ def write_model_card(
         "Checkpoints are the `step<N>/` folders; each holds the run's arguments in `args.json`.",
         "",
         *evaluation_table(Path(output_dir)),
+        *validation_images(Path(output_dir), checkpoint),
         "## Loading",
         "",
         loading.strip(),
@@ -67,6 +79,102 @@ def write_model_card(
 def literal(value: object) -> str:
     """`value` as a Python string literal for the card's code (quotes, backslashes and all survive a paste)."""
     return repr(str(value))
+
+
+def cell(text: str) -> str:
+    """`text` inside one Markdown table cell (a "|" would end the cell, a newline the row)."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def trigger_words(args: argparse.Namespace) -> list[str]:
+    """What a prompt needs to call up what was trained: --instance_prompt and the kohya subsets' class tokens
+    (not the regularisation subsets': theirs name the class, which the base model already knows)."""
+    words = [args.instance_prompt] if getattr(args, "instance_prompt", None) else []
+    for spec in getattr(args, "datasets", None) or []:
+        for subset in spec["subsets"]:
+            tokens = subset.get("class_tokens")
+            if tokens and not subset.get("is_reg") and tokens not in words:
+                words.append(tokens)
+    return words
+
+
+def natural(name: str) -> list[tuple[int, int | str]]:
+    """Sort key: down_blocks.2 before down_blocks.10."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in name.split(".")]
+
+
+def adapted_modules(checkpoint: Path) -> dict[str, list[str]]:
+    """Each adapter folder's adapted modules, from its weights file's header (no tensor is read)."""
+    from safetensors import safe_open
+
+    found = {}
+    # The denoiser (unet, prior) first, then the text encoders.
+    for weights in sorted(
+        Path(checkpoint).glob("*/adapter_model.safetensors"), key=lambda p: ("text_encoder" in p.parent.name, p)
+    ):
+        with safe_open(str(weights), framework="pt") as handle:
+            keys = list(handle.keys())
+        modules = set()
+        for key in keys:  # base_model.model.<module>.lokr_w1, base_model.model.<module>.lora_A.weight
+            parts = key.removeprefix("base_model.model.").split(".")
+            end = next((i for i, part in enumerate(parts) if part.startswith(("lokr_", "lora_"))), len(parts) - 1)
+            modules.add(".".join(parts[:end]))
+        found[weights.parent.name] = sorted(modules, key=natural)
+    return found
+
+
+def block_type(module: str) -> str:
+    """A module's block type: its first two names without the indices (down_blocks.1.attentions.0.... ->
+    down_blocks.attentions, [text_model.]encoder.layers.3.... -> encoder.layers: a text encoder's modules are
+    saved with or without the text_model wrapper, depending on its class)."""
+    return ".".join([part for part in module.removeprefix("text_model.").split(".") if not part.isdigit()][:2])
+
+
+def module_rows(output_dir: Path, checkpoint: Path | None) -> list[str]:
+    """The adapted modules counted per block type, as a table row; every name goes to MODULES_FILE (the full
+    list of a run adapting conv layers too runs to thousands of characters)."""
+    found = adapted_modules(checkpoint) if checkpoint is not None else {}
+    if not found:
+        return []
+    lines, counts = [], []
+    for folder, modules in found.items():
+        lines += [f"# {folder} ({len(modules)} modules)", *modules, ""]
+        groups = ", ".join(f"{name} {count}" for name, count in Counter(map(block_type, modules)).items())
+        counts.append(f"{folder} {len(modules)}: {groups}")
+    (output_dir / MODULES_FILE).write_text("\n".join(lines))
+    return [f"| adapted modules | {'; '.join(counts)} (all named in [{MODULES_FILE}]({MODULES_FILE})) |"]
+
+
+IMAGE_NAME = re.compile(r"^step(\d+)_prompt(\d+)_(\d+)\.png$")  # as generate.validation.save_and_log names them
+
+
+def validation_images(output_dir: Path, checkpoint: Path | None) -> list[str]:
+    """The last validation images up to `checkpoint`'s step, linked relative to the card, under their prompt."""
+    match = CHECKPOINT_NAME.match(Path(checkpoint).name) if checkpoint is not None else None
+    folder = output_dir / "validation"
+    if match is None or not folder.is_dir():
+        return []
+    by_step: dict[int, list[tuple[int, int, str]]] = {}
+    for path in folder.iterdir():
+        found = IMAGE_NAME.match(path.name)
+        if found and int(found.group(1)) <= int(match.group(1)):  # not a later step of an earlier run
+            step, prompt, index = map(int, found.groups())
+            by_step.setdefault(step, []).append((prompt, index, path.name))
+    if not by_step:
+        return []
+    step = max(by_step)
+    images = sorted(by_step[step])
+    lines = ["## Validation images", "", f"Step {step} (all of them in `validation/`):", ""]
+    for prompt in sorted({p for p, _, _ in images[:MAX_IMAGES]}):
+        text_file = folder / f"prompt{prompt}.txt"
+        text = " ".join(text_file.read_text().split()) if text_file.is_file() else f"prompt {prompt}"
+        alt = text.replace("[", "\\[").replace("]", "\\]")
+        links = [f"![{alt}](validation/{name})" for p, _, name in images[:MAX_IMAGES] if p == prompt]
+        quoted = text.replace("`", "'")  # shown as code: no Markdown in the prompt takes effect
+        lines += [f"`{quoted}`", "", " ".join(links), ""]
+    if len(images) > MAX_IMAGES:
+        lines += [f"{len(images) - MAX_IMAGES} more images of this step are in `validation/`.", ""]
+    return lines
 
 
 def evaluation_table(output_dir: Path) -> list[str]:

@@ -35,6 +35,13 @@ def missing_indices(folder: Path, wanted: int) -> list[int]:
     return [next(free) for _ in range(lacking)]
 
 
+def to_generate(args) -> int:
+    """How many class images the run will generate (0 without --with_prior_preservation)."""
+    if not getattr(args, "with_prior_preservation", False):
+        return 0
+    return len(missing_indices(Path(args.class_data_dir), args.num_class_images))
+
+
 def generate_missing(
     accelerator,
     args,

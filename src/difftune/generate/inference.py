@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from difftune.cli.errors import UserError
+
+if TYPE_CHECKING:  # (the scripts import this module before --help, which needs no torch)
+    import torch
+    from torch import nn
 
 
 def checkpoint_family(path: Path) -> str:
@@ -47,7 +49,8 @@ def sdxl_pipeline(
         pipe.scheduler = with_prediction_type(pipe.scheduler, prediction_type)
         return pipe
     read_model_index(base, revision, "--pretrained_model_name_or_path", "StableDiffusionXLPipeline")
-    kwargs = {"torch_dtype": dtype, "revision": revision, "variant": variant}
+    # `dtype`: diffusers' pipelines deprecated `torch_dtype` (a FutureWarning at every load).
+    kwargs = {"dtype": dtype, "revision": revision, "variant": variant}
     if vae is not None:
         kwargs["vae"] = separate_vae(vae, dtype)
     pipe = StableDiffusionXLPipeline.from_pretrained(base, **kwargs)

@@ -144,6 +144,8 @@ def save_and_log(
             image.save(path)
             paths.append(path)
         (folder / f"prompt{p}.txt").write_text(prompt + "\n")
+    if paths:
+        logger.info("validation at step %d: %d images in %s (step%06d_prompt*_*.png)", step, len(paths), folder, step)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             for p, (prompt, images) in enumerate(zip(prompts, rows, strict=True)):

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from difftune.cli.errors import UserError
 from difftune.models import single_file
 from difftune.storage.hub import fetch_file, read_model_index
 
@@ -38,6 +39,34 @@ def vae_location(value: str) -> str | None:
         logger.info("--pretrained_vae_model_name_or_path %s is a pipeline folder: using its vae/", value)
         return str(Path(value) / "vae")
     return value
+
+
+def check_sources(path: str, vae_value: str, revision: str | None, single_file_config: str | None) -> None:
+    """Every model location an SDXL run reads, checked before any weights load (their JSON files only), all that
+    fail named in one message: the base (for a single file, its configs' folder) and the separate VAE."""
+    checks = []
+    if single_file.is_single_file(path):
+        single_file.inspect(path)  # the file itself: readable, an SDXL checkpoint
+        config = single_file_config or single_file.DEFAULT_CONFIG
+        checks.append(("--single_file_config", config, "model_index.json", None))
+    else:
+        checks.append(("--pretrained_model_name_or_path", path, "model_index.json", revision))
+    vae = vae_location(vae_value)
+    if vae is not None:
+        checks.append(("--pretrained_vae_model_name_or_path", vae, "config.json", None))
+    problems = []
+    for flag, name, filename, flag_revision in checks:
+        try:
+            fetch_file(name, filename, flag_revision, flag)
+        except UserError as error:
+            problems.append(str(error))
+    if len(problems) > 1 and single_file.is_single_file(path):
+        problems.append(
+            "a single file needs its architecture's configs (--single_file_config: a local diffusers SDXL folder) "
+            "and a VAE (--pretrained_vae_model_name_or_path: a local VAE, or none for the file's own)"
+        )
+    if problems:
+        raise UserError("; ".join(problems))
 
 
 def load_sdxl(

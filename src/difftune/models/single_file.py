@@ -25,8 +25,9 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 VAE_PREFIX = "first_stage_model."
 
 
-def add_single_file_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+def add_single_file_args(group: argparse._ArgumentGroup) -> None:
+    """--single_file_config, in the SDXL script's "model" group."""
+    group.add_argument(
         "--single_file_config",
         default=DEFAULT_CONFIG,
         help="For a single-file base model: the diffusers folder or Hub id its configs and tokenizers come from "

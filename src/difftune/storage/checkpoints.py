@@ -14,8 +14,6 @@ import re
 import shutil
 from pathlib import Path
 
-import torch
-
 from difftune.cli.errors import UserError
 from difftune.storage import integrity
 
@@ -137,9 +135,35 @@ def begin_checkpoint(partial: Path) -> None:
     partial.mkdir(parents=True)
 
 
+def umask() -> int:
+    """The process's umask, read where Linux shows it (setting it to read it would briefly change it for
+    every thread), else set and put back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def honour_umask(path: Path) -> None:
+    """Give the file `path` (or every file under the folder `path`) the mode open() gives a new file.
+    safetensors writes through a private temporary file, so its files (ours, peft's, diffusers') come out
+    0600 whatever the umask, unreadable to the group that reads the other files of a checkpoint."""
+    path = Path(path)
+    mode = 0o666 & ~umask()
+    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        if file.stat().st_mode & 0o777 != mode:
+            file.chmod(mode)
+
+
 def finish_checkpoint(partial: Path, final: Path, state: dict, total_limit: int | None = None) -> Path:
     """Mark `partial` complete, sync it to disk, rename it to `final` atomically, then prune to `total_limit`."""
     output_dir = final.parent
+    honour_umask(partial)
     write_json(partial / STATE_FILE, state)
     integrity.write_manifest(partial)  # last: it covers every file above
     _fsync_tree(partial)
@@ -174,9 +198,13 @@ def prune(output_dir: Path, total_limit: int) -> None:
 
 
 def save_torch_state(obj: object, path: Path) -> None:
+    import torch  # (here, not at the top: the scripts import this module before --help, which needs no torch)
+
     torch.save(obj, path)
 
 
 def load_torch_state(path: Path) -> dict:
     """Optimizer / scheduler state: tensors and plain values only (weights_only=True)."""
+    import torch
+
     return torch.load(path, map_location="cpu", weights_only=True)

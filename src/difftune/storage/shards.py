@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from difftune.storage import integrity, runlock
+from difftune.storage import checkpoints, integrity, runlock
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ def fill(
             what, kept = f"the {desc} cache shard {partial.stem}", "the shards written before it are kept"
             with integrity.disk_full_stops(partial, path, what, kept):
                 save_file(tensors, str(partial))
+            checkpoints.honour_umask(partial)  # (safetensors writes 0600)
             partial.replace(shard_file(path, shard))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

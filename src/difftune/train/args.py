@@ -1,4 +1,9 @@
-"""Command-line flags shared by the training scripts, named as in the diffusers examples."""
+"""Command-line flags shared by the training scripts, named as in the diffusers examples, in the groups of
+docs/options.md's flag table; and their checks, before any model loads.
+
+The scripts import this module before they parse: it (and what it imports) loads no torch, PIL or numpy, so
+`--help` answers at once (tests/test_help.py keeps it so).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,10 @@ from pathlib import Path
 
 from difftune.cli.errors import UserError
 from difftune.data.captions import add_caption_args, check_caption_args
+from difftune.data.config import INTERPOLATIONS
 from difftune.data.dreambooth import add_dreambooth_args, check_dreambooth_args
-from difftune.data.images import INTERPOLATIONS
 from difftune.data.masks import add_mask_args, check_mask_args
 from difftune.generate.prompts import check_validation_args
-from difftune.train.objectives import check_objective_args
 
 logger = logging.getLogger("difftune")
 
@@ -23,13 +27,15 @@ logger = logging.getLogger("difftune")
 OPTIMIZERS = {"adamw": None, "adamw8bit": "bitsandbytes", "prodigy": "prodigyopt", "adafactor": None}
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
+def add_model_args(group: argparse._ArgumentGroup) -> None:
+    """--revision and --variant, after a script's base-model flags in its "model" group."""
     group.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the base model.")
     group.add_argument("--variant", default=None, help="Weights variant of the base model, e.g. fp16.")
 
 
-def add_data_args(parser: argparse.ArgumentParser, *, resolution: int) -> None:
+def add_data_args(parser: argparse.ArgumentParser, *, resolution: int) -> argparse._ArgumentGroup:
+    """The data flags and the groups that shape the data (masked loss, kohya data sets, captions, DreamBooth);
+    returns the "data" group, for a script's own data flags."""
     group = parser.add_argument_group("data")
     group.add_argument(
         "--dataset_name",
@@ -61,10 +67,11 @@ def add_data_args(parser: argparse.ArgumentParser, *, resolution: int) -> None:
         "--random_flip", "--flip_aug", action="store_true", help="Flip images horizontally at random (kohya: flip_aug)."
     )
     group.add_argument("--dataloader_num_workers", type=int, default=0)
-    add_mask_args(group)
+    add_mask_args(parser.add_argument_group("masked loss (see docs/data.md, Masked loss)"))
     add_kohya_data_args(parser)
     add_caption_args(parser)
     add_dreambooth_args(parser)
+    return group
 
 
 def add_kohya_data_args(parser: argparse.ArgumentParser) -> None:
@@ -146,7 +153,7 @@ def check_kohya_data_args(args: argparse.Namespace, image_flag: str) -> None:
 
 
 def add_cache_args(parser: argparse.ArgumentParser, image_flag: str, image_help: str) -> None:
-    group = parser.add_argument_group("caching (encode once, reuse across runs)")
+    group = parser.add_argument_group("speed (encode once, reuse across runs)")
     group.add_argument(image_flag, action="store_true", help=image_help + " Needs --center_crop.")
     group.add_argument(
         "--cache_text_embeddings", action="store_true", help="Encode the captions once (not with --train_text_encoder)."
@@ -200,6 +207,16 @@ def add_training_args(parser: argparse.ArgumentParser, *, output_dir: str) -> No
     group.add_argument("--prodigy_safeguard_warmup", action="store_true", help="Prodigy: for runs with lr warm-up.")
     group.add_argument("--prodigy_use_bias_correction", action="store_true", help="Prodigy: Adam's bias correction.")
     group.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Default: the accelerate config's. fp16 needs CUDA.",
+    )
+    group.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
+    group.add_argument("--seed", type=int, default=None, help="Default: a random seed, recorded in args.json.")
+
+    group = parser.add_argument_group("EMA")
+    group.add_argument(
         "--use_ema", action="store_true", help="Keep an EMA of the adapter weights (diffusers EMAModel), saved in ema/."
     )
     group.add_argument("--ema_decay", type=float, default=0.9999, help="The EMA's largest decay.")
@@ -210,14 +227,6 @@ def add_training_args(parser: argparse.ArgumentParser, *, output_dir: str) -> No
         default=None,
         help="Warm-up decay 1-(1+t)^-power (diffusers use_ema_warmup, e.g. 0.75); default: (1+t)/(10+t).",
     )
-    group.add_argument(
-        "--mixed_precision",
-        default=None,
-        choices=["no", "fp16", "bf16"],
-        help="Default: the accelerate config's. fp16 needs CUDA.",
-    )
-    group.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
-    group.add_argument("--seed", type=int, default=None, help="Default: a random seed, recorded in args.json.")
 
     group = parser.add_argument_group("checkpoints and logging")
     group.add_argument("--output_dir", default=output_dir)
@@ -226,6 +235,10 @@ def add_training_args(parser: argparse.ArgumentParser, *, output_dir: str) -> No
     group.add_argument(
         "--resume_from_checkpoint", default=None, help='A checkpoint dir (output_dir/step<N>) or "latest".'
     )
+    group.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"])
+    group.add_argument("--logging_dir", default="logs", help="Tracker logs, relative to --output_dir.")
+
+    group = parser.add_argument_group("reliability (see docs/reliability.md)")
     group.add_argument(
         "--overwrite_output_dir", action="store_true", help="Start afresh over an earlier run's checkpoints."
     )
@@ -235,8 +248,6 @@ def add_training_args(parser: argparse.ArgumentParser, *, output_dir: str) -> No
         default=0,
         help="Skip up to N steps whose loss is NaN/inf before stopping with an error.",
     )
-    group.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"])
-    group.add_argument("--logging_dir", default="logs", help="Tracker logs, relative to --output_dir.")
 
     group = parser.add_argument_group("validation")
     group.add_argument("--validation_prompt", action="append", default=None, help="Repeat for several prompts.")
@@ -268,6 +279,68 @@ def add_training_args(parser: argparse.ArgumentParser, *, output_dir: str) -> No
         default=None,
         help="A folder of held-out images (like --train_data_dir) for the evaluation loss, instead of a split.",
     )
+
+
+def add_objective_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The objective flags (diffusers / kohya names); returns the group for script-specific additions."""
+    group = parser.add_argument_group("objective (see docs/options.md, Objective options)")
+    group.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting; 5.0 is a good value.")
+    group.add_argument("--noise_offset", type=float, default=0.0, help="Per-channel noise offset; try 0.05.")
+    group.add_argument(
+        "--timestep_bias_strategy", default="none", choices=["none", "earlier", "later", "range"],
+        help="Sample some timesteps more often (diffusers' SDXL script).",
+    )  # fmt: skip
+    group.add_argument("--timestep_bias_multiplier", type=float, default=1.0, help="Weight of the biased timesteps.")
+    group.add_argument("--timestep_bias_portion", type=float, default=0.25, help="Share biased by earlier/later.")
+    group.add_argument("--timestep_bias_begin", type=int, default=0, help="range: first biased timestep index.")
+    group.add_argument("--timestep_bias_end", type=int, default=1000, help="range: biased timestep indices end here.")
+    group.add_argument(
+        "--timestep_sampling", default="uniform", choices=["uniform", "cubic"],
+        help="cubic: t = (1 - u^3) T, favouring noisy steps (T2I-Adapter).",
+    )  # fmt: skip
+    group.add_argument("--loss_type", default="l2", choices=["l2", "huber", "smooth_l1"])
+    group.add_argument("--huber_schedule", default="snr", choices=["constant", "exponential", "snr"])
+    group.add_argument("--huber_c", type=float, default=0.1, help="Huber / smooth L1 threshold c, in (0, 1].")
+    group.add_argument("--debiased_estimation", action="store_true", help="Weight each sample by 1/sqrt(snr) (kohya).")
+    group.add_argument("--input_perturbation", type=float, default=0.0, help="Noisy input gets extra noise; try 0.1.")
+    group.add_argument("--multires_noise_iterations", type=int, default=0, help="Pyramid noise levels; try 6.")
+    group.add_argument("--multires_noise_discount", type=float, default=0.3, help="Pyramid noise decay per level.")
+    group.add_argument(
+        "--proportion_empty_prompts", type=float, default=0.0, help="Share of captions trained as ''; try 0.1."
+    )
+    return group
+
+
+def check_objective_args(args: argparse.Namespace) -> None:
+    """Refuse impossible objective settings (before any model is loaded)."""
+    if args.snr_gamma is not None and args.snr_gamma <= 0:
+        raise UserError(f"--snr_gamma must be positive, got {args.snr_gamma}")
+    if args.timestep_bias_strategy != "none":
+        if args.timestep_bias_multiplier <= 0:
+            raise UserError(
+                f"--timestep_bias_multiplier must be positive, got {args.timestep_bias_multiplier} "
+                "(below 1 samples the biased timesteps less often)"
+            )
+        if args.timestep_sampling != "uniform":
+            raise UserError("--timestep_bias_strategy and --timestep_sampling cubic both pick timesteps: use one")
+    if not 0.0 <= args.timestep_bias_portion <= 1.0:
+        raise UserError(f"--timestep_bias_portion must be in [0, 1], got {args.timestep_bias_portion}")
+    if args.timestep_bias_begin < 0 or args.timestep_bias_begin >= args.timestep_bias_end:
+        raise UserError(
+            f"--timestep_bias_begin {args.timestep_bias_begin} must be >= 0 and below "
+            f"--timestep_bias_end {args.timestep_bias_end}"
+        )
+    if not 0.0 < args.huber_c <= 1.0:
+        raise UserError(f"--huber_c must be in (0, 1], got {args.huber_c}")
+    for flag in ("input_perturbation", "noise_offset"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if args.multires_noise_iterations < 0:
+        raise UserError(f"--multires_noise_iterations must be >= 0, got {args.multires_noise_iterations}")
+    if not 0.0 < args.multires_noise_discount <= 1.0:
+        raise UserError(f"--multires_noise_discount must be in (0, 1], got {args.multires_noise_discount}")
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        raise UserError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
 
 
 def check_common_args(args: argparse.Namespace) -> None:
@@ -331,6 +404,9 @@ def check_optimizer_args(args: argparse.Namespace) -> None:
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, image_cache_flag: str) -> argparse.Namespace:
     """Parse a training script's flags and refuse impossible combinations."""
     args = parser.parse_args(argv)
+    from difftune.adapters.injection import check_adapter_args  # (after parsing: --help stays light)
+
+    check_adapter_args(args)
     check_dreambooth_args(args, parser)
     if args.dataset_config and (args.train_data_dir or args.dataset_name != parser.get_default("dataset_name")):
         given = "--train_data_dir" if args.train_data_dir else "--dataset_name"

@@ -265,8 +265,11 @@ class TrainingRun:
         if accelerator.is_main_process:
             accelerator.init_trackers(project_name, config=_tracker_config(args))
         if self.held_out:
-            source = args.eval_data_dir or f"{len(self.dataset)} samples"
-            logger.info("evaluation loss on %d held-out samples of %s", len(self.held_out), source)
+            source = f"--eval_data_dir {args.eval_data_dir}" if args.eval_data_dir else "the data set"
+            logger.info(
+                "evaluation loss on %d held-out samples of %s: of the data set's %d samples, %d train",
+                len(self.held_out), source, len(self.dataset), len(self.dataset) - len(self.held_out),
+            )  # fmt: skip
         instance = getattr(self.sampler, "instance", self.sampler)
         per_epoch = instance.samples_per_epoch()
         sizes = sorted(set(getattr(self.dataset, "batch_sizes", None) or [args.train_batch_size]))
