@@ -8,6 +8,7 @@
     python benchmarks/bench_real_size.py --only cascade  # real Stable Cascade stage C (3.6 B) and lite (1 B), 1024 px
     python benchmarks/bench_real_size.py --only cascade-lite  # the lite stage C only (~9 GB instead of ~20 GB)
     python benchmarks/bench_real_size.py --only cascade-block  # one stage C attention block: peft's vs lean LoRA
+    python benchmarks/bench_real_size.py --only effnet   # Stable Cascade's EfficientNet, fp32 vs bf16; P2's cost
     python benchmarks/bench_real_size.py --only script   # train_sdxl_lokr.py itself on a real-size SDXL on disk
     python benchmarks/bench_real_size.py --only export   # export.py --format checkpoint of it: peak RSS
 
@@ -201,6 +202,44 @@ def stable_cascade(repeats: int, lite_only: bool) -> None:
         print(f"real {name}, 1024 px (24x24 latents), batch 1, LoRA r8 on to_q,to_k,to_v,to_out.0, fwd+bwd")
         memory(variants)  # first, as in wuerstchen()
         report(name, interleaved(real_stage_c(lite), stage_c_inputs, repeats, variants))
+
+
+def effnet(repeats: int, batch: int = 4) -> None:
+    """Stable Cascade's EfficientNet encoder (EfficientNet-V2-S features, random weights) on 768 px images as the
+    image-embedding cache runs it (no grad): fp32, as the script now runs it, beside bf16 (before): time per batch
+    and the peak RSS above the built encoder. Then what the P2 weight costs per batch (the prior's own step is
+    seconds at real size)."""
+    from diffusers import DDPMWuerstchenScheduler
+
+    from difftune.models.wuerstchen import EfficientNetEncoder
+    from difftune.train import args as flags
+    from difftune.train.objectives import Objective
+
+    print(f"real EfficientNet-V2-S encoder, {batch} images of 768 px, no grad (the image-embedding cache)")
+    encoder = EfficientNetEncoder(affine=False).eval().requires_grad_(False)
+    pixels = torch.randn(batch, 3, 768, 768)
+    for dtype in (torch.float32, torch.bfloat16):
+        model, inputs = encoder.to(dtype), pixels.to(dtype)
+        built = rss_mib("VmRSS")
+        reset_peak_rss()
+        times = []
+        for _ in range(repeats + 1):  # the first warms up
+            start = time.perf_counter()
+            with torch.no_grad():
+                model(inputs)
+            times.append(time.perf_counter() - start)
+        print(f"  {str(dtype).removeprefix('torch.'):<9} {min(times[1:]) * 1e3:8.1f} ms per batch (min of "
+              f"{repeats}), peak RSS {rss_mib() - built:7.1f} MiB above the built encoder")  # fmt: skip
+    parser = argparse.ArgumentParser()
+    flags.add_objective_args(parser)
+    objective_args = parser.parse_args([])
+    objective_args.loss_weighting, objective_args.p2_k, objective_args.p2_gamma = "p2", 1.0, 1.0
+    objective = Objective(objective_args, DDPMWuerstchenScheduler(), continuous=True)
+    t = torch.rand(batch)
+    start = time.perf_counter()
+    for _ in range(1000):
+        objective.sample_weights(t)
+    print(f"  P2 weights of a batch of {batch}: {(time.perf_counter() - start):.3f} ms each (1000 calls)")
 
 
 def cascade_block(repeats: int) -> None:
@@ -442,6 +481,7 @@ def main() -> None:
             "cascade",
             "cascade-lite",
             "cascade-block",
+            "effnet",
             "script",
             "export",
         ],
@@ -475,6 +515,8 @@ def main() -> None:
         wuerstchen(max(1, args.repeats // 2))
     if args.only in (None, "cascade-block"):
         cascade_block(args.repeats)
+    if args.only in (None, "effnet"):
+        effnet(args.repeats)
     if args.only in (None, "cascade", "cascade-lite"):
         stable_cascade(max(1, args.repeats // 2), lite_only=args.only == "cascade-lite")
     if args.only in (None, "script"):

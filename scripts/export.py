@@ -39,10 +39,13 @@ SDXL_MODELS = ("unet", "text_encoder_one", "text_encoder_two")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = ErrorOnlyParser(description=__doc__, usage="%(prog)s --checkpoint DIR --out FILE [options]")
+    parser = ErrorOnlyParser(description=__doc__, usage="%(prog)s --checkpoint DIR [--out FILE] [options]")
     parser.add_argument("--checkpoint", type=Path, required=True, help="A step<N> dir of a training run.")
     parser.add_argument("--format", choices=["kohya", "checkpoint", "diffusers", "comfyui"], default="kohya")
-    parser.add_argument("--out", type=Path, required=True, help="The .safetensors file to write.")
+    parser.add_argument(
+        "--out", type=Path, default=None,
+        help="The .safetensors file to write. Default: OUTPUT_DIR/<--output_name>.safetensors for a run given one.",
+    )  # fmt: skip
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="Default: fp16 for checkpoint, else fp32.")
     parser.add_argument("--pretrained_model_name_or_path", default=None, help="Default: the run's base model.")
     parser.add_argument("--single_file_config", default=None, help="For a single-file base. Default: the run's.")
@@ -150,10 +153,19 @@ def export_cascade_comfyui(args: argparse.Namespace) -> tuple[dict, dict[str, st
     return comfyui.lora_to_comfyui(parts, DTYPES[args.dtype]), metadata
 
 
+def default_out(checkpoint: Path) -> Path:
+    """The run's --output_name beside its checkpoints (kohya's OUTPUT_DIR/<output_name>.safetensors)."""
+    run = read_json(checkpoint / ARGS_FILE) if (checkpoint / ARGS_FILE).is_file() else {}
+    if not run.get("output_name"):
+        raise UserError(f"--out FILE is needed: {checkpoint}'s run was not given --output_name")
+    return checkpoint.resolve().parent / f"{run['output_name']}.safetensors"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     family = checkpoint_family(args.checkpoint)
     integrity.check_checkpoint(args.checkpoint, "--checkpoint")
+    args.out = args.out or default_out(args.checkpoint)
     if args.out.suffix != ".safetensors":
         raise UserError(f"--out {args.out} must end in .safetensors")
     args.dtype = args.dtype or ("fp16" if args.format == "checkpoint" else "fp32")

@@ -158,6 +158,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     pipe = build_pipeline(args, family, run, dtype).to(device)
     kwargs = pipeline_kwargs(args, family, run)
     if family == "wuerstchen":
+        prior_family = priors.family_of_run(run)
+        for side in ("height", "width"):  # (Stable Cascade: the size whose prior latent is the trained one)
+            kwargs[side] = kwargs[side] if getattr(args, side) else prior_family.sampling_side(pipe, kwargs[side])
         fit_decodable_size(pipe, kwargs, priors.family_of_run(run).title.removesuffix(" v2"))
     samples = validation.resolve_samples(pipe, entries, kwargs, args.seed, say=print)
     count = args.num_images_per_prompt

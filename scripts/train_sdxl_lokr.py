@@ -1,6 +1,6 @@
 """Fine-tune Stable Diffusion XL with a LoKr adapter on the UNet (and optionally both text encoders).
 
-    accelerate launch -q --config_file configs/accelerate/accelerate_config.yaml \
+    accelerate launch -q --config_file configs/accelerate/accelerate_config.yaml \\
         scripts/train_sdxl_lokr.py --train_data_dir DATA --output_dir OUT ...
 
 Checkpoints land in OUTPUT_DIR/step<N>/ in peft format (unet/, text_encoder_one/,
@@ -20,6 +20,7 @@ from difftune.cli.lazy import LazyModule
 from difftune.cli.parsing import ErrorOnlyParser
 from difftune.formats.modelcard import literal, write_model_card
 from difftune.models import single_file
+from difftune.storage import hub
 from difftune.train import args as flags
 
 # Imported at their first use, in main(): --help answers without torch, diffusers and transformers.
@@ -225,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             "rescale_betas_zero_snr", False
         )
         write_card(args, result.final_checkpoint, zero_terminal_snr, dataset.samples_per_epoch())
+        if args.push_to_hub:
+            repo = hub.upload_run(args.output_dir, result.final_checkpoint, args.hub_model_id, args.hub_token)
+            print(f"uploaded {result.final_checkpoint.name} and the model card to https://huggingface.co/{repo}")
         print(f"done: {result.global_step} steps, final checkpoint {result.final_checkpoint}")
 
 

@@ -360,3 +360,19 @@ def test_the_lean_lora_forward_equals_peft(assets, autocast):
         lean_errors = [(e - g).abs().max() for e, g in zip(reference, run(lean, autocast), strict=True)]
         for expected, peft_error, lean_error in zip(reference, peft_errors, lean_errors, strict=True):
             assert lean_error <= 3 * peft_error + 1e-3 * expected.abs().max()  # seen: up to 1.8x
+
+
+def test_comfyui_names_of_every_text_encoder_module_kind():
+    """ComfyUI's CLIP-G keys for a stage C LoRA (comfy/lora.py): `lora_prior_te_text_model_encoder_layers_<b>_`
+    + the layer's part for the attention and MLP layers, and `lora_prior_te_text_projection` for the projection
+    beside the text model (whichever transformers layout named the module)."""
+    from difftune.formats.comfyui import comfyui_name
+
+    expected = {
+        "text_model.encoder.layers.0.self_attn.q_proj": "lora_prior_te_text_model_encoder_layers_0_self_attn_q_proj",
+        "encoder.layers.1.self_attn.out_proj": "lora_prior_te_text_model_encoder_layers_1_self_attn_out_proj",
+        "text_model.encoder.layers.31.mlp.fc1": "lora_prior_te_text_model_encoder_layers_31_mlp_fc1",
+        "encoder.layers.2.mlp.fc2": "lora_prior_te_text_model_encoder_layers_2_mlp_fc2",
+        "text_projection": "lora_prior_te_text_projection",
+    }
+    assert {module: comfyui_name("text_encoder", module) for module in expected} == expected

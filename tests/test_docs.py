@@ -108,3 +108,13 @@ def test_slugs_and_code_follow_githubs_rules() -> None:
     text = "# Notes\n\n## Notes\n\n```bash\n# not a heading\n[a](a.md)\n```\n\n## Notes-1\n`[b](b.md)` [c](c.md)\n"
     assert anchors(text) == {"notes", "notes-1", "notes-1-1"}
     assert links(text) == [(11, "c.md")]
+
+
+def test_every_kohya_name_has_its_row_in_the_kohya_table() -> None:
+    """docs/options.md's "kohya's training flags" names every kohya key that train/kohya_flags.py reads: a key
+    added there gets its row (same meaning, converted, no effect or refused)."""
+    from difftune.train import kohya_flags
+
+    section = (DOCS / "options.md").read_text().split("\n## kohya's training flags\n", 1)[1].split("\n## ", 1)[0]
+    missing = sorted(kohya_flags.KOHYA_ONLY - set(re.findall(r"`(\w+)", section)))
+    assert not missing, f"kohya keys without a row in docs/options.md: {', '.join(missing)}"

@@ -580,6 +580,116 @@ MUTATIONS = [
         ("tests/test_kohya_data.py", "-k", "own_batch_size"),
         "a bucket's images beyond its last full batch never train in an epoch (kohya trains them)",
     ),
+    # diffusers' habitual flags (issue 31)
+    Mutation(
+        "diffusers flags: --lr_num_cycles not passed to the scheduler",
+        files("src/difftune/train/loop.py"), "            num_cycles=args.lr_num_cycles,\n", "",
+        ("tests/test_diffusers_flags.py", "-k", "cycles_and_the_power"),
+        "a cosine_with_restarts run silently restarts once, whatever --lr_num_cycles says",
+    ),
+    Mutation(
+        "diffusers flags: --scale_lr without the processes",
+        files("src/difftune/train/args.py"), "args.train_batch_size * num_processes\n", "args.train_batch_size\n",
+        ("tests/test_diffusers_flags.py", "-k", "scale_lr"),
+        "a multi-GPU run trains at a rate diffusers' --scale_lr would have multiplied by the GPU count",
+    ),
+    Mutation(
+        "diffusers flags: --validation_epochs counted from 0",
+        files("src/difftune/train/loop.py"), "(step // self.steps_per_epoch) % epochs == 0",
+        "(step // self.steps_per_epoch - 1) % epochs == 0",
+        ("tests/test_diffusers_flags.py", "-k", "validation_epochs"),
+        "validates after epochs 1, N+1, ... (diffusers' 0-based loop index) instead of every N-th epoch",
+    ),
+    Mutation(
+        "diffusers flags: class images in the weights' dtype whatever --prior_generation_precision says",
+        files("src/difftune/generate/class_images.py"), "accelerator.device, generation_dtype(args, dtype), sampling)",
+        "accelerator.device, dtype, sampling)",
+        ("tests/test_diffusers_flags.py", "-k", "prior_generation_precision"),
+        "the flag is parsed and recorded but never reaches the generation",
+    ),
+    Mutation(
+        "diffusers flags: the Hub token written to args.json",
+        files("src/difftune/train/loop.py"), 'SECRETS = frozenset({"hub_token"})', "SECRETS = frozenset()",
+        ("tests/test_diffusers_flags.py", "-k", "push_to_hub_uploads"),
+        "every checkpoint's args.json, uploaded by --push_to_hub and sent to wandb, holds the token",
+    ),
+    Mutation(
+        "diffusers flags: --push_to_hub offline found only after training",
+        files("src/difftune/train/args.py"), "    if args.push_to_hub and is_offline():\n", "    if False:\n",
+        ("tests/test_diffusers_flags.py", "-k", "offline"),
+        "a whole run trains, then its upload fails",
+    ),
+    # --config (issue 31)
+    Mutation(
+        "config: a typed flag adds to the file's instead of replacing it",
+        files("src/difftune/cli/config_file.py"), "if typed.isdisjoint(action.option_strings)", "if True",
+        ("tests/test_config_file.py", "-k", "other_scripts"),
+        "a prompt typed to replace a saved experiment's prompts is generated beside them",
+    ),
+    # kohya's training config and flag names (issue 31)
+    Mutation(
+        "kohya: network_alpha read as the rank",
+        files("src/difftune/train/kohya_flags.py"),
+        'self.put(alpha_dest, float(self.current("rank", 8)) if alpha == 0 else alpha, "network_alpha")',
+        'self.put("rank", float(self.current("rank", 8)) if alpha == 0 else alpha, "network_alpha")',
+        ("tests/test_kohya_config.py", "-k", "trains_what_kohya_would"),
+        "the two network_* numbers swapped: a kohya config trains another rank at alpha 8",
+    ),
+    Mutation(
+        "kohya: LyCORIS's factor ignored",
+        files("src/difftune/train/kohya_flags.py"), 'self.put("decompose_factor", -1 if factor < 0 else factor, key)',
+        "pass",
+        ("tests/test_kohya_config.py", "-k", "trains_what_kohya_would"),
+        "network_args factor=8 trains peft's default factors near sqrt(dim): another adapter shape",
+    ),
+    Mutation(
+        "kohya: the text encoders left out by default",
+        files("src/difftune/train/kohya_flags.py"), 'self.default("train_text_encoder", True, "")', "pass",
+        ("tests/test_kohya_config.py", "-k", "trains_what_kohya_would or leaves_out"),
+        "ours trains the U-Net only by default; kohya trains the encoders unless network_train_unet_only",
+    ),
+    Mutation(
+        "kohya: max_train_epochs beside the file's max_train_steps",
+        files("src/difftune/train/kohya_flags.py"), '            self.out.pop("max_train_steps", None)\n', "",
+        ("tests/test_kohya_config.py", "-k", "overrides_max_train_steps"),
+        "ours lets --max_train_steps win; kohya's epochs do: the run stops at the wrong length",
+    ),
+    Mutation(
+        "kohya: save_every_n_epochs never saves",
+        files("src/difftune/train/loop.py"),
+        "saves = every(step, args.checkpointing_steps) or self.ends_epochs(step, args.checkpointing_epochs)",
+        "saves = every(step, args.checkpointing_steps)",
+        ("tests/test_kohya_config.py", "-k", "tiny_sdxl"),
+        "the flag is parsed and recorded but the loop only checks steps",
+    ),
+    Mutation(
+        "kohya: a typo's suggestion without the flag's main name",
+        files("src/difftune/cli/parsing.py"), "{f' (= {main})' if main != near[0] else ''}", "",
+        ("tests/test_kohya_config.py", "-k", "mistyped"),
+        "--network_dimm suggests --network_dim without saying it is --rank",
+    ),
+    # Stable Cascade stage C as Stability trains it (issue 33)
+    Mutation(
+        "cascade: P2 without its + k",
+        files("src/difftune/train/objectives.py"), "return (a.p2_k + snr) ** -a.p2_gamma", "return snr**-a.p2_gamma",
+        ("tests/test_stage_c.py", "-k", "p2_weights"),
+        "1 / SNR instead of 1 / (1 + SNR): the noisiest steps weigh thousands of times more",
+    ),
+    Mutation(
+        "cascade: t in the latents' dtype",
+        files("src/difftune/train/objectives.py"), "dtype = torch.float32 if self.continuous else x0.dtype",
+        "dtype = x0.dtype",
+        ("tests/test_stage_c.py", "-k", "bf16"),
+        "under bf16 the prior's timestep features lose their high frequencies (ComfyUI computes them in fp32)",
+    ),
+    Mutation(
+        "cascade: validation at --resolution",
+        files("scripts/train_wuerstchen_lora.py"),
+        "side = family.sampling_side(pipe, validation.trained_size(args)[0])",
+        "side = validation.trained_size(args)[0]",
+        ("tests/test_stage_c.py", "-k", "bf16"),
+        "the prior samples 18 x 18 latents after training on 24 x 24: previews unlike what the run learnt",
+    ),
 ]  # fmt: skip
 
 

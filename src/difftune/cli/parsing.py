@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
+import sys
 from collections.abc import Iterator, Mapping
 
+from difftune.cli import config_file
 from difftune.cli.errors import UserError
 
 _DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -67,9 +70,33 @@ class ErrorOnlyParser(argparse.ArgumentParser):
         kwargs.setdefault("usage", "%(prog)s [options]")
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, allow_abbrev=False, **kwargs)
+        self.add_argument_group("settings file").add_argument(
+            config_file.FLAG, metavar="FILE",
+            help="Flags from a TOML, YAML or JSON file (keys: flag names; a run's args.json works); the command "
+            "line wins.",
+        )  # fmt: skip
+
+    def parse_args(self, args=None, namespace=None):
+        """The flags of the command line, after those of its --config file (difftune.cli.config_file)."""
+        argv = list(sys.argv[1:] if args is None else map(str, args))
+        argv, facts = config_file.with_config(self, argv)
+        parsed = super().parse_args(argv, namespace)
+        config_file.record(parsed, facts)
+        return parsed
 
     def error(self, message: str) -> None:
-        raise UserError(f"{message} (see --help)")
+        raise UserError(f"{message}{self.nearest_flag(message)} (see --help)")
+
+    def nearest_flag(self, message: str) -> str:
+        """For argparse's "unrecognized arguments: --x ...": " (did you mean --y?)", naming the flag's main name
+        too when --y is another name for it (kohya's --network_dim is --rank)."""
+        unknown = [t for t in message.split()[2:] if t.startswith("--")] if "unrecognized arguments" in message else []
+        options = [option for option in self._option_string_actions if option.startswith("--")]
+        near = difflib.get_close_matches(unknown[0].split("=")[0], options, n=1) if unknown else []
+        if not near:
+            return ""
+        main = self._option_string_actions[near[0]].option_strings[0]
+        return f" (did you mean {near[0]}{f' (= {main})' if main != near[0] else ''}?)"
 
 
 def comma_list(value: str) -> list[str]:

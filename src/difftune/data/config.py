@@ -11,15 +11,13 @@ so both forms train through one implementation.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import tomllib
-
+from difftune.cli.config_file import read_table
 from difftune.cli.errors import UserError
 from difftune.data.captions import CaptionOptions, options_from_args
 from difftune.data.folders import Augment, Subset, kohya_subsets, metadata_file
@@ -273,21 +271,8 @@ def check_table(table, schema: dict, where: str, problems: Problems, elsewhere: 
 
 
 def read_config_file(path: Path) -> dict:
-    """The file's tables: JSON for a .json name (as kohya decides), else TOML."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"--dataset_config {path} does not exist") from None
-    except (IsADirectoryError, UnicodeDecodeError) as error:
-        raise UserError(f"--dataset_config {path} cannot be read as text: {error}") from None
-    try:
-        config = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
-        kind = "JSON" if path.suffix.lower() == ".json" else "TOML (name a JSON file *.json)"
-        raise UserError(f"--dataset_config {path} is not valid {kind}: {error}") from None
-    if not isinstance(config, dict):
-        raise UserError(f"--dataset_config {path} must hold a table with [general] and [[datasets]]")
-    return config
+    """The file's tables: JSON for a .json name (as kohya decides), YAML for .yaml, else TOML."""
+    return read_table(path, "--dataset_config", default_kind="TOML")
 
 
 def load_dataset_config(path: str | Path, args) -> list[DatasetSpec]:

@@ -24,7 +24,10 @@ from difftune.data.selection import append_rows, checked_selection
 
 logger = logging.getLogger("difftune")
 
-CLASS_FLAGS = ("class_data_dir", "class_prompt", "num_class_images", "prior_loss_weight", "sample_batch_size")
+CLASS_FLAGS = (
+    "class_data_dir", "class_prompt", "num_class_images", "prior_loss_weight", "sample_batch_size",
+    "prior_generation_precision",
+)  # fmt: skip
 
 
 def add_dreambooth_args(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +46,10 @@ def add_dreambooth_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num_class_images", type=int, default=100, help="Class images to train with.")
     group.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the class images' loss.")
     group.add_argument("--sample_batch_size", type=int, default=4, help="Batch size of class-image generation.")
+    group.add_argument(
+        "--prior_generation_precision", default=None, choices=["no", "fp32", "fp16", "bf16"],
+        help="The dtype class images are generated in (no = fp32). Default: the frozen models' (--mixed_precision).",
+    )  # fmt: skip
     group.add_argument(
         "--reg_data_dir", default=None,
         help="kohya's form: '<repeats>_<class tokens>' subfolders of regularisation images, trained in the epoch "

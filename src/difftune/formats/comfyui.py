@@ -18,8 +18,8 @@ def comfyui_name(model: str, module: str) -> str:
         head, _, tail = module.rpartition(".attention.")
         if head and tail in COMFYUI_ATTENTION:
             module = f"{head}.attention.{COMFYUI_ATTENTION[tail]}"
-    elif not module.startswith("text_model."):  # transformers may drop it for the bare text model
-        module = "text_model." + module
+    elif not module.startswith(("text_model.", "text_projection")):  # (transformers may drop it; the projection
+        module = "text_model." + module  # sits beside text_model, and ComfyUI names it lora_prior_te_text_projection)
     return COMFYUI_PREFIXES[model] + module.replace(".", "_")
 
 

@@ -12,11 +12,12 @@ import contextlib
 import gc
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
+from difftune.cli.parsing import DTYPES
 from difftune.data.dreambooth import count_images
 
 logger = logging.getLogger("difftune")
@@ -42,6 +43,29 @@ def to_generate(args) -> int:
     return len(missing_indices(Path(args.class_data_dir), args.num_class_images))
 
 
+def generation_dtype(args, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype class images are generated in: --prior_generation_precision ("no": fp32), else the frozen
+    models' own (diffusers' default, fp16 on a GPU, would be a second copy of the base model)."""
+    name = getattr(args, "prior_generation_precision", None)
+    return weight_dtype if name is None else DTYPES["fp32" if name == "no" else name]
+
+
+@contextlib.contextmanager
+def in_float32(pipe) -> Iterator[None]:
+    """The pipeline's half-precision weights in fp32 while it generates, then back as they were (half -> fp32
+    -> half is exact): the frozen models are the ones the run trains with."""
+    modules = [part for part in getattr(pipe, "components", {}).values() if isinstance(part, torch.nn.Module)]
+    tensors = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}.values()  # (shared once)
+    lowered = [(t, t.dtype) for t in tensors if t.is_floating_point() and t.dtype != torch.float32]
+    for tensor, _ in lowered:
+        tensor.data = tensor.data.float()
+    try:
+        yield
+    finally:
+        for tensor, dtype in lowered:
+            tensor.data = tensor.data.to(dtype)
+
+
 def generate_missing(
     accelerator,
     args,
@@ -61,7 +85,7 @@ def generate_missing(
         if todo:
             folder.mkdir(parents=True, exist_ok=True)
             written = generate(build_pipeline, todo, folder, args.class_prompt, args.sample_batch_size,
-                               accelerator.device, dtype, sampling)  # fmt: skip
+                               accelerator.device, generation_dtype(args, dtype), sampling)  # fmt: skip
     accelerator.wait_for_everyone()
     return written
 
@@ -84,8 +108,9 @@ def generate(
     pipe_kwargs = sampling(pipe)
     batches = sorted({index // batch_size for index in todo})
     wanted = set(todo)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    logger.info("generating %d class images of %r in %s", len(todo), prompt, folder)
+    # Half precision: autocast over the weights as they are; fp32: the weights themselves, for the while.
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else in_float32(pipe)
+    logger.info("generating %d class images of %r in %s (%s)", len(todo), prompt, folder, str(dtype).split(".")[-1])
     with tqdm(total=len(todo), desc="class images", unit="image") as bar, torch.no_grad(), autocast:
         for batch in batches:
             indices = range(batch * batch_size, (batch + 1) * batch_size)

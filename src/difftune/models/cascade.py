@@ -11,6 +11,8 @@ cannot resolve from its deprecated corner: as for v2, every component is loaded 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -23,6 +25,9 @@ DEFAULT_DECODER = "stabilityai/stable-cascade"
 DEFAULT_IMAGE_ENCODER = "stabilityai/stable-cascade/effnet_encoder.safetensors"
 # Stability's sampling setting for stage C (the pipeline's own default is 60 steps).
 PRIOR_STEPS = 20
+
+
+EFFNET_STRIDE = 32  # EfficientNet-V2-S features: 5 stride-2 stages
 
 
 class CascadeFamily(PriorFamily):
@@ -69,6 +74,13 @@ class CascadeFamily(PriorFamily):
 
     def image_embeddings(self, encoder: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         return encoder(pixel_values)
+
+    def sampling_side(self, pipe, resolution: int) -> int:
+        """The pipeline's height / width whose prior latent is the one trained on: EfficientNet makes
+        ceil(resolution / 32) a side (768 px: 24), the prior pipeline ceil(side / resolution_multiple), so the
+        largest side giving the same latent (24 x 42.67: 1024 px, the size Stability's trainer previews at)."""
+        latent = math.ceil(resolution / EFFNET_STRIDE)
+        return math.floor(latent * pipe.prior_pipe.config.resolution_multiple)
 
     def encode_text(self, batch: dict, text_encoder: nn.Module) -> dict[str, torch.Tensor]:
         if "prompt_embeds" in batch:

@@ -118,6 +118,12 @@ def record(args: argparse.Namespace) -> None:
     if is_single_file(args.pretrained_model_name_or_path):
         args.base_model_file = Path(args.pretrained_model_name_or_path).name
         args.base_model_sha256 = sha256(args.pretrained_model_name_or_path)
+        expected = getattr(args, "expected_base_model_sha256", None)  # (a --config that recorded the file)
+        if expected and expected != args.base_model_sha256:
+            logger.warning(
+                "%s changed since the run of --config %s (sha256 %s..., now %s...): this run trains on today's file",
+                args.pretrained_model_name_or_path, args.config, expected[:12], args.base_model_sha256[:12],
+            )  # fmt: skip
 
 
 def scheduler_overrides(info: SingleFile) -> dict:

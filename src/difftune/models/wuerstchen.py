@@ -62,7 +62,7 @@ def batch_image_embeddings(batch: dict, encoder: nn.Module, dtype: torch.dtype) 
     """x0 for a batch: cached, or encoded now."""
     if "image_embeds" in batch:
         return batch["image_embeds"].to(dtype)
-    return image_embeddings(encoder, batch["pixel_values"].to(dtype))
+    return image_embeddings(encoder, batch["pixel_values"].float()).to(dtype)  # (the encoder runs in fp32)
 
 
 def batch_text_embeddings(batch: dict, text_encoder: nn.Module) -> torch.Tensor:
@@ -86,9 +86,10 @@ def cache_encodings(
     if args.cache_image_embeddings:
 
         def encode_images(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {"image_embeds": family.image_embeddings(encoder, pixels.to(accelerator.device, dtype))}
+            pixels = pixels.to(accelerator.device, torch.float32)  # (the encoder runs in fp32; stored in dtype)
+            return {"image_embeds": family.image_embeddings(encoder, pixels).to(dtype)}
 
-        fields = {**base, "encoder": args.image_encoder_path, "dtype": str(dtype)}
+        fields = {**base, "encoder": args.image_encoder_path, "dtype": str(dtype), "encoder_dtype": "float32"}
         kind = f"{family.name}-image"
         cache.cache_images(
             accelerator, args, dataset, kind, fields, encode_images, ["image_embeds"], "image embeddings"
@@ -258,6 +259,10 @@ class PriorFamily:
 
     def load_prior(self, path: str, subfolder: str, revision: str | None, variant: str | None) -> PriorComponents:
         return load_prior(path, revision, variant, subfolder)
+
+    def sampling_side(self, pipe, resolution: int) -> int:
+        """The pipeline's height / width for a run trained at `resolution` (v2 samples at it)."""
+        return resolution
 
     def load_decoder(self, path: str, subfolder: str, revision: str | None, variant: str | None) -> dict[str, object]:
         return load_decoder(path, revision, variant, subfolder)

@@ -20,6 +20,7 @@ from difftune.data.config import INTERPOLATIONS
 from difftune.data.dreambooth import add_dreambooth_args, check_dreambooth_args
 from difftune.data.masks import add_mask_args, check_mask_args
 from difftune.generate.prompts import check_validation_args
+from difftune.train import kohya_flags
 
 logger = logging.getLogger("difftune")
 
@@ -185,11 +186,18 @@ def add_training_args(parser: argparse.ArgumentParser, *, output_dir: str) -> No
     group.add_argument("--gradient_checkpointing", action="store_true")
     group.add_argument("--learning_rate", type=float, default=1e-4)
     group.add_argument(
+        "--scale_lr", action="store_true",
+        help="Multiply --learning_rate by --gradient_accumulation_steps x --train_batch_size x the number of "
+        "processes (diffusers' --scale_lr).",
+    )  # fmt: skip
+    group.add_argument(
         "--lr_scheduler",
         default="constant",
         choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
     )
     group.add_argument("--lr_warmup_steps", type=int, default=0)
+    group.add_argument("--lr_num_cycles", type=int, default=1, help="cosine_with_restarts: hard restarts of the lr.")
+    group.add_argument("--lr_power", type=float, default=1.0, help="polynomial: the power of its decay.")
     group.add_argument("--adam_beta1", type=float, default=0.9)
     group.add_argument("--adam_beta2", type=float, default=0.999)
     group.add_argument("--adam_weight_decay", type=float, default=1e-2)
@@ -213,6 +221,10 @@ def add_training_args(parser: argparse.ArgumentParser, *, output_dir: str) -> No
         help="Default: the accelerate config's. fp16 needs CUDA.",
     )
     group.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
+    group.add_argument(
+        "--enable_xformers_memory_efficient_attention", action="store_true",
+        help="Accepted for diffusers' commands; changes nothing: PyTorch's scaled-dot-product attention is used.",
+    )  # fmt: skip
     group.add_argument("--seed", type=int, default=None, help="Default: a random seed, recorded in args.json.")
 
     group = parser.add_argument_group("EMA")
@@ -230,13 +242,29 @@ def add_training_args(parser: argparse.ArgumentParser, *, output_dir: str) -> No
 
     group = parser.add_argument_group("checkpoints and logging")
     group.add_argument("--output_dir", default=output_dir)
-    group.add_argument("--checkpointing_steps", type=int, default=500)
+    group.add_argument(
+        "--output_name", default=None,
+        help="The name scripts/export.py gives its file by default (kohya's): OUTPUT_DIR/<name>.safetensors.",
+    )  # fmt: skip
+    group.add_argument("--checkpointing_steps", type=int, default=500, help="0: none by steps (only at the end).")
+    group.add_argument(
+        "--checkpointing_epochs", type=int, default=None,
+        help="Also checkpoint at the end of every N-th epoch (kohya's save_every_n_epochs).",
+    )  # fmt: skip
     group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep this many checkpoints.")
     group.add_argument(
         "--resume_from_checkpoint", default=None, help='A checkpoint dir (output_dir/step<N>) or "latest".'
     )
     group.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"])
     group.add_argument("--logging_dir", default="logs", help="Tracker logs, relative to --output_dir.")
+    group.add_argument(
+        "--push_to_hub", action="store_true",
+        help="At the end, upload the final checkpoint, the model card and the files it shows to a Hub model repo.",
+    )  # fmt: skip
+    group.add_argument("--hub_model_id", default=None, help="The Hub repo (org/name). Default: --output_dir's name.")
+    group.add_argument(
+        "--hub_token", default=None, help="Default: the `hf auth login` token. Never written to args.json or logs."
+    )
 
     group = parser.add_argument_group("reliability (see docs/reliability.md)")
     group.add_argument(
@@ -266,7 +294,13 @@ def add_training_args(parser: argparse.ArgumentParser, *, output_dir: str) -> No
         "--validation_seed", type=int, default=None, help="Image i of a prompt uses seed + i. Default: --seed."
     )
     group.add_argument("--num_validation_images", type=int, default=4, help="Images per prompt.")
-    group.add_argument("--validation_steps", type=int, default=500, help="Validate every N steps and at the end.")
+    group.add_argument(
+        "--validation_steps", type=int, default=500, help="Validate every N steps and at the end (0: only at the end)."
+    )
+    group.add_argument(
+        "--validation_epochs", type=int, default=None,
+        help="Also validate at the end of every N-th epoch (diffusers' flag), besides --validation_steps.",
+    )  # fmt: skip
     group.add_argument("--validation_inference_steps", type=int, default=30)
     group.add_argument(
         "--validation_split",
@@ -341,6 +375,12 @@ def check_objective_args(args: argparse.Namespace) -> None:
         raise UserError(f"--multires_noise_discount must be in (0, 1], got {args.multires_noise_discount}")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise UserError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
+    if getattr(args, "loss_weighting", "constant") == "p2":
+        if args.snr_gamma is not None or args.debiased_estimation:
+            given = "--snr_gamma" if args.snr_gamma is not None else "--debiased_estimation"
+            raise UserError(f"--loss_weighting p2 and {given} both weight the loss by the SNR: use one of them")
+        if args.p2_k < 0 or args.p2_gamma <= 0:
+            raise UserError(f"--p2_k must be >= 0 and --p2_gamma positive, got {args.p2_k} and {args.p2_gamma}")
 
 
 def check_common_args(args: argparse.Namespace) -> None:
@@ -351,13 +391,16 @@ def check_common_args(args: argparse.Namespace) -> None:
         "train_batch_size",
         "gradient_accumulation_steps",
         "num_train_epochs",
-        "checkpointing_steps",
-        "validation_steps",
         "num_validation_images",
     )
     for name in positive:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("checkpointing_steps", "validation_steps"):  # (0: none by steps)
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.checkpointing_epochs is not None and args.checkpointing_epochs <= 0:
+        raise UserError(f"--checkpointing_epochs must be positive, got {args.checkpointing_epochs}")
     if args.max_train_steps is not None and args.max_train_steps <= 0:
         raise UserError(f"--max_train_steps must be positive, got {args.max_train_steps}")
     if args.learning_rate <= 0:
@@ -382,6 +425,44 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise UserError(f"--ema_decay must be in [0, 1], got {args.ema_decay}")
     if args.ema_update_after_step < 0 or (args.ema_power is not None and args.ema_power <= 0):
         raise UserError("--ema_update_after_step must be >= 0 and --ema_power positive")
+    check_diffusers_habits(args)
+
+
+def check_diffusers_habits(args: argparse.Namespace) -> None:
+    """The flags diffusers' example commands carry: checked, or noted when they change nothing here."""
+    from difftune.storage.hub import is_offline
+
+    if args.validation_epochs is not None and args.validation_epochs <= 0:
+        raise UserError(f"--validation_epochs must be positive, got {args.validation_epochs}")
+    if args.lr_num_cycles < 1 or args.lr_power <= 0:
+        raise UserError(f"--lr_num_cycles must be >= 1 and --lr_power positive, got {args.lr_num_cycles} and "
+                        f"{args.lr_power}")  # fmt: skip
+    # (a schedule without the setting would silently ignore it)
+    for flag, default, scheduler in (("lr_num_cycles", 1, "cosine_with_restarts"), ("lr_power", 1.0, "polynomial")):
+        if getattr(args, flag) != default and args.lr_scheduler != scheduler:
+            logger.warning("--%s is used by --lr_scheduler %s only", flag, scheduler)
+    if args.enable_xformers_memory_efficient_attention:
+        logger.warning("--enable_xformers_memory_efficient_attention: not needed, PyTorch's scaled-dot-product "
+                       "attention (SDPA) is used")  # fmt: skip
+    if args.push_to_hub and is_offline():
+        # Refused now: otherwise the upload would fail only after the whole run has trained.
+        raise UserError("--push_to_hub needs the Hub, but HF_HUB_OFFLINE is set: unset it or drop --push_to_hub")
+    unused = [f"--{name}" for name in ("hub_model_id", "hub_token") if getattr(args, name) is not None]
+    if unused and not args.push_to_hub:
+        logger.warning("%s: unused without --push_to_hub", ", ".join(unused))
+
+
+def scale_learning_rate(args: argparse.Namespace, num_processes: int) -> None:
+    """--scale_lr, as diffusers: the learning rate x accumulation x batch size x processes (an explicit
+    --text_encoder_lr is left as given, as in diffusers' DreamBooth script)."""
+    if not args.scale_lr:
+        return
+    scaled = args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * num_processes
+    logger.info(
+        "--scale_lr: learning rate %g x %d (accumulation) x %d (batch) x %d (processes) = %g", args.learning_rate,
+        args.gradient_accumulation_steps, args.train_batch_size, num_processes, scaled,
+    )  # fmt: skip
+    args.learning_rate = scaled
 
 
 def check_optimizer_args(args: argparse.Namespace) -> None:
@@ -402,8 +483,9 @@ def check_optimizer_args(args: argparse.Namespace) -> None:
 
 
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, image_cache_flag: str) -> argparse.Namespace:
-    """Parse a training script's flags and refuse impossible combinations."""
-    args = parser.parse_args(argv)
+    """Parse a training script's flags (kohya's names too) and refuse impossible combinations."""
+    kohya_flags.add_kohya_aliases(parser)
+    args = parser.parse_args(kohya_flags.rewrite_argv(parser, argv))
     from difftune.adapters.injection import check_adapter_args  # (after parsing: --help stays light)
 
     check_adapter_args(args)

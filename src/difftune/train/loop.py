@@ -72,9 +72,18 @@ class TrainResult:
     times: StepTimes
 
 
+# Never written down: args.json is uploaded with --push_to_hub and the trackers' config is sent to wandb.
+SECRETS = frozenset({"hub_token"})
+
+
+def every(step: int, steps: int) -> bool:
+    """Whether `step` is one of every `steps` (0: none)."""
+    return bool(steps) and step % steps == 0
+
+
 def run_config(args: argparse.Namespace) -> dict:
-    """The run's arguments as plain JSON values."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    """The run's arguments as plain JSON values, without secrets."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in SECRETS}
 
 
 def _tracker_config(args: argparse.Namespace) -> dict:
@@ -181,6 +190,8 @@ class TrainingRun:
             self.update.optimizer,
             num_warmup_steps=args.lr_warmup_steps,
             num_training_steps=self.max_steps,
+            num_cycles=args.lr_num_cycles,
+            power=args.lr_power,
         )
         self.global_step, self.nonfinite_steps, self.last_loss, self.last_parts = 0, 0, math.nan, {}
         self.replaces_old_run = args.overwrite_output_dir
@@ -326,12 +337,13 @@ class TrainingRun:
                     stopped_by = stop.agreed(accelerator)
                     self.times.steps[-1]["total"] = time.perf_counter() - step_start  # no checkpoints, validation
                     step, at_end = self.global_step, self.global_step >= self.max_steps
-                    if step % args.checkpointing_steps == 0 or at_end or stopped_by:
+                    saves = every(step, args.checkpointing_steps) or self.ends_epochs(step, args.checkpointing_epochs)
+                    if saves or at_end or stopped_by:
                         self.write_checkpoint(step)
                         last_saved = step
                     if stopped_by:
                         break
-                    if step % args.validation_steps == 0 or at_end:
+                    if every(step, args.validation_steps) or at_end or self.ends_epochs(step, args.validation_epochs):
                         self.run_validation(step)
                     if at_end:
                         break
@@ -342,6 +354,11 @@ class TrainingRun:
                 final = self.write_checkpoint(self.global_step)
             accelerator.end_training()
         return stopped_by, final
+
+    def ends_epochs(self, step: int, epochs: int | None) -> bool:
+        """Whether optimizer step `step` ends an epoch, the `epochs`-th, 2 * `epochs`-th, ... (counted from 1; from
+        the step alone, so a resumed run saves and validates where the uninterrupted one did)."""
+        return bool(epochs) and step % self.steps_per_epoch == 0 and (step // self.steps_per_epoch) % epochs == 0
 
     def step(self, batches, micro_batches: int) -> float:
         """One optimizer step: the micro-batches' forward and backward (fewer than

@@ -105,10 +105,13 @@ class Objective:
         fractions of the schedule, by the plain objective (the held-out loss)."""
         objective = self if fractions is None else self.plain
         noise = objective.noise(x0)
+        # Continuous t (Wuerstchen, Stable Cascade) stays fp32 in every precision: the prior's sinusoid of
+        # t * 10000 in bf16 loses its high frequencies (Stability's trainer and ComfyUI compute it in fp32).
+        dtype = torch.float32 if self.continuous else x0.dtype
         if fractions is None:
-            timesteps = self.timesteps(x0.shape[0], x0.device, x0.dtype)
+            timesteps = self.timesteps(x0.shape[0], x0.device, dtype)
         else:
-            timesteps = self.at_fractions(fractions, x0.dtype)
+            timesteps = self.at_fractions(fractions, dtype)
         return Draw(objective, noise, timesteps, objective.noisy_input(x0, noise, timesteps))
 
     def at_fractions(self, fractions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -180,11 +183,14 @@ class Objective:
         return (1 - c) / (1 + sigma) ** 2 + c
 
     def sample_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
-        """Per-sample loss weights: min-SNR-gamma and / or debiased estimation (None: all ones)."""
+        """Per-sample loss weights: min-SNR-gamma and / or debiased estimation, or P2 (None: all ones)."""
         a = self.args
-        if a.snr_gamma is None and not a.debiased_estimation:
+        p2 = getattr(a, "loss_weighting", "constant") == "p2"
+        if a.snr_gamma is None and not a.debiased_estimation and not p2:
             return None
         snr = self.snr(timesteps)
+        if p2:  # Stability's stage C trainer: gdf's P2LossWeight, (k + SNR)^-gamma
+            return (a.p2_k + snr) ** -a.p2_gamma
         v_prediction = self.prediction_type == "v_prediction"
         weights = torch.ones_like(snr)
         if a.snr_gamma is not None:

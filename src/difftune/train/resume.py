@@ -28,7 +28,8 @@ REFUSED = frozenset(
         "rank_dropout", "module_dropout", "lora_dropout", "train_text_encoder", "text_encoder_target_modules",
         "prior_subfolder",
         # the objective
-        "prediction_type", "snr_gamma", "noise_offset", "timestep_bias_strategy", "timestep_bias_multiplier",
+        "prediction_type", "snr_gamma", "loss_weighting", "p2_k", "p2_gamma", "noise_offset", "timestep_bias_strategy",
+        "timestep_bias_multiplier",
         "timestep_bias_portion", "timestep_bias_begin", "timestep_bias_end", "timestep_sampling", "loss_type",
         "huber_schedule", "huber_c", "debiased_estimation", "input_perturbation", "multires_noise_iterations",
         "multires_noise_discount", "proportion_empty_prompts", "masked_loss",
@@ -39,7 +40,9 @@ REFUSED = frozenset(
         "optimizer", "use_ema", "validation_split", "eval_data_dir",
     }
 )  # fmt: skip
-APPLIED = frozenset({"learning_rate", "text_encoder_lr", "adam_weight_decay", "max_train_steps", "num_train_epochs"})
+APPLIED = frozenset(
+    {"learning_rate", "scale_lr", "text_encoder_lr", "adam_weight_decay", "max_train_steps", "num_train_epochs"}
+)
 IGNORED = frozenset(
     {
         "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logging_dir", "report_to",
@@ -47,7 +50,9 @@ IGNORED = frozenset(
         "num_validation_images", "validation_steps", "validation_inference_steps", "dataloader_num_workers",
         "cache_dir", "seed", "use_8bit_adam", "init_adapter", "sample_batch_size", "instance_data_dir",
         "validation_prompts_file", "validation_samples", "validation_negative_prompt", "validation_guidance_scale",
-        "validation_seed",
+        "validation_seed", "validation_epochs", "push_to_hub", "hub_model_id", "hub_token",
+        "enable_xformers_memory_efficient_attention", "prior_generation_precision", "checkpointing_epochs",
+        "output_name",
     }
 )  # fmt: skip
 

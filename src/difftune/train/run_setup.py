@@ -14,6 +14,7 @@ import torch
 from difftune.cli.errors import UserError
 from difftune.storage import checkpoints, runlock
 from difftune.train import deepspeed_zero
+from difftune.train.args import scale_learning_rate
 from difftune.train.resume import take_checkpoint_settings
 from difftune.train.updates import check_distributed_optimizer
 
@@ -72,6 +73,8 @@ def setup_run(args: argparse.Namespace):
 
         diffusers.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
+    # Before the resume check: a checkpoint records the scaled rate, which a resumed run compares with its own.
+    scale_learning_rate(args, accelerator.num_processes)
     if accelerator.is_main_process:
         checkpoints.clean_output_dir(output_dir)  # with --overwrite_output_dir the old run goes at the first save
     accelerator.wait_for_everyone()
