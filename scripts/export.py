@@ -25,7 +25,7 @@ from difftune.cli.parsing import DTYPES, ErrorOnlyParser
 from difftune.generate.inference import checkpoint_family
 from difftune.models import single_file
 from difftune.storage import integrity
-from difftune.storage.checkpoints import ARGS_FILE, honour_umask, read_json
+from difftune.storage.checkpoints import ARGS_FILE, commit_file, honour_umask, read_json
 
 # Imported at their first use: --help answers without torch and diffusers.
 comfyui = LazyModule("difftune.formats.comfyui")
@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         written = export_sdxl_checkpoint(args)
         honour_umask(args.out.with_suffix(".partial"))
-        args.out.with_suffix(".partial").replace(args.out)
+        commit_file(args.out.with_suffix(".partial"), args.out)
         print(f"wrote {args.out} ({written}, {args.dtype})")
         return
     if (family, args.format) == ("cascade", "comfyui"):
@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     partial = args.out.with_suffix(".partial")
     save_file(state, str(partial), metadata=metadata)
     honour_umask(partial)  # safetensors writes 0600; the file is for other programs, maybe other users
-    partial.replace(args.out)
+    commit_file(partial, args.out)  # synced, then renamed: whole or not at all
     modules = len({k.rsplit(".", 1)[0] for k in state})
     print(f"wrote {args.out} ({modules} modules, {args.format}, {args.dtype})")
 

@@ -33,6 +33,12 @@ def base(assets, tmp_path):
         ("--caption_column", "caption", "its columns are ['image', 'text']"),
         ("--mixed_precision", "fp16", "fp16 needs a CUDA GPU"),
         ("--resume_from_checkpoint", "/nonexistent/step5", "does not exist"),
+        ("--adam_beta1", "1.5", "--adam_beta1 must be in [0, 1), got 1.5"),  # (issue 35: torch's ValueErrors)
+        ("--adam_epsilon", "-1", "--adam_epsilon must be >= 0, got -1.0"),
+        ("--dataloader_num_workers", "-1", "--dataloader_num_workers must be >= 0, got -1"),
+        ("--learning_rate", "nan", "--learning_rate must be a positive number, got nan"),
+        ("--max_train_samples", "0", "--max_train_samples must be positive, got 0"),
+        ("--output_dir", "/etc/hostname", "--output_dir /etc/hostname: /etc/hostname is a file, not a folder"),
     ],
 )
 def test_bad_input_gives_one_line(run_main, capsys, base, flag, value, message, weights_loaded):

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 from conftest import run_script
-from helpers import adapter_weights, max_difference, one_line_error, sdxl_args, spy_on_training
+from helpers import Killed, adapter_weights, max_difference, one_line_error, sdxl_args, spy_on_training
 
 from difftune.storage import checkpoints, integrity, runlock, shards
 
@@ -218,6 +218,78 @@ def test_a_damaged_cache_shard_is_rebuilt(tmp_path, caplog, damage):
     assert calls == []  # sound again: read as it is
 
 
+def interrupted_after_the_first_shard(monkeypatch, build) -> None:
+    """`build()` killed (an exception) right after its first shard is in place, as kill -9 would leave it."""
+    commit, done = checkpoints.commit_file, []
+
+    def dies_after_one(partial, path):
+        if done:
+            raise Killed
+        commit(partial, path)
+        done.append(path)
+
+    monkeypatch.setattr(checkpoints, "commit_file", dies_after_one)
+    with pytest.raises(Killed):
+        build()
+    monkeypatch.setattr(checkpoints, "commit_file", commit)
+
+
+def zero_4k(path) -> None:
+    data = bytearray(path.read_bytes())
+    start = min(len(data) // 2, max(0, len(data) - 4096))
+    data[start : start + 4096] = bytes(len(data[start : start + 4096]))
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "truncated", "no sidecar"])
+def test_a_damaged_shard_of_an_interrupted_build_is_rebuilt(tmp_path, caplog, monkeypatch, damage):
+    """Issue 35: an interrupted build's shards were reused unchecked, and complete.json took their checksums."""
+    path, calls = tmp_path / "test-cache", []
+    interrupted_after_the_first_shard(monkeypatch, lambda: build_cache(path, calls))
+    shard = shards.shard_file(path, 0)
+    assert shard.is_file() and not (path / shards.COMPLETE).exists()
+    {"zeroed": zero_4k, "truncated": truncate, "no sidecar": lambda s: shards.sidecar(s).unlink()}[damage](shard)
+    calls.clear()
+    build_cache(path, calls)
+    assert calls == [100, 100, 56, 44]  # both shards encoded: the damaged one again
+    assert any(f"cache shard {shard} is not sound" in r.getMessage() for r in caplog.records)
+    read_all(path)
+    record = json.loads((path / shards.COMPLETE).read_text())[shards.SHARDS]
+    assert record == integrity.digests(path, sorted(record))  # the checksums of the sound shards
+    calls.clear()
+    build_cache(path, calls)
+    assert calls == []
+
+
+def test_a_sound_shard_of_an_interrupted_build_is_reused(tmp_path, caplog, monkeypatch):
+    path, calls = tmp_path / "test-cache", []
+    interrupted_after_the_first_shard(monkeypatch, lambda: build_cache(path, calls))
+    calls.clear()
+    build_cache(path, calls)
+    assert calls == [44]  # shard 0 verified against its sidecar, kept
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    read_all(path)
+
+
+def test_training_after_an_interrupted_damaged_cache_build_equals_a_clean_cache_run(
+    assets, tmp_path, run_main, caplog, monkeypatch
+):
+    """Issue 35's repro: kill after the first shard, zero 4 KiB of it, run again: the clean-cache weights."""
+    monkeypatch.setattr(shards, "SHARD_SIZE", 2)  # several shards from the tiny data set
+    common = ("--center_crop", "--cache_text_embeddings", "--cache_dir")
+    clean = tmp_path / "clean"
+    assert run_main("train_sdxl_lokr", sdxl_args(assets, clean, *common, tmp_path / "cache-a", steps=2)) == 0
+    cache, damaged = tmp_path / "cache-b", tmp_path / "damaged"
+    args = sdxl_args(assets, damaged, *common, cache, steps=2)
+    interrupted_after_the_first_shard(monkeypatch, lambda: (run_main("train_sdxl_lokr", args), None)[1])
+    (shard,) = cache.glob("*/shard-*.safetensors")
+    zero_4k(shard)
+    caplog.clear()
+    assert run_main("train_sdxl_lokr", [*args, "--overwrite_output_dir"]) == 0
+    assert any(f"cache shard {shard} is not sound" in r.getMessage() for r in caplog.records)
+    assert max_difference(adapter_weights(clean / "step2"), adapter_weights(damaged / "step2")) == 0
+
+
 def test_a_cache_written_before_checksums_is_used_as_it_is(tmp_path):
     path, calls = tmp_path / "test-cache", []
     build_cache(path, calls)
@@ -320,3 +392,22 @@ def test_timestep_bias_end_beyond_the_schedule_stops_before_models_load(
     assert run_main("train_sdxl_lokr", argv) == 2
     assert one_line_error(capsys) == "error: --timestep_bias_end 1001 is above the schedule's 1000 timesteps"
     assert not (tmp_path / "out").exists()
+
+
+def test_files_written_at_the_end_of_a_run_are_whole_or_as_they_were(tmp_path, monkeypatch):
+    """Issue 35: the card (README.md) was written in place, so a full disk left it empty. The card, its module
+    list, args.json and complete.json go through checkpoints.write_atomic: temp file, fsync, rename."""
+    from difftune.formats import modelcard
+
+    card = tmp_path / "README.md"
+    checkpoints.write_atomic(card, "the former card\n")
+
+    def disk_full(descriptor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        checkpoints.write_atomic(card, "a new card " * 1000)
+    assert card.read_text() == "the former card\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["README.md"]  # no temporary file left
+    assert modelcard.write_atomic is checkpoints.write_atomic

@@ -1,6 +1,7 @@
 """Reliability: exact resume, kill-safe checkpoints, signals, non-finite loss, output dir reuse, DDP."""
 
 import json
+import logging
 import os
 import random
 import re
@@ -13,7 +14,15 @@ import time
 import pytest
 import torch
 from conftest import SCRIPTS, launch
-from helpers import adapter_weights, max_difference, resumed_copy, sdxl_args, spy_on_training, wuerstchen_args
+from helpers import (
+    Killed,
+    adapter_weights,
+    max_difference,
+    resumed_copy,
+    sdxl_args,
+    spy_on_training,
+    wuerstchen_args,
+)
 
 from difftune.adapters import ema
 from difftune.storage import checkpoints
@@ -270,3 +279,130 @@ def test_every_micro_batch_draws_its_own_noise():
     # The global RNG is re-seeded per (seed, step, micro-batch, process): all distinct, so no two draw alike.
     seeds = {loop.micro_batch_seed(0, s, m, p) for s in range(50) for m in range(2) for p in range(2)}
     assert len(seeds) == 200 and loop.micro_batch_seed(1, 0, 0, 0) not in seeds
+
+
+def write_state(output_dir, step: int, run_id: str, saved_at: float, lineage=()) -> None:
+    path = checkpoints.checkpoint_dir(output_dir, step)
+    path.mkdir(exist_ok=True)
+    state = {"global_step": step, "run_id": run_id, "saved_at": saved_at, "lineage": list(lineage)}
+    (path / checkpoints.STATE_FILE).write_text(json.dumps(state))
+
+
+def test_latest_follows_the_newest_checkpoint_s_timeline(tmp_path, caplog):
+    for step in (1, 2, 3, 4):
+        write_state(tmp_path, step, "a", saved_at=step)
+    write_state(tmp_path, 3, "b", saved_at=10, lineage=[{"run_id": "a", "step": 2}])  # resumed by path from step2
+    assert checkpoints.resolve_resume(tmp_path, "latest") == tmp_path / "step3"
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "leaving aside step4, on an abandoned branch" in warning
+    # The newest run's lineage reaches back through every run it continues.
+    write_state(tmp_path, 5, "c", saved_at=11, lineage=[{"run_id": "a", "step": 2}, {"run_id": "b", "step": 3}])
+    timeline = checkpoints.on_timeline(checkpoints.list_checkpoints(tmp_path))
+    assert [step for step, _ in timeline] == [1, 2, 3, 5]
+
+
+def test_latest_does_not_continue_an_abandoned_timeline(assets, tmp_path, run_main, monkeypatch, caplog):
+    """Issue 35's repro: resume by path from step2 while the old step3 and step4 exist, get killed after the
+    new step3: `latest` continues the new step3, not the old step4."""
+    out = tmp_path / "out"
+    assert run_main("train_sdxl_lokr", sdxl_args(assets, out, steps=4, checkpointing_steps=1)) == 0
+    old_step4 = adapter_weights(out / "step4")
+    finish = checkpoints.finish_checkpoint
+
+    def killed_after_step3(partial, final, *rest, **kw):
+        finish(partial, final, *rest, **kw)
+        if final.name == "step3":
+            raise Killed
+
+    monkeypatch.setattr(checkpoints, "finish_checkpoint", killed_after_step3)
+    branch = ("--learning_rate", "3e-3")  # the new timeline trains differently from step 2 on
+    args = sdxl_args(assets, out, "--resume_from_checkpoint", out / "step2", *branch, steps=4, checkpointing_steps=1)
+    with pytest.raises(Killed):
+        run_main("train_sdxl_lokr", args)
+    monkeypatch.setattr(checkpoints, "finish_checkpoint", finish)
+    state = checkpoints.read_json(out / "step3" / checkpoints.STATE_FILE)
+    assert state["resumed_from"] == 2 and [e["step"] for e in state["lineage"]] == [2]
+    caplog.clear()
+    latest = sdxl_args(assets, out, "--resume_from_checkpoint", "latest", *branch, steps=4, checkpointing_steps=1)
+    assert run_main("train_sdxl_lokr", latest) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("leaving aside step4, on an abandoned branch" in m for m in messages)
+    final = checkpoints.read_json(out / "step4" / checkpoints.STATE_FILE)
+    assert final["resumed_from"] == 3
+    assert final["lineage"] == [*state["lineage"], {"run_id": state["run_id"], "step": 3}]
+    assert max_difference(adapter_weights(out / "step4"), old_step4) > 1e-6  # trained anew on the new timeline
+
+
+def test_overwrite_output_dir_killed_at_any_write_of_its_first_save_never_loses_both_runs(
+    assets, tmp_path, run_main, monkeypatch, caplog
+):
+    """Issue 35: --overwrite_output_dir deleted the old run before the new run's first checkpoint was complete.
+    Killed before each file write, rename or removal of the first save, the next start finds the old run
+    whole, or the new checkpoint whole (and the old run gone)."""
+    import shutil
+
+    from difftune.storage import integrity
+    from difftune.train.loop import TrainingRun
+
+    pristine = tmp_path / "old"
+    assert run_main("train_sdxl_lokr", sdxl_args(assets, pristine, steps=2, checkpointing_steps=1)) == 0
+    old = {step: adapter_weights(path) for step, path in checkpoints.list_checkpoints(pristine)}
+    old_run = checkpoints.read_json(pristine / "step1" / checkpoints.STATE_FILE)["run_id"]
+    out = tmp_path / "out"
+    new_run = sdxl_args(assets, out, "--overwrite_output_dir", "--learning_rate", "3e-3", steps=1)
+    writes = {"count": 0, "kill_at": None, "active": False}
+
+    def counted(module, name):
+        real = getattr(module, name)
+
+        def write(*args, **kwargs):
+            if writes["active"]:
+                writes["count"] += 1
+                if writes["count"] == writes["kill_at"]:
+                    raise Killed
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, write)
+
+    for module, name in ((os, "rename"), (os, "replace"), (shutil, "rmtree"), (checkpoints, "write_json")):
+        counted(module, name)
+    counted(checkpoints, "save_torch_state")
+    real_save = TrainingRun.write_checkpoint
+
+    def first_save(self, step):
+        writes["active"] = True
+        try:
+            return real_save(self, step)
+        finally:
+            writes["active"] = False
+
+    monkeypatch.setattr(TrainingRun, "write_checkpoint", first_save)
+    outcomes = []
+    for kill_at in range(1, 100):
+        shutil.copytree(pristine, out)
+        writes.update(count=0, kill_at=kill_at)
+        try:
+            assert run_main("train_sdxl_lokr", new_run) == 0
+            finished = True
+        except Killed:
+            finished = False
+        writes["kill_at"] = None
+        caplog.clear()
+        checkpoints.clean_output_dir(out)  # what the next start does first
+        found = checkpoints.list_checkpoints(out)
+        runs = {checkpoints.read_json(path / checkpoints.STATE_FILE)["run_id"] for _, path in found}
+        assert not checkpoints.replaced_dirs(out)
+        if runs == {old_run}:
+            assert [step for step, _ in found] == [1, 2], kill_at
+            assert all(max_difference(adapter_weights(path), old[step]) == 0 for step, path in found), kill_at
+            assert any("the run it was replacing is back in place (step1, step2)" in r.getMessage()
+                       for r in caplog.records if r.levelno == logging.WARNING), kill_at  # fmt: skip
+            outcomes.append("old")
+        else:
+            assert [step for step, _ in found] == [1] and old_run not in runs, kill_at
+            assert integrity.damaged_checkpoint(found[0][1]) is None, kill_at
+            outcomes.append("new")
+        shutil.rmtree(out)
+        if finished:
+            break
+    assert kill_at > 5 and "old" in outcomes and outcomes[-1] == "new", outcomes

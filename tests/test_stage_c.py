@@ -64,7 +64,8 @@ def test_bf16_keeps_t_and_efficientnet_in_fp32_and_samples_at_the_trained_latent
     assets, tmp_path, run_main, monkeypatch
 ):
     """Every training call of the prior gets fp32 timestep ratios under bf16; the EfficientNet runs in fp32;
-    validation and infer.py call the prior on latents of the training size (192 px: EfficientNet's 6 x 6)."""
+    validation and infer.py call the prior on latents of the training size (384 px: EfficientNet's 12 x 12, made
+    by the pipeline at 512 px; at 384 px it would make 9 x 9)."""
     from diffusers import StableCascadeUNet
 
     from difftune.models import wuerstchen
@@ -86,7 +87,7 @@ def test_bf16_keeps_t_and_efficientnet_in_fp32_and_samples_at_the_trained_latent
     out = tmp_path / "out"
     argv = cascade_args(
         assets, out, "--mixed_precision", "bf16", "--validation_prompt", "a shape", "--validation_steps", "1",
-        "--num_validation_images", "1", "--validation_inference_steps", "2", steps=1, resolution=192,
+        "--num_validation_images", "1", "--validation_inference_steps", "2", steps=1, resolution=384,
     )  # fmt: skip
     assert run_main("train_wuerstchen_lora", argv) == 0
     training = [c for c in calls if c[2]]
@@ -94,13 +95,13 @@ def test_bf16_keeps_t_and_efficientnet_in_fp32_and_samples_at_the_trained_latent
     assert training and sampling
     # (sampling goes through diffusers' StableCascadePriorPipeline, which casts t to the prior's dtype itself)
     assert {c[1] for c in training} == {torch.float32}
-    assert {c[0] for c in training} == {(6, 6)} and {c[0] for c in sampling} == {(6, 6)}
+    assert {c[0] for c in training} == {(12, 12)} and {c[0] for c in sampling} == {(12, 12)}
     assert encoder_inputs and set(encoder_inputs) == {(torch.float32, torch.float32)}
     calls.clear()
     image = tmp_path / "images"
     infer = ["--checkpoint", out / "step1", "--prompt", "a shape", "--num_inference_steps", "2", "--output_dir", image]
     assert run_main("infer", infer) == 0
-    assert calls and {c[0] for c in calls} == {(6, 6)}
+    assert calls and {c[0] for c in calls} == {(12, 12)}
 
 
 def test_sampling_side_gives_stabilitys_preview_size_at_real_scale():

@@ -320,6 +320,28 @@ MUTATIONS = [
         ("tests/test_reliability.py", "-k", "output_dir_with_another_run"),
         "the flag silently does nothing",
     ),
+    Mutation(
+        "checkpoints: --overwrite_output_dir deletes the old run before the first checkpoint completes",
+        files("src/difftune/storage/checkpoints.py"), "        path.rename(aside / path.name)\n",
+        "        shutil.rmtree(path)\n",
+        ("tests/test_reliability.py", "-k", "overwrite_output_dir_killed_at_any_write"),
+        "issue 35: a kill during the new run's first save leaves neither run",
+    ),
+    Mutation(
+        "checkpoints: `latest` ignores lineage",
+        files("src/difftune/storage/checkpoints.py"), "return integrity.newest_sound(on_timeline(found))",
+        "return integrity.newest_sound(found)",
+        ("tests/test_reliability.py", "-k", "follows_the_newest_checkpoint"),
+        "issue 35: after a resume by path from an older step, `latest` continues the abandoned old timeline",
+    ),
+    Mutation(
+        "shards: an interrupted build's shards trusted without verification",
+        files("src/difftune/storage/shards.py"),
+        "todo = [s for s in shards if verified(shard_file(path, s)) is None]",
+        "todo = [s for s in shards if not shard_file(path, s).is_file()]",
+        ("tests/test_integrity.py", "-k", "damaged_shard_of_an_interrupted_build"),
+        "issue 35: a damaged shard left by a killed build is reused, and complete.json records its checksum",
+    ),
     # training and updates
     Mutation(
         "training: optimizer state not restored on resume",
@@ -430,7 +452,8 @@ MUTATIONS = [
         "run_setup: --overwrite_output_dir deletes the old run before the new one has trained",
         files("src/difftune/train/run_setup.py"),
         "checkpoints.clean_output_dir(output_dir)  #",
-        "checkpoints.clean_output_dir(output_dir, remove_checkpoints=args.overwrite_output_dir)  #",
+        "checkpoints.clean_output_dir(output_dir), args.overwrite_output_dir and "
+        "checkpoints.move_old_run_aside(output_dir)  #",
         ("tests/test_resume.py::test_overwrite_with_resume_is_refused_before_anything_is_touched",),
         "a typo in the data path destroys the run the user meant to replace only with a working one",
     ),

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from difftune.cli import quiet
 
 USER_ERROR_EXIT_CODE = 2
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports it
 _on_exit: list[Callable[[], None]] = []
 
 
@@ -33,6 +34,11 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_EXIT_CODE)
+    except KeyboardInterrupt:  # Ctrl-C while loading or caching (in training, the loop stops and saves on the first)
+        if os.environ.get("RANK", "0") == "0":
+            message = "error: interrupted (Ctrl-C); nothing is damaged: every checkpoint already written is intact"
+            print(message, file=sys.stderr, flush=True)
+        sys.exit(INTERRUPTED_EXIT_CODE)
     finally:
         for release in _on_exit:
             release()

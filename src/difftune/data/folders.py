@@ -9,6 +9,7 @@ difftune.data.subsets with kohya's rules (class tokens or the empty caption, wit
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -106,7 +107,42 @@ def metadata_file(folder: str | Path) -> Path | None:
 
 
 def is_image(entry: os.DirEntry) -> bool:
-    return entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
+    """An image file (a symlink to one included; not a dangling one or a loop)."""
+    if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+        return False
+    try:
+        return os.path.isfile(entry.path)  # (False for a dangling symlink or a loop, where entry.is_file raises)
+    except OSError:
+        return False
+
+
+def broken_link(entry: os.DirEntry) -> str | None:
+    """Why an image's symlink leads nowhere (None: it is not a broken image link)."""
+    if not entry.is_symlink() or os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+        return None
+    try:
+        os.stat(entry.path)
+    except OSError as error:
+        return f"a symlink that leads nowhere: {error.strerror}"
+    return None
+
+
+def check_metadata_paths(metadata: Path, source: str) -> None:
+    """metadata.jsonl names files inside its folder: an absolute path or a `..` is refused with one line (datasets
+    would stop with its generic error)."""
+    if metadata.suffix != ".jsonl":
+        return
+    with open(metadata, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            try:
+                name = json.loads(line).get("file_name") if line.strip() else None
+            except (ValueError, AttributeError):
+                raise UserError(f"{source}: line {number} of {metadata} is not a JSON object: fix it") from None
+            if isinstance(name, str) and (os.path.isabs(name) or ".." in Path(name).parts):
+                raise UserError(
+                    f"{source}: line {number} of {metadata} names {name!r}, outside the folder: file_name must be "
+                    "a path relative to the folder, without '..' (move the image into it)"
+                )
 
 
 def kohya_subsets(folder: Path, caption_extension: str, flag: str, top_level: bool = True) -> list[Subset]:
@@ -116,8 +152,14 @@ def kohya_subsets(folder: Path, caption_extension: str, flag: str, top_level: bo
     entries = sorted(os.scandir(folder), key=lambda e: e.name)
     subsets = [Subset(folder, 1, None, caption_extension)] if top_level and any(is_image(e) for e in entries) else []
     for entry in entries:
-        if not entry.is_dir() or entry.name.startswith("."):
+        if not os.path.isdir(entry.path) or entry.name.startswith("."):  # (isdir: False for a symlink loop)
             continue
+        named_like_a_file = {caption_extension.lower(), ".txt", ".caption", *IMAGE_EXTENSIONS}
+        if os.path.splitext(entry.name)[1].lower() in named_like_a_file:
+            raise UserError(
+                f"{entry.path} is a folder, named like a caption or image file: a caption or image must be a file, "
+                "and a subfolder is named <repeats>_<class tokens> (e.g. '10_sks dog'): rename or remove it"
+            )
         count, _, tokens = entry.name.partition("_")
         try:
             repeats = int(count)
@@ -156,6 +198,8 @@ def read_caption_file(path: str | Path, all_lines: bool = False) -> list[str]:
             lines = handle.readlines()  # kohya's line ends: \n, \r\n and \r
     except UnicodeDecodeError:
         raise UserError(f"caption file {path} is not UTF-8 text: re-save it as UTF-8") from None
+    except IsADirectoryError:
+        raise UserError(f"caption file {path} is a folder, not a file: rename or remove it") from None
     if not lines:
         raise UserError(f"caption file {path} is empty: write a caption in it or delete it")
     if not all_lines:
@@ -175,6 +219,9 @@ def read_subsets(
         folder = str(subset.image_dir)
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
         names = {e.name for e in entries}
+        for entry in entries:
+            if (why := broken_link(entry)) is not None:
+                logger.warning("skipping image %s: %s", entry.path, why)
         for entry in filter(is_image, entries):
             total += 1
             caption_name = os.path.splitext(entry.name)[0] + subset.caption_extension

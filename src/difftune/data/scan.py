@@ -6,7 +6,10 @@ PNG shows it at its tail, which must end with the end-of-image marker (JPEG) or 
 JPEG or PNG whose header opens and whose tail is complete counts as readable without decoding its pixels
 (a file damaged in the middle can still fail later: the sample then trains on the next readable image of its
 size, with a warning, see CaptionedImageDataset.open_or_substitute). Other formats, and files whose tail is
-not the expected marker (a JPEG with trailing data, for one), are decoded (JPEGs at 1/8 scale), once.
+not the expected marker (a JPEG with trailing data, for one), are decoded (JPEGs at 1/8 scale), once. A PNG is
+verified whole instead (Pillow's verify: every chunk's CRC, the pixel data's included, without decoding), so
+damage anywhere in it is found here; a JPEG has no checksum and Pillow reports none of libjpeg's warnings
+("Corrupt JPEG data"), so a JPEG damaged in the middle that still decodes is not found by any scan.
 The scan runs in a thread pool and its result is kept in CACHE_DIR/image-scan.json keyed by path, file size
 and modification time: an unchanged data set then starts without opening any image. Only the main process
 scans; the others wait for it and read its result.
@@ -24,6 +27,7 @@ from pathlib import Path
 from PIL import Image
 
 from difftune.data.images import column, image_name, image_source
+from difftune.storage import integrity
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +43,9 @@ def probe(record: dict) -> tuple[int, int] | str:
     try:
         with Image.open(image_source(record)) as image:
             size = image.height, image.width
-            if not complete_tail(image):
+            if image.format == "PNG" and getattr(image, "n_frames", 1) == 1:
+                image.verify()  # every chunk's CRC, the pixel data's included: damage anywhere in the file
+            elif not complete_tail(image):
                 if image.format == "JPEG":
                     image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))  # all of it, at 1/8
                 image.load()
@@ -127,15 +133,17 @@ def read_scan(path: Path | None) -> dict:
     if path is None or not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        known = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}  # a damaged scan file is rebuilt
+    return known if isinstance(known, dict) else {}  # ([] or null: as damaged)
 
 
 def write_scan(path: Path, known: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".partial-{os.getpid()}")
-    partial.write_text(json.dumps(known))
+    with integrity.disk_full_stops(partial, path.parent, f"the image scan {path.name}", "nothing was trained yet"):
+        partial.write_text(json.dumps(known))
     partial.replace(path)
 
 

@@ -54,6 +54,7 @@ def load_captioned_images(
         if ignored:
             logger.warning("%s has %s: its captions win, the %d %s files are ignored", source, metadata.name,
                            ignored, caption_extension)  # fmt: skip
+        folders.check_metadata_paths(metadata, source)
         kwargs = {"path": "imagefolder", "data_dir": train_data_dir}
     elif dataset_name is not None:
         if not Path(dataset_name).exists() and not looks_like_hub_id(dataset_name):

@@ -8,7 +8,8 @@ from collections import Counter
 from pathlib import Path
 
 import difftune
-from difftune.storage.checkpoints import CHECKPOINT_NAME, STATE_FILE, list_checkpoints, read_json
+from difftune.storage import integrity
+from difftune.storage.checkpoints import CHECKPOINT_NAME, STATE_FILE, list_checkpoints, write_atomic
 
 MODULES_FILE = "adapted_modules.txt"
 MAX_IMAGES = 16  # a long prompt file's images stay in validation/, not all on the card
@@ -72,7 +73,7 @@ def write_model_card(
         "",
     ]
     path = Path(output_dir) / "README.md"
-    path.write_text("\n".join(lines))
+    write_atomic(path, "\n".join(lines))  # a kill or a full disk never leaves an empty card
     return path
 
 
@@ -141,7 +142,7 @@ def module_rows(output_dir: Path, checkpoint: Path | None) -> list[str]:
         lines += [f"# {folder} ({len(modules)} modules)", *modules, ""]
         groups = ", ".join(f"{name} {count}" for name, count in Counter(map(block_type, modules)).items())
         counts.append(f"{folder} {len(modules)}: {groups}")
-    (output_dir / MODULES_FILE).write_text("\n".join(lines))
+    write_atomic(output_dir / MODULES_FILE, "\n".join(lines))
     return [f"| adapted modules | {'; '.join(counts)} (all named in [{MODULES_FILE}]({MODULES_FILE})) |"]
 
 
@@ -181,7 +182,7 @@ def evaluation_table(output_dir: Path) -> list[str]:
     """The held-out loss of each checkpoint (--validation_split, --eval_data_dir), as Markdown lines; none without."""
     rows = []
     for _, path in list_checkpoints(output_dir):
-        state = read_json(path / STATE_FILE)
+        state = integrity.read_state(path / STATE_FILE)
         if "eval_loss" in state:
             ema = f" {state['eval_loss_ema']:.6f} |" if "eval_loss_ema" in state else " |"
             rows.append(f"| {path.name} | {state['eval_loss']:.6f} |{ema}")

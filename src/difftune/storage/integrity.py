@@ -12,6 +12,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -85,6 +86,29 @@ def damaged_checkpoint(directory: Path) -> str | None:
     return first_bad(directory, expected)
 
 
+def read_state(path: Path) -> dict:
+    """A checkpoint's training_state.json, or {} (with a warning naming it) when it is damaged: one damaged
+    file in an older checkpoint must not stop pruning or the model card."""
+    try:
+        state = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        logger.warning("skipping damaged %s (%s)", path, error)
+        return {}
+    if not isinstance(state, dict):
+        logger.warning("skipping damaged %s (not a JSON object)", path)
+        return {}
+    return state
+
+
+def warn_unfinished(output_dir: Path, state_file: str) -> None:
+    """A warning naming each step<N> folder of `output_dir` without its `state_file`: `latest` passes it over
+    (a checkpoint is renamed into place only once complete, so its state file was lost or removed since)."""
+    folders = Path(output_dir).glob("step*") if Path(output_dir).is_dir() else []
+    for path in sorted(p for p in folders if re.fullmatch(r"step\d+", p.name) and p.is_dir()):
+        if not (path / state_file).is_file():
+            logger.warning("skipping checkpoint %s: it has no %s (it cannot be resumed)", path, state_file)
+
+
 def check_checkpoint(directory: Path, flag: str) -> None:
     """Stop (one line) when the checkpoint named by `flag` does not verify."""
     bad = damaged_checkpoint(directory)
@@ -106,12 +130,26 @@ def newest_sound(found: list[tuple[int, Path]]) -> Path:
     )
 
 
+FULL_MARKS = (
+    "No space left on device", "StorageFull", "os error 28", "Disk quota exceeded", "os error 122",
+    "File too large", "os error 27",  # EFBIG: a file-size limit (ulimit -f, with SIGXFSZ ignored)
+    "unexpected pos", "file write failed", "iostream error",  # torch's zip writer when a write comes up short
+)  # fmt: skip
+
+
 def is_disk_full(error: BaseException) -> bool:
-    """ENOSPC, also as torch's and safetensors' writers report it (their own exception types)."""
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(error)
-    return any(mark in text for mark in ("No space left on device", "StorageFull", "os error 28"))
+    """A write that found no room: ENOSPC, EDQUOT or EFBIG (a file-size limit), also as torch's serializer and
+    safetensors report them (their own exception types, the cause only in the text), or as the cause or
+    context of the error raised."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return True
+        if any(mark in str(error) for mark in FULL_MARKS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 @contextmanager

@@ -4,8 +4,10 @@ A cache is a folder CACHE_DIR/<kind>-<hash>/ of safetensors shards; the hash cov
 the tensors depend on (difftune.data.cache says what that is for a data set's encodings), so a change
 of any of them builds a new cache. complete.json is written last, with each
 shard's size and checksum: a cache without it is rebuilt, and so is a shard that no longer verifies
-(checked once when the cache is opened, not per read). One run builds a cache at a time (another
-waits, then reads it); with several processes each builds its own share of the shards.
+(checked once when the cache is opened, not per read). Each shard's checksum is also recorded when it is
+written, in its own sidecar (shard-N.safetensors.json): a shard left by an interrupted build is reused only
+once it verifies against it, and complete.json is made from those verified checksums. One run builds a
+cache at a time (another waits, then reads it); with several processes each builds its own share of the shards.
 """
 
 from __future__ import annotations
@@ -38,6 +40,29 @@ def cache_path(cache_dir: Path, kind: str, fields: dict) -> Path:
 
 def shard_file(path: Path, shard: int) -> Path:
     return path / f"shard-{shard:05d}.safetensors"
+
+
+def sidecar(shard: Path) -> Path:
+    """Where a shard's size and checksum are recorded when it is written."""
+    return shard.with_name(shard.name + ".json")
+
+
+def verified(shard: Path) -> dict | None:
+    """The shard's recorded digest if the shard verifies against it; None (with a warning when a shard is
+    there) if it is missing, has no readable sidecar, or differs from what was written."""
+    if not shard.is_file():
+        return None
+    try:
+        recorded = json.loads(sidecar(shard).read_text())
+        bad = integrity.first_bad(shard.parent, {shard.name: recorded})
+    except FileNotFoundError:
+        bad = f"{shard} has no recorded checksum (left by an interrupted build)"
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
+        bad = f"{sidecar(shard)} is unreadable"
+    if bad is None:
+        return recorded
+    logger.warning("cache shard %s is not sound (%s): rebuilding it", shard, bad)
+    return None
 
 
 def build(
@@ -76,6 +101,7 @@ def discard_damaged(path: Path) -> None:
         (path / COMPLETE).unlink()
         for name in damaged:
             (path / name).unlink(missing_ok=True)
+            sidecar(path / name).unlink(missing_ok=True)
 
 
 def fill(
@@ -97,7 +123,7 @@ def fill(
         return
     path.mkdir(parents=True, exist_ok=True)
     shards = range(accelerator.process_index, math.ceil(num_samples / SHARD_SIZE), accelerator.num_processes)
-    todo = [s for s in shards if not shard_file(path, s).is_file()]
+    todo = [s for s in shards if verified(shard_file(path, s)) is None]  # each shard read once here
     chunks = {s: batched(range(s * SHARD_SIZE, min(num_samples, (s + 1) * SHARD_SIZE)), batch_size) for s in todo}
     if plan is not None:
         plan([chunk for shard in todo for chunk in chunks[shard]])
@@ -113,14 +139,22 @@ def fill(
             what, kept = f"the {desc} cache shard {partial.stem}", "the shards written before it are kept"
             with integrity.disk_full_stops(partial, path, what, kept):
                 save_file(tensors, str(partial))
-            checkpoints.honour_umask(partial)  # (safetensors writes 0600)
-            partial.replace(shard_file(path, shard))
+                checkpoints.honour_umask(partial)  # (safetensors writes 0600)
+                # The checksum of what was written, recorded before the shard takes its name.
+                checkpoints.write_json(sidecar(shard_file(path, shard)), integrity.digest(partial))
+            checkpoints.commit_file(partial, shard_file(path, shard))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        names = [shard_file(path, s).name for s in range(math.ceil(num_samples / SHARD_SIZE))]
-        record = {**fields, "num_samples": num_samples, SHARDS: integrity.digests(path, names)}
-        (path / COMPLETE).write_text(json.dumps(record, indent=2, default=str))
+        files = [shard_file(path, s) for s in range(math.ceil(num_samples / SHARD_SIZE))]
+        # Each shard was verified against its sidecar (or written) by the process that owns it, above.
+        record = {**fields, "num_samples": num_samples, SHARDS: {f.name: recorded(f) for f in files}}
+        checkpoints.write_json(path / COMPLETE, record)
     accelerator.wait_for_everyone()
+
+
+def recorded(shard: Path) -> dict:
+    """The digest recorded in a shard's sidecar."""
+    return json.loads(sidecar(shard).read_text())
 
 
 def batched(indices: range, size: int) -> list[list[int]]:

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import importlib.util
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -403,8 +404,10 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise UserError(f"--checkpointing_epochs must be positive, got {args.checkpointing_epochs}")
     if args.max_train_steps is not None and args.max_train_steps <= 0:
         raise UserError(f"--max_train_steps must be positive, got {args.max_train_steps}")
-    if args.learning_rate <= 0:
-        raise UserError(f"--learning_rate must be positive, got {args.learning_rate}")
+    if not args.learning_rate > 0 or not math.isfinite(args.learning_rate):  # (nan > 0 is False)
+        raise UserError(f"--learning_rate must be a positive number, got {args.learning_rate}")
+    check_optimizer_ranges(args)
+    check_output_dir_is_a_folder(args.output_dir)
     if args.overwrite_output_dir and args.resume_from_checkpoint:
         raise UserError(
             "--overwrite_output_dir deletes the checkpoints that --resume_from_checkpoint would continue from: "
@@ -426,6 +429,33 @@ def check_common_args(args: argparse.Namespace) -> None:
     if args.ema_update_after_step < 0 or (args.ema_power is not None and args.ema_power <= 0):
         raise UserError("--ema_update_after_step must be >= 0 and --ema_power positive")
     check_diffusers_habits(args)
+
+
+def check_optimizer_ranges(args: argparse.Namespace) -> None:
+    """The optimizer's and loader's numbers in their range (torch would stop later with a traceback)."""
+    text_encoder_lr = getattr(args, "text_encoder_lr", None)
+    if text_encoder_lr is not None and (not text_encoder_lr > 0 or not math.isfinite(text_encoder_lr)):
+        raise UserError(f"--text_encoder_lr must be a positive number, got {text_encoder_lr}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(args, name, 0.0) < 1.0:  # (nan fails too)
+            raise UserError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    if not 0.0 <= getattr(args, "adam_epsilon", 0.0) < math.inf:
+        raise UserError(f"--adam_epsilon must be >= 0, got {args.adam_epsilon}")
+    if not 0.0 <= getattr(args, "adam_weight_decay", 0.0) < math.inf:
+        raise UserError(f"--adam_weight_decay must be >= 0, got {args.adam_weight_decay}")
+    if getattr(args, "dataloader_num_workers", 0) < 0:
+        raise UserError(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
+    if getattr(args, "max_train_samples", None) is not None and args.max_train_samples <= 0:
+        raise UserError(f"--max_train_samples must be positive, got {args.max_train_samples}: drop it to use them all")
+
+
+def check_output_dir_is_a_folder(output_dir: str | Path) -> None:
+    """--output_dir is a folder, or can become one (no file in its place or above it)."""
+    for path in (Path(output_dir), *Path(output_dir).parents):
+        if path.exists():
+            if not path.is_dir():
+                raise UserError(f"--output_dir {output_dir}: {path} is a file, not a folder: name a folder")
+            return
 
 
 def check_diffusers_habits(args: argparse.Namespace) -> None:

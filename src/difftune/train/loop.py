@@ -17,6 +17,7 @@ import math
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,7 +195,9 @@ class TrainingRun:
             power=args.lr_power,
         )
         self.global_step, self.nonfinite_steps, self.last_loss, self.last_parts = 0, 0, math.nan, {}
-        self.replaces_old_run = args.overwrite_output_dir
+        self.replaces_old_run, self.replaced = args.overwrite_output_dir, None
+        # Lineage, in every checkpoint: this run's id, and the runs (and steps) it continues (`latest` follows it).
+        self.run_id, self.lineage, self.resumed_from = uuid.uuid4().hex, [], None
         self.evaluated: dict[int, dict[str, float]] = {}
         self.times = StepTimes()
 
@@ -266,6 +269,7 @@ class TrainingRun:
         self.lr_scheduler.load_state_dict(checkpoints.load_torch_state(resume_dir / checkpoints.SCHEDULER_FILE))
         apply_optimizer_flags(optimizer, self.lr_scheduler, fresh)
         self.global_step, self.nonfinite_steps = state["global_step"], state.get("nonfinite_steps", 0)
+        self.lineage, self.resumed_from = checkpoints.lineage(state), state["global_step"]
         if state.get("steps_per_epoch") not in (None, self.steps_per_epoch):
             logger.warning("the data or batch settings changed since %s: the data order will differ", resume_dir)
         logger.info("resumed from %s at step %d", resume_dir, self.global_step)
@@ -448,15 +452,19 @@ class TrainingRun:
 
     def write_checkpoint(self, step: int) -> Path:
         """The checkpoint of `step`; a full disk stops the run, leaving the earlier checkpoints as they were."""
-        if self.replaces_old_run:  # --overwrite_output_dir: only once this run has trained a step (never on a
-            if self.accelerator.is_main_process:  # bad setting or data found while starting)
-                checkpoints.clean_output_dir(self.output_dir, remove_checkpoints=True)
-            self.replaces_old_run = False
         found = checkpoints.list_checkpoints(self.output_dir)
         intact = f"step {found[-1][0]} is intact" if found else "no earlier checkpoint was written"
+        if self.replaces_old_run:  # --overwrite_output_dir: only once this run has trained a step (never on a
+            if self.accelerator.is_main_process:  # bad setting or data found while starting), and set aside only
+                self.replaced = checkpoints.move_old_run_aside(self.output_dir)  # until this save is complete
+            self.replaces_old_run = False
         partial = checkpoints.partial_dir(self.output_dir, step)
         with integrity.disk_full_stops(partial, self.output_dir, f"step {step}", intact):
-            return self.write_checkpoint_files(step)
+            path = self.write_checkpoint_files(step)
+        if self.replaced is not None:  # (the main process)
+            checkpoints.drop_replaced(self.output_dir, self.replaced)
+            self.replaced = None
+        return path
 
     def write_checkpoint_files(self, step: int) -> Path:
         """All processes: each may hold a share of the optimizer state; the main process writes the rest."""
@@ -487,6 +495,11 @@ class TrainingRun:
                 "num_processes": accelerator.num_processes,
                 "distributed": update.kind,
                 "nonfinite_steps": self.nonfinite_steps,
+                "run_id": self.run_id,
+                "resumed_from": self.resumed_from,
+                "lineage": self.lineage,
+                "saved_at": time.time(),
+                **({"replaces": self.replaced} if self.replaced else {}),  # the run set aside, until this is saved
                 **self.evaluate(step),
             }
             checkpoints.finish_checkpoint(partial, path, state, self.args.checkpoints_total_limit)

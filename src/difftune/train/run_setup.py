@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +23,34 @@ from difftune.train.updates import check_distributed_optimizer
 logger = logging.getLogger("difftune")
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def stop_with_the_launcher() -> None:
+    """Started by `accelerate launch` (on Linux): have the kernel send this process SIGTERM when the launcher
+    dies, so that killing the launcher alone (`docker stop` signals PID 1 only) stops the run and saves a
+    checkpoint, as SIGTERM does, instead of leaving it to train on orphaned."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        launcher = Path(f"/proc/{parent}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return
+    if not any(name in launcher for name in (b"accelerate", b"torchrun", b"torch.distributed.run")):
+        return  # (run directly, or in-process by the tests: nothing to follow)
+    import ctypes
+
+    try:
+        failed = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0
+    except (OSError, AttributeError):
+        failed = True
+    if failed:
+        logger.warning("cannot ask to be stopped when accelerate's launcher dies (prctl PR_SET_PDEATHSIG failed)")
+    elif os.getppid() != parent:  # the launcher died before the request took hold: stop as it would have
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def setup_run(args: argparse.Namespace):
     """Check the run's settings and output dir, then make its Accelerator. Resolves --resume_from_checkpoint
     to the checkpoint it names (None: a new run), whose seed and settings a resumed run keeps; a new run
@@ -28,6 +58,7 @@ def setup_run(args: argparse.Namespace):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
+    stop_with_the_launcher()
     precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if precision == "fp16" and not torch.cuda.is_available():
         raise UserError(
