@@ -179,6 +179,14 @@ def check_cache_args(args: argparse.Namespace, image_flag: str) -> None:
 
 
 def add_training_args(parser: argparse.ArgumentParser, *, output_dir: str) -> None:
+    """The training flags, by help group: optimisation, EMA, checkpoints and logging, reliability and validation."""
+    add_optimisation_args(parser)
+    add_ema_args(parser)
+    add_checkpoint_args(parser, output_dir)
+    add_reliability_and_validation_args(parser)
+
+
+def add_optimisation_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("optimisation")
     group.add_argument("--train_batch_size", type=int, default=1, help="Batch size per process.")
     group.add_argument("--num_train_epochs", type=int, default=100)
@@ -228,6 +236,8 @@ def add_training_args(parser: argparse.ArgumentParser, *, output_dir: str) -> No
     )  # fmt: skip
     group.add_argument("--seed", type=int, default=None, help="Default: a random seed, recorded in args.json.")
 
+
+def add_ema_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("EMA")
     group.add_argument(
         "--use_ema", action="store_true", help="Keep an EMA of the adapter weights (diffusers EMAModel), saved in ema/."
@@ -241,6 +251,8 @@ def add_training_args(parser: argparse.ArgumentParser, *, output_dir: str) -> No
         help="Warm-up decay 1-(1+t)^-power (diffusers use_ema_warmup, e.g. 0.75); default: (1+t)/(10+t).",
     )
 
+
+def add_checkpoint_args(parser: argparse.ArgumentParser, output_dir: str) -> None:
     group = parser.add_argument_group("checkpoints and logging")
     group.add_argument("--output_dir", default=output_dir)
     group.add_argument(
@@ -267,6 +279,8 @@ def add_training_args(parser: argparse.ArgumentParser, *, output_dir: str) -> No
         "--hub_token", default=None, help="Default: the `hf auth login` token. Never written to args.json or logs."
     )
 
+
+def add_reliability_and_validation_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("reliability (see docs/reliability.md)")
     group.add_argument(
         "--overwrite_output_dir", action="store_true", help="Start afresh over an earlier run's checkpoints."
