@@ -72,7 +72,8 @@ def export_sdxl_kohya(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
         configs = str(single_file.config_dir(args.single_file_config or run.get("single_file_config")))
     unet_config, shapes = kohya.module_shapes(configs, run.get("revision"), models)
     state = kohya.lokr_to_kohya(adapters, unet_config, shapes, DTYPES[args.dtype], args.allow_large_factor)
-    return state, kohya.kohya_metadata(adapters["unet"][0], base)
+    convs = [m for m in kohya.group_modules(adapters["unet"][1]) if len(shapes["unet"].get(m, ())) == 4]
+    return state, kohya.kohya_metadata(adapters["unet"][0], base, convs)
 
 
 def export_sdxl_checkpoint(args: argparse.Namespace) -> str:
@@ -102,7 +103,7 @@ def export_sdxl_checkpoint(args: argparse.Namespace) -> str:
     dtype = DTYPES[args.dtype]
     metadata = {"format": "pt", "difftune_base_model": Path(base).name, "difftune_checkpoint": str(args.checkpoint)}
     tensors = merged_checkpoint.merged(entries, deltas, dtype)
-    merged_checkpoint.write_streaming(args.out.with_suffix(".partial"), entries, tensors, dtype, metadata)
+    merged_checkpoint.write_streaming(args.out.with_suffix(".partial"), entries, tensors, dtype, metadata, deltas)
     return f"{len(entries)} tensors, {len(deltas)} weights merged"
 
 

@@ -9,6 +9,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from difftune.formats import kohya, merged_checkpoint
+
 TARGETS = "to_q,to_k,to_v,to_out.0,conv1,conv_shortcut,proj_in,ff.net.2"
 
 
@@ -91,3 +93,73 @@ def test_fp16_default_and_a_single_file_base_keeps_its_markers(run, assets, tmp_
         got = getattr(pipe, name).state_dict()
         for key, value in expected.items():
             torch.testing.assert_close(got[key].float(), value, atol=1e-3, rtol=1e-3, msg=f"{name}.{key}")
+
+
+def unet_deltas(checkpoint, assets) -> dict[str, torch.Tensor]:
+    """Output key -> peft's own delta, for every adapted UNet weight."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+    from peft import PeftModel
+
+    from difftune.models import sgm_layout
+
+    unet = UNet2DConditionModel.from_pretrained(assets / "sdxl", subfolder="unet")
+    peft_unet = PeftModel.from_pretrained(unet, checkpoint / "unet")
+    unet_config = json.loads((assets / "sdxl" / "unet" / "config.json").read_text())
+    with torch.no_grad():
+        return {
+            sgm_layout.unet_key(name + ".weight", unet_config): module.get_delta_weight("default")
+            for name, module in peft_unet.base_model.model.named_modules()
+            if hasattr(module, "lokr_w1") and module.scaling
+        }
+
+
+@pytest.mark.parametrize(
+    ("base_dtype", "out_dtype", "rtol"),
+    # rtol: the written dtype's rounding (fp16: half an ulp is 2^-11 of the value; fp32: about 6e-8), with room for
+    # the order of the fp32 sums. A merge done in fp8 or bf16 would be off by 2^-4 or 2^-8.
+    [("fp8", "fp16", 2**-10), ("bf16", "fp32", 1e-6)],
+)
+def test_fp8_and_bf16_single_file_bases(run, assets, tmp_path, run_main, base_dtype, out_dtype, rtol):
+    """A base in fp8 (the UNet's weights float8_e4m3fn, the rest fp16, as weight-only fp8 files are) or bf16:
+    merged in fp32 and written in --dtype, the fp8 tensors the adapter does not touch copied byte for byte."""
+    state = load_file(assets / "sdxl.safetensors")
+    for key, value in state.items():
+        if base_dtype == "bf16":
+            state[key] = value.to(torch.bfloat16)
+        elif key.startswith("model.diffusion_model.") and value.dim() >= 2:
+            state[key] = value.to(torch.float8_e4m3fn)
+        else:
+            state[key] = value.to(torch.float16)
+    base = tmp_path / f"{base_dtype}.safetensors"
+    save_file(state, base)
+    out = tmp_path / "merged.safetensors"
+    argv = ["--checkpoint", run, "--out", out, "--format", "checkpoint", "--pretrained_model_name_or_path", base]
+    assert run_main("export", [*argv, "--single_file_config", assets / "sdxl", "--dtype", out_dtype]) == 0
+    written = load_file(out)
+    deltas = unet_deltas(run, assets)
+    asked = {"fp16": torch.float16, "fp32": torch.float32}[out_dtype]
+    # The text encoders' adapted weights (fp16 / bf16 in the base) are checked against peft by the tests above.
+    adapters = {m: kohya.read_peft_adapter(run / m) for m in ("text_encoder_one", "text_encoder_two")}
+    text_merged = set(merged_checkpoint.patches(adapters, {}))
+    assert text_merged and not text_merged & set(deltas)
+    untouched_fp8 = 0
+    for key, value in state.items():
+        if key.startswith("first_stage_model."):  # replaced by the run's VAE (checked above)
+            continue
+        got = written[key]
+        if key in deltas:  # merged: base (in fp32) + peft's delta, rounded once to --dtype
+            expected = value.float() + deltas[key]
+            assert got.dtype == asked, key
+            torch.testing.assert_close(got.float(), expected, rtol=rtol, atol=1e-7, msg=key)
+        elif key in text_merged:
+            assert got.dtype == asked, key
+        elif value.dtype == torch.float8_e4m3fn:
+            assert got.dtype == value.dtype and torch.equal(got.view(torch.uint8), value.view(torch.uint8)), key
+            untouched_fp8 += 1
+        else:
+            assert got.dtype == asked and torch.equal(got, value.to(asked)), key
+    assert len(deltas) >= 10
+    if base_dtype == "fp8":
+        assert untouched_fp8 >= 10 and all(state[k].dtype == torch.float8_e4m3fn for k in deltas)

@@ -167,3 +167,98 @@ def test_a_changed_file_at_the_same_path_never_reuses_old_encodings(assets, tmp_
         state["conditioner.embedders.0.transformer.text_model.final_layer_norm.bias"] += 0.1
         save_file(state, path)
     assert len(list(caches.glob("sdxl-text-*"))) == 2 and len(list(caches.glob("sdxl-latents-*"))) == 2
+
+
+@pytest.fixture(scope="module")
+def one_step(assets, tmp_path_factory):
+    """A 1-step run (text encoders too) on the tiny single file, and its flags, for the runs to compare with it."""
+
+    def train(path, out):
+        extra = ("--train_text_encoder", "--rank", "2", "--target_modules", "to_q,to_k,to_v,to_out.0,conv1")
+        argv = file_args(assets, out, *extra, steps=1, lr="1e-2", checkpointing_steps=1)
+        argv[argv.index("--pretrained_model_name_or_path") + 1] = str(path)
+        assert run_script("train_sdxl_lokr", argv) == 0
+        return out / "step1"
+
+    return train(assets / "sdxl.safetensors", tmp_path_factory.mktemp("one-step") / "run"), train
+
+
+@pytest.mark.parametrize("name", ["model.sft", "MODEL.SAFETENSORS"])
+def test_a_safetensors_file_trains_the_same_whatever_its_name(assets, tmp_path, one_step, name):
+    reference, train = one_step
+    path = tmp_path / name
+    path.write_bytes((assets / "sdxl.safetensors").read_bytes())  # (a tiny file: users' big ones are never copied)
+    step = train(path, tmp_path / "run")
+    assert max_difference(adapter_weights(reference), adapter_weights(step)) == 0
+    assert json.loads((step / "args.json").read_text())["base_model_file"] == name
+
+
+def test_pickles_are_refused_by_their_content_not_their_name(assets, tmp_path, run_main, capsys):
+    from difftune.models import single_file
+
+    for name in ("model.safetensors", "model.sft"):
+        pickle = tmp_path / name
+        torch.save({"state_dict": {}}, pickle)
+        argv = file_args(assets, tmp_path / "out", steps=1)
+        argv[argv.index("--pretrained_model_name_or_path") + 1] = str(pickle)
+        assert run_main("train_sdxl_lokr", argv) == 2
+        assert "is a pickle checkpoint" in one_line_error(capsys)
+    # And a safetensors file named like a pickle is read as what it is.
+    renamed = tmp_path / "model.ckpt"
+    renamed.write_bytes((assets / "sdxl.safetensors").read_bytes())
+    assert single_file.inspect(renamed).has_vae
+
+
+def transposed_projection_copy(assets, tmp_path, spelling):
+    """The tiny file with OpenCLIP-G's projection in nn.Linear's orientation, under `spelling`'s key."""
+    key = "conditioner.embedders.1.model.text_projection"
+    state = load_file(assets / "sdxl.safetensors")
+    projection = state.pop(key)
+    assert projection.shape[0] != projection.shape[1]  # (else the orientation could not be told from the shape)
+    state[key + spelling] = projection.T.contiguous()
+    path = tmp_path / f"linear{spelling}.safetensors"
+    save_file(state, path)
+    return path
+
+
+@pytest.mark.parametrize("spelling", ["", ".weight"])
+def test_a_text_projection_stored_transposed_loads_the_same_model(assets, tmp_path, spelling):
+    from difftune.models import sdxl
+
+    config = str(assets / "sdxl")
+    good = sdxl.load_sdxl(str(assets / "sdxl.safetensors"), single_file_config=config)
+    odd = sdxl.load_sdxl(str(transposed_projection_copy(assets, tmp_path, spelling)), single_file_config=config)
+    for part in ("text_encoder_one", "text_encoder_two", "unet", "vae"):
+        a, b = getattr(good, part).state_dict(), getattr(odd, part).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert torch.equal(good.text_encoder_two.text_projection.weight, odd.text_encoder_two.text_projection.weight)
+
+
+def test_a_transposed_text_projection_trains_the_same(assets, tmp_path, one_step):
+    reference, train = one_step
+    step = train(transposed_projection_copy(assets, tmp_path, ""), tmp_path / "run")
+    assert max_difference(adapter_weights(reference), adapter_weights(step)) == 0
+
+
+@pytest.mark.parametrize(
+    ("markers", "meaning"),
+    [
+        (("edm_vpred.sigma_max", "edm_vpred.sigma_min", "v_pred"), "is an EDM v-prediction model"),
+        (("edm_mean", "edm_std"), "is an EDM model with Playground v2.5's latent scaling"),
+        (("edm_std",), "is an EDM model with Playground v2.5's latent scaling"),
+    ],
+)
+def test_edm_markers_are_refused_before_any_weights_load(
+    assets, tmp_path, run_main, capsys, monkeypatch, markers, meaning
+):
+    from difftune.models import single_file
+
+    def no_weights(*_):
+        raise AssertionError("weights loaded")
+
+    monkeypatch.setattr(single_file, "read_state_dict", no_weights)
+    argv = file_args(assets, tmp_path / "out", steps=1)
+    argv[argv.index("--pretrained_model_name_or_path") + 1] = str(marked_copy(assets, tmp_path, *markers))
+    assert run_main("train_sdxl_lokr", argv) == 2
+    error = one_line_error(capsys)
+    assert meaning in error and f"`{markers[0]}`" in error and "use a non-EDM SDXL checkpoint" in error

@@ -11,10 +11,12 @@ Wuerstchen takes our prior/ folder (or its step dir) or a diffusers pytorch_lora
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +34,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger("difftune")
 
 FLAG = "--init_adapter"
-KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te1_": "text_encoder_one", "lora_te2_": "text_encoder_two"}
+# kohya's names (lora_unet_ with the SGM or diffusers UNet's paths; lora_te1_ with or without text_model_), and
+# LyCORIS's own create_lycoris on a diffusers UNet (lycoris_<path>).
+KOHYA_PREFIXES = {
+    "lora_unet_": "unet",
+    "lycoris_": "unet",
+    "lora_te1_": "text_encoder_one",
+    "lora_te2_": "text_encoder_two",
+}
 # Flags whose values come from the source (flag -> peft config key): given explicitly, they must agree with it.
 FROM_SOURCE = {
     "rank": "r",
@@ -83,7 +92,8 @@ def read_peft_folder(folder: Path) -> Source:
 
     config = json.loads((folder / "adapter_config.json").read_text())
     weights = load_file(str(folder / injection.ADAPTER_WEIGHTS))
-    keys = ("r", "alpha", "lora_alpha", "decompose_both", "decompose_factor", "target_modules", "peft_type")
+    keys = ("r", "alpha", "lora_alpha", "decompose_both", "decompose_factor", "target_modules", "peft_type",
+            "rank_pattern", "alpha_pattern")  # fmt: skip
     settings = {k: config[k] for k in keys if k in config}
     if config.get("use_effective_conv2d"):
         settings["use_effective_conv2d"] = True
@@ -123,30 +133,62 @@ def layout(weights: dict[str, torch.Tensor]) -> tuple[tuple[int, int], tuple[int
     return (a, c), (b, d), w1_split, w2_split
 
 
+def check_lokr_module(name: str, weights: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse, in one line each, the LyCORIS LoKr variants peft's LoKr cannot hold."""
+    if "dora_scale" in weights:
+        raise UserError(
+            f"{FLAG} {where}: {name} is a DoRA LoKr (dora_scale: LyCORIS's dora_wd), whose weight norm peft's LoKr "
+            "cannot hold: start from a LoKr trained without dora_wd, or merge this one into the base model first"
+        )
+    if "lokr_t2" in weights:
+        raise UserError(
+            f"{FLAG} {where}: {name} uses Tucker conv factors (lokr_t2: LyCORIS's use_tucker / use_cp), which peft's "
+            "LoKr cannot hold: start from a LoKr trained without them, or merge this one into the base model first"
+        )
+    if not any(k.startswith("lokr_w1") for k in weights) or not any(k.startswith("lokr_w2") for k in weights):
+        raise UserError(f"{FLAG} {where}: {name} is not a LoKr module (no lokr_w1 / lokr_w2): pass a LoKr file")
+
+
+def split_rank(weights: dict[str, torch.Tensor]) -> int | None:
+    """The rank of a module's split factor(s) (LyCORIS splits both at the same rank), None when both are full."""
+    for key in ("lokr_w2_b", "lokr_w1_b"):
+        if key in weights:
+            return weights[key].shape[0]
+    return None
+
+
 def kohya_settings(modules: dict[str, dict[str, torch.Tensor]], metadata: dict, where: str) -> dict:
-    """rank and decompose_both of a kohya LoKr file (alpha folded: peft's alpha is the rank)."""
-    ranks = set()
+    """The rank most modules have and decompose_both of a kohya LoKr file (alpha folded: peft's alpha is the
+    rank); other ranks become per-module patterns once the modules are known (`module_patterns`)."""
     for name, weights in modules.items():
-        if "lokr_t2" in weights:
-            raise UserError(f"{FLAG} {where}: {name} uses Tucker conv factors (lokr_t2), which difftune cannot load")
-        if not any(k.startswith("lokr_w1") for k in weights) or not any(k.startswith("lokr_w2") for k in weights):
-            raise UserError(f"{FLAG} {where}: {name} is not a LoKr module (no lokr_w1 / lokr_w2): pass a LoKr file")
-        ranks.update(weights[k].shape[0] for k in ("lokr_w1_b", "lokr_w2_b") if k in weights)
-    if len(ranks) > 1:
-        raise UserError(f"{FLAG} {where} mixes ranks {sorted(ranks)}: difftune starts from one rank per model")
+        check_lokr_module(name, weights, where)
+    ranks = Counter(r for r in map(split_rank, modules.values()) if r is not None)
     decompose_both = any(layout(w)[2] for w in modules.values())
     if ranks:
-        rank = ranks.pop()
-    else:  # both factors full everywhere: any rank that keeps them full (the file's, when it does)
+        rank = max(ranks, key=lambda r: (ranks[r], r))
+    else:  # both factors full everywhere: the file's rank, if it says, else any rank that keeps them full
         needed = max(math.ceil(max(layout(w)[1]) / 2) for w in modules.values())
-        rank = max(int(metadata.get("ss_network_dim", 0) or 0), needed)
-    for name, weights in modules.items():
-        (a, c), (b, d), w1_split, w2_split = layout(weights)
-        if (w1_split, w2_split) != (decompose_both and rank < max(a, c) / 2, rank < max(b, d) / 2):
-            raise UserError(
-                f"{FLAG} {where}: {name} splits its factors unlike peft's rule at rank {rank}: cannot start from it"
-            )
+        rank = int(metadata.get("ss_network_dim", 0) or 0) or needed
     return {"r": rank, "alpha": rank, "decompose_both": decompose_both}
+
+
+def module_patterns(source: Source, model: nn.Module) -> dict[str, int]:
+    """Per-module ranks where a module's differs from the source's rank (as peft's rank_pattern): a split
+    module's own rank, and for a module whose factors are both full the smallest rank at which peft keeps them
+    full (if the source's rank does not). Its alpha is the same: alpha / rank folded, scale 1 everywhere."""
+    rank, both = source.settings["r"], source.settings.get("decompose_both", False)
+    patterns = {}
+    for name, weights in source.weights.items():
+        own = split_rank(weights)
+        if own is None:
+            weight = model.get_submodule(name).weight
+            (a, c), (b, d), _, _ = layout(weights)
+            d = weight.shape[1] // c  # (a full conv w2 is stored (b, d, k, k): its shape[1] is d)
+            full_at = max(math.ceil(max(b, d) / 2), math.ceil(max(a, c) / 2) if both else 1, 1)
+            own = rank if rank >= full_at else full_at
+        if own != rank:
+            patterns[name] = own
+    return patterns
 
 
 def read_kohya(path: Path) -> dict[str, Source]:
@@ -156,8 +198,8 @@ def read_kohya(path: Path) -> dict[str, Source]:
         model = next((m for p, m in KOHYA_PREFIXES.items() if module.startswith(p)), None)
         if model is None or not any(k.startswith("lokr_") for k in weights):
             raise UserError(
-                f"{FLAG} {path}: {module} is not a kohya / LyCORIS LoKr module (lora_unet_*, lora_te1_*, lora_te2_* "
-                "with lokr_w1 / lokr_w2): pass an SDXL LoKr file"
+                f"{FLAG} {path}: {module} is not a kohya / LyCORIS LoKr module (lora_unet_*, lora_te1_*, lora_te2_* or "
+                "lycoris_* with lokr_w1 / lokr_w2): pass an SDXL LoKr file"
             )
         by_model.setdefault(model, {})[module] = weights
     out = {}
@@ -205,6 +247,9 @@ def prepare(args: argparse.Namespace, argv: Sequence[str] | None, names: Sequenc
     if names[0] not in sources:
         raise UserError(f"{FLAG} {args.init_adapter} has no {names[0]} adapter")
     given = explicit_flags(argv)
+    for flag in ("conv_rank", "conv_alpha"):
+        if flag in given:
+            raise UserError(f"--{flag} contradicts {FLAG}: every module's rank and alpha come from it: drop --{flag}")
     for flag, key in FROM_SOURCE.items():
         values = {s.settings[key] for s in sources.values() if key in s.settings}
         if not hasattr(args, flag) or not values:
@@ -229,12 +274,18 @@ def kohya_names(model_name: str, model: nn.Module, unet_config: dict) -> dict[st
     from difftune.formats import kohya
 
     names = {}
+    prefix = kohya.PREFIXES[model_name]
     for module_name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            try:
-                names[kohya.kohya_name(model_name, module_name, unet_config)] = module_name
-            except UserError:
-                continue  # no SGM name: no kohya file can adapt it
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        with contextlib.suppress(UserError):  # no SGM name: only the diffusers-named forms below can adapt it
+            names[kohya.kohya_name(model_name, module_name, unet_config)] = module_name
+        flat = module_name.replace(".", "_")
+        if model_name == "unet":
+            names.setdefault(prefix + flat, module_name)  # kohya's network on diffusers' UNet
+            names.setdefault("lycoris_" + flat, module_name)  # LyCORIS's create_lycoris
+        else:  # LyCORIS under transformers 5: CLIPTextModel's paths without text_model.
+            names.setdefault(prefix + flat.removeprefix("text_model_"), module_name)
     return names
 
 
@@ -254,7 +305,8 @@ def check_targets(targets: list[str], modules: list[str], flag: str) -> None:
 
 
 def decompose_factor(source: Source, model: nn.Module) -> int:
-    """The peft decompose_factor that gives every stored factor's shape (-1 when the sqrt rule does)."""
+    """The peft decompose_factor that builds the most stored factor shapes (-1, the sqrt rule, when as many do);
+    the modules it does not build keep their own (`lokr.fit_factors`)."""
     from peft.tuners.lokr.layer import factorization
 
     shapes = []  # (out, in, a, c): the weight's sides and w1's
@@ -262,16 +314,21 @@ def decompose_factor(source: Source, model: nn.Module) -> int:
         weight = model.get_submodule(name).weight
         (a, c), _, _, _ = layout(weights)
         shapes.append((weight.shape[0], weight.shape[1], a, c))
-    for factor in [-1, *sorted({a for _, _, a, _ in shapes} | {c for _, _, _, c in shapes})]:
-        if all(factorization(o, factor)[0] == a and factorization(i, factor)[0] == c for o, i, a, c in shapes):
-            return factor
-    raise UserError(f"{FLAG}: its Kronecker factor shapes follow no single decompose_factor peft can build")
+
+    def built(factor: int) -> int:
+        return sum(factorization(o, factor)[0] == a and factorization(i, factor)[0] == c for o, i, a, c in shapes)
+
+    candidates = [-1, *sorted({a for _, _, a, _ in shapes} | {c for _, _, _, c in shapes})]
+    return max(candidates, key=lambda factor: (built(factor), factor == -1))
 
 
-def load_into(peft_model: nn.Module, source: Source, where: str) -> None:
+def peft_state(source: Source) -> dict[str, torch.Tensor]:
+    return {f"base_model.model.{m}.{s}": v for m, w in source.weights.items() for s, v in w.items()}
+
+
+def load_into(peft_model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     from peft import set_peft_model_state_dict
 
-    state = {f"base_model.model.{m}.{s}": v for m, w in source.weights.items() for s, v in w.items()}
     try:
         result = set_peft_model_state_dict(peft_model, state)
     except RuntimeError as error:
@@ -299,6 +356,8 @@ def attach_all(
     weights; a text encoder it lacks (with --train_text_encoder) starts fresh from the flags."""
     if sources is None:
         return injection.attach_all(args, make_config, base, denoiser, text_encoders)
+    from difftune.adapters import lokr
+
     given = explicit_flags(argv)
     models = {denoiser[0]: denoiser[1], **text_encoders}
     unet_config = dict(denoiser[1].config) if denoiser[0] == "unet" else {}
@@ -318,25 +377,39 @@ def attach_all(
         settings = dict(source.settings)
         if source.lokr and "decompose_factor" not in settings:
             settings["decompose_factor"] = decompose_factor(source, model)
+        if source.lokr and "rank_pattern" not in settings:
+            settings["rank_pattern"] = settings["alpha_pattern"] = module_patterns(source, model)
         setattr(args, flag, modules)  # recorded in args.json: exactly the modules the run adapts
-        trained[name] = injection.attach(model, config_for(args, make_config, settings, modules), base)
-        load_into(trained[name], source, args.init_adapter)
-        rank = settings.get("r", settings.get("rank"))
+        trained[name] = injection.attach(model, config_for(args, make_config, settings, modules, model), base)
+        state = peft_state(source)
+        refitted = lokr.fit_factors(trained[name], state) if source.lokr else []
+        load_into(trained[name], state, args.init_adapter)
+        ranks = sorted({settings.get("r"), *settings.get("rank_pattern", {}).values()})
         logger.info("--init_adapter %s: %s starts from its %d adapted modules (rank %s, %s)", args.init_adapter,
-                    name, len(modules), rank, "LoKr" if source.lokr else "LoRA")  # fmt: skip
+                    name, len(modules), "/".join(map(str, ranks)), "LoKr" if source.lokr else "LoRA")  # fmt: skip
+        if refitted:
+            logger.info(
+                "--init_adapter: %d %s modules keep factor shapes peft does not build (e.g. %s): the run's "
+                "checkpoints load with infer.py, export.py and --resume_from_checkpoint, not PeftModel.from_pretrained",
+                len(refitted), name, refitted[0],
+            )  # fmt: skip
     adapted_text_encoders = [trained[n] for n in text_encoders if n in trained]
     if args.gradient_checkpointing:
         injection.enable_gradient_checkpointing(denoiser[1], adapted_text_encoders)
     return trained, injection.param_groups(args, trained[denoiser[0]], adapted_text_encoders)
 
 
-def config_for(args: argparse.Namespace, make_config, settings: dict, modules: list[str]):
-    """The flags' config with the source's rank, alpha, factors and exact target modules."""
+def config_for(args: argparse.Namespace, make_config, settings: dict, modules: list[str], model: nn.Module):
+    """The flags' config with the source's rank, alpha, per-module ranks, factors and exact target modules."""
     local = argparse.Namespace(**vars(args))
     for flag, key in FROM_SOURCE.items():
         if key in settings and hasattr(local, flag):
             setattr(local, flag, settings[key])
-    return make_config(local, modules)
+    config = make_config(local, modules, model)
+    if hasattr(config, "rank_pattern"):  # the source's, not --conv_rank's
+        config.rank_pattern = dict(settings.get("rank_pattern") or {})
+        config.alpha_pattern = dict(settings.get("alpha_pattern") or {})
+    return config
 
 
 def read_diffusers_lora(path: Path) -> dict[str, Source]:

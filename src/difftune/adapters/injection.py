@@ -42,6 +42,17 @@ def add_lokr_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("LoKr adapter (peft LoKrConfig)")
     add_common_adapter_args(group)
     group.add_argument("--alpha", type=float, default=8, help="Scale alpha / rank.")
+    group.add_argument(
+        "--conv_rank", type=int, default=None,
+        help="Rank of the targeted Conv2d layers with a kernel above 1x1 (LyCORIS's conv_dim; 1x1 convs take --rank, "
+        "as there). Default: --rank.",
+    )  # fmt: skip
+    group.add_argument(
+        "--conv_alpha",
+        type=float,
+        default=None,
+        help="Alpha of those conv layers (LyCORIS's conv_alpha). Default: --alpha.",
+    )
     group.add_argument("--decompose_both", action="store_true", help="Also factor the left Kronecker factor.")
     group.add_argument("--decompose_factor", type=int, default=-1, help="-1: factors closest to sqrt(dim).")
     group.add_argument("--rank_dropout", type=float, default=0.0)
@@ -65,6 +76,11 @@ def _check(args: argparse.Namespace, alpha_flag: str) -> None:
     alpha = getattr(args, alpha_flag)
     if alpha <= 0:
         raise UserError(f"--{alpha_flag} must be positive, got {alpha}")
+    conv_rank, conv_alpha = getattr(args, "conv_rank", None), getattr(args, "conv_alpha", None)
+    if conv_rank is not None and conv_rank <= 0:
+        raise UserError(f"--conv_rank must be a positive integer, got {conv_rank}")
+    if conv_alpha is not None and conv_alpha <= 0:
+        raise UserError(f"--conv_alpha must be positive, got {conv_alpha}")
     for flag in ("rank_dropout", "module_dropout", "lora_dropout"):
         value = getattr(args, flag, 0.0)
         if not 0.0 <= value < 1.0:
@@ -87,15 +103,24 @@ def check_decompose_factor(factor: int) -> None:
         raise UserError(f"--decompose_factor must be -1 (factors near sqrt(dim)) or a positive integer, got {factor}")
 
 
-def lokr_config(args: argparse.Namespace, target_modules: list[str]):
-    """A peft LoKrConfig from the LoKr flags."""
+def lokr_config(args: argparse.Namespace, target_modules: list[str], model: nn.Module | None = None):
+    """A peft LoKrConfig from the LoKr flags; with `model`, its spatial conv layers at --conv_rank / --conv_alpha
+    (peft's rank_pattern / alpha_pattern, one entry per layer)."""
     from peft import LoKrConfig
 
     _check(args, "alpha")
     check_decompose_factor(args.decompose_factor)
+    rank_pattern, alpha_pattern = {}, {}
+    conv_rank, conv_alpha = getattr(args, "conv_rank", None), getattr(args, "conv_alpha", None)
+    if model is not None and (conv_rank, conv_alpha) != (None, None):
+        for name in spatial_convs(model, target_modules):
+            rank_pattern[name] = conv_rank if conv_rank is not None else args.rank
+            alpha_pattern[name] = conv_alpha if conv_alpha is not None else args.alpha
     return LoKrConfig(
         r=args.rank,
         alpha=args.alpha,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
         target_modules=target_modules,
         decompose_both=args.decompose_both,
         decompose_factor=args.decompose_factor,
@@ -105,8 +130,22 @@ def lokr_config(args: argparse.Namespace, target_modules: list[str]):
     )
 
 
-def lora_config(args: argparse.Namespace, target_modules: list[str]):
-    """A peft LoraConfig from the LoRA flags."""
+def spatial_convs(model: nn.Module, target_modules: list[str]) -> list[str]:
+    """The targeted Conv2d layers whose kernel is above 1x1: those LyCORIS gives conv_dim / conv_alpha (a 1x1 conv
+    is a linear layer to it)."""
+    from torch import nn
+
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Conv2d)
+        and module.kernel_size != (1, 1)
+        and any(name == t or name.endswith("." + t) for t in target_modules)
+    ]
+
+
+def lora_config(args: argparse.Namespace, target_modules: list[str], model: nn.Module | None = None):
+    """A peft LoraConfig from the LoRA flags (`model`: unused, as lokr_config's)."""
     from peft import LoraConfig
 
     _check(args, "lora_alpha")
@@ -177,10 +216,10 @@ def attach_all(
     """Adapters on the denoiser, and on the text encoders with --train_text_encoder; returns them by
     checkpoint subfolder, and their optimizer groups. Turns on gradient checkpointing when asked."""
     name, model = denoiser
-    trained = {name: attach(model, make_config(args, args.target_modules), base)}
+    trained = {name: attach(model, make_config(args, args.target_modules, model), base)}
     if args.train_text_encoder:
         for te_name, te_model in text_encoders.items():
-            config = make_config(args, args.text_encoder_target_modules)
+            config = make_config(args, args.text_encoder_target_modules, te_model)
             trained[te_name] = attach(te_model, config, base, "--text_encoder_target_modules")
     adapted_text_encoders = [trained[n] for n in text_encoders if n in trained]
     if args.gradient_checkpointing:

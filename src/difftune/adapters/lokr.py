@@ -79,3 +79,41 @@ def swap_class(model: nn.Module, layer_type: type, replacement: type) -> int:
             module.__class__ = replacement
             count += 1
     return count
+
+
+FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+
+
+def fit_factors(peft_model: nn.Module, state: dict[str, torch.Tensor], adapter: str = "default") -> list[str]:
+    """Give each LoKr layer the factor parameters `state` (peft keys) stores for it, where peft built others.
+
+    peft derives every layer's factors from one decompose_factor and its rank: a file from LyCORIS with
+    unbalanced_factorization, a factor above sqrt(dim) in LyCORIS's order, or a full factor where peft's rule
+    splits, has factors it cannot build. kron(w1, w2) reshaped to the weight is the delta whatever the factors'
+    sides, so peft's forward, merge and state dict (and the factored forward) work on any pair whose product has
+    the weight's shape. Returns the modules refitted (empty when peft built the stored layout)."""
+    from peft.tuners.lokr.layer import LoKrLayer
+
+    stored: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, value in state.items():
+        module, _, suffix = key.removeprefix("base_model.model.").rpartition(".")
+        if suffix in FACTORS:
+            stored.setdefault(module, {})[suffix] = tuple(value.shape)
+    refitted = []
+    for name, layer in peft_model.get_base_model().named_modules():
+        if not isinstance(layer, LoKrLayer) or name not in stored or adapter not in layer.r:
+            continue
+        shapes = stored[name]
+        built = {s: tuple(getattr(layer, s)[adapter].shape) for s in FACTORS if adapter in getattr(layer, s)}
+        if built == shapes:
+            continue
+        device = layer.get_base_layer().weight.device
+        trainable = any(getattr(layer, s)[adapter].requires_grad for s in built)
+        for suffix in FACTORS:
+            params = getattr(layer, suffix)
+            if adapter in params:
+                del params[adapter]
+            if suffix in shapes:
+                params[adapter] = nn.Parameter(torch.zeros(shapes[suffix], device=device), requires_grad=trainable)
+        refitted.append(name)
+    return refitted

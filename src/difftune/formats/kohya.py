@@ -2,14 +2,18 @@
 
 Those programs name UNet modules as in the original SGM/LDM code (input_blocks, middle_block,
 output_blocks) and compute delta = strength * s * kron(w1, w2), where s = alpha / dim only when an
-alpha is stored and a factor is split, else 1. peft always applies alpha / r. Folding alpha / r into
-w1 and storing alpha = r makes every consumer apply exactly peft's scale.
+alpha is stored and a factor is split, else 1. peft always applies alpha / r (each module's own, from
+rank_pattern / alpha_pattern). Folding alpha / r into w1 and storing alpha = the split factor's rank makes every
+consumer apply exactly peft's scale. LyCORIS's own loader (LokrModule.make_module_from_state_dict) rebuilds each
+module from the factor shapes and misreads some of peft's layouts (a conv's flattened lokr_w2_b; a split w1 beside
+a full w2): those factors are written unsplit, which every consumer reads with scale 1.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -67,6 +71,40 @@ def check_exportable(config: dict, shapes: dict[str, tuple[int, ...]], allow_lar
                     )
 
 
+def module_rank_alpha(config: dict, module: str) -> tuple[int, float]:
+    """The module's r and alpha as peft gave them: rank_pattern / alpha_pattern matched by peft's own helper."""
+    from peft.utils.other import get_pattern_key
+
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    rank = ranks.get(get_pattern_key(ranks.keys(), module), config["r"])
+    return rank, alphas.get(get_pattern_key(alphas.keys(), module), config["alpha"])
+
+
+def lycoris_layout(
+    weights: dict[str, torch.Tensor], shape: tuple[int, ...], scale: float, rank: int
+) -> dict[str, torch.Tensor]:
+    """One module's fp32 factors as LyCORIS's loader rebuilds them, peft's `scale` folded into w1, with the alpha
+    that makes ComfyUI's, A1111's and LyCORIS's scale 1 (alpha / dim, dim the split factor's rank)."""
+    w1a, w1b, w2a, w2b = (weights.get(k) for k in ("lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"))
+    w1 = weights["lokr_w1"] if "lokr_w1" in weights else w1a @ w1b
+    conv = len(shape) == 4
+    # LyCORIS takes a conv's in_dim from lokr_w2_b's flattened (r, d*k*k) width, and rebuilds w2 split only when
+    # r < max(b, d) / 2 (its rule and peft's), w1 split only beside a split w2 of the same rank.
+    keep_w2 = w2a is not None and not conv and w2a.shape[1] < max(w2a.shape[0], w2b.shape[1]) / 2
+    keep_w1 = w1a is not None and keep_w2 and w1a.shape[1] == w2a.shape[1] and w1a.shape[1] < max(w1.shape) / 2
+    out = {"lokr_w1_a": w1a * scale, "lokr_w1_b": w1b} if keep_w1 else {"lokr_w1": w1 * scale}
+    if keep_w2:
+        out.update(lokr_w2_a=w2a, lokr_w2_b=w2b)
+    elif "lokr_w2" in weights:
+        out["lokr_w2"] = weights["lokr_w2"]
+    else:  # peft's conv w2 is (b, d*k*k): back to (b, d, k, k)
+        w2 = w2a @ w2b
+        out["lokr_w2"] = w2.reshape(w2.shape[0], shape[1] // w1.shape[1], *shape[2:]) if conv else w2
+    # Unsplit factors: consumers ignore alpha; LyCORIS's own files store the rank there.
+    out["alpha"] = torch.tensor(float(w2a.shape[1] if keep_w2 else rank))
+    return out
+
+
 def lokr_to_kohya(
     adapters: dict[str, tuple[dict, dict[str, torch.Tensor]]],
     unet_config: dict,
@@ -77,29 +115,41 @@ def lokr_to_kohya(
     """kohya state dict from {model: (adapter_config, peft state dict)} for unet / text_encoder_one / _two."""
     out: dict[str, torch.Tensor] = {}
     for model, (config, state) in adapters.items():
-        rank, alpha = config["r"], config["alpha"]
-        scale = alpha / rank
-        grouped: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in state.items():
-            module, suffix = split_peft_key(key)
-            grouped.setdefault(module, {})[suffix] = value.float()
+        grouped = group_modules(state)
         # Only the adapted modules' factors matter (an untargeted conv_in with 4 channels is no reason to refuse).
         shapes = weight_shapes.get(model, {})
         check_exportable(config, {m: shapes[m] for m in grouped if m in shapes}, allow_large_factor)
         for module, weights in sorted(grouped.items()):
+            if module not in shapes:
+                raise UserError(f"the base model has no {module} for the adapter's weights: is it the run's base?")
             name = kohya_name(model, module, unet_config)
-            left = "lokr_w1" if "lokr_w1" in weights else "lokr_w1_a"
-            for suffix, value in weights.items():
-                value = value * scale if suffix == left else value
+            rank, alpha = module_rank_alpha(config, module)
+            for suffix, value in lycoris_layout(weights, shapes[module], alpha / rank, rank).items():
                 out[f"{name}.{suffix}"] = value.to(dtype).contiguous()
-            out[f"{name}.alpha"] = torch.tensor(float(rank), dtype=dtype)
     return out
 
 
-def kohya_metadata(config: dict, base_model: str | None) -> dict[str, str]:
+def group_modules(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{module: {lokr_w1: fp32 tensor, ...}} from a peft LoKr state dict."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        module, suffix = split_peft_key(key)
+        grouped.setdefault(module, {})[suffix] = value.float()
+    return grouped
+
+
+def kohya_metadata(config: dict, base_model: str | None, conv_modules: Iterable[str] = ()) -> dict[str, str]:
+    """ss_* metadata; conv_dim / conv_alpha (LyCORIS's names) when the adapted convs share a rank of their own."""
     args = {"algo": "lokr", "factor": config.get("decompose_factor", -1)}
     if config.get("decompose_both"):
         args["decompose_both"] = True
+    conv = {module_rank_alpha(config, m) for m in conv_modules}
+    extra = {}
+    if len(conv) == 1 and conv != {(config["r"], config["alpha"])}:
+        (conv_rank, conv_alpha), *_ = conv
+        # Folded like ss_network_alpha: the stored alpha is the rank, peft's alpha kept beside it.
+        args.update(conv_dim=conv_rank, conv_alpha=conv_rank)
+        extra["difftune_peft_conv_alpha"] = str(conv_alpha)
     return {
         "ss_network_module": "lycoris.kohya",
         "ss_network_args": json.dumps(args),
@@ -107,6 +157,7 @@ def kohya_metadata(config: dict, base_model: str | None) -> dict[str, str]:
         # alpha / r is folded into w1; the stored alpha equals the rank (see the module docstring).
         "ss_network_alpha": str(config["r"]),
         "difftune_peft_alpha": str(config["alpha"]),
+        **extra,
         "ss_base_model_version": "sdxl_base_v1-0",
         "ss_sd_model_name": str(base_model or ""),
     }

@@ -23,6 +23,10 @@ from difftune.models import sgm_layout
 
 SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 FLOAT_CODES = {"F16", "BF16", "F32", "F64"}
+# fp8 bases (weight-only quantised files): their untouched tensors are copied as they are, a merged one is
+# written in the asked dtype (re-quantising it would need a scale the file format does not carry).
+FP8_CODES = {"F8_E4M3", "F8_E5M2"}
+CODE_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 
 
 @dataclass
@@ -119,17 +123,17 @@ def file_entries(path: Path, drop_vae: bool) -> list[Entry]:
     return entries
 
 
-def lokr_delta(config: dict, weights: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-    """peft's LoKr delta: (alpha / r) * kron(w1, w2), reshaped to the weight."""
+def lokr_delta(scale: float, weights: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """peft's LoKr delta: scale (the module's alpha / r) * kron(w1, w2), reshaped to the weight."""
     w1 = weights["lokr_w1"] if "lokr_w1" in weights else weights["lokr_w1_a"] @ weights["lokr_w1_b"]
     w2 = weights["lokr_w2"] if "lokr_w2" in weights else weights["lokr_w2_a"] @ weights["lokr_w2_b"]
     if w2.dim() == 4:
         w1 = w1[:, :, None, None]
-    return (config["alpha"] / config["r"]) * torch.kron(w1.float(), w2.float()).reshape(shape)
+    return scale * torch.kron(w1.float(), w2.float()).reshape(shape)
 
 
 def patches(adapters: dict[str, tuple[dict, dict[str, torch.Tensor]]], unet_config: dict) -> dict[str, list]:
-    """Output key -> [(row block of a fused in_proj or None, adapter config, the module's factors)]."""
+    """Output key -> [(row block of a fused in_proj or None, the module's alpha / r, the module's factors)]."""
     from difftune.formats import kohya
 
     out: dict[str, list] = {}
@@ -146,7 +150,8 @@ def patches(adapters: dict[str, tuple[dict, dict[str, torch.Tensor]]], unet_conf
                 key = sgm_layout.clip_l_key(key)
             else:
                 key, block = sgm_layout.clip_g_key(key)
-            out.setdefault(key, []).append((block, config, weights))
+            rank, alpha = kohya.module_rank_alpha(config, module)
+            out.setdefault(key, []).append((block, alpha / rank, weights))
     return out
 
 
@@ -159,26 +164,41 @@ def merged(entries: list[Entry], deltas: dict[str, list], dtype: torch.dtype) ->
         tensor = entry.load()
         if entry.key in deltas:
             tensor = tensor.float()
-            for block, config, weights in deltas[entry.key]:
+            for block, scale, weights in deltas[entry.key]:
                 if block is None:
-                    tensor += lokr_delta(config, weights, tuple(tensor.shape))
+                    tensor += lokr_delta(scale, weights, tuple(tensor.shape))
                 else:
                     rows = tensor.shape[0] // 3
                     part = tensor[block * rows : (block + 1) * rows]
-                    part += lokr_delta(config, weights, tuple(part.shape))
-        yield entry, (tensor.to(dtype) if entry.dtype in FLOAT_CODES else tensor)
+                    part += lokr_delta(scale, weights, tuple(part.shape))
+        code = stored_code(entry, deltas, dtype)
+        yield entry, (tensor.to(CODE_DTYPES[code]) if code != entry.dtype or code in FLOAT_CODES else tensor)
+
+
+def stored_code(entry: Entry, deltas: dict[str, list], dtype: torch.dtype) -> str:
+    """The dtype code the output stores `entry` in: the asked one for float weights and merged fp8 ones."""
+    if entry.dtype in FLOAT_CODES or (entry.dtype in FP8_CODES and entry.key in deltas):
+        return SAFETENSORS_DTYPES[dtype]
+    return entry.dtype
 
 
 def write_streaming(
-    path: Path, entries: list[Entry], tensors: Iterator[tuple[Entry, torch.Tensor]], dtype: torch.dtype, metadata: dict
+    path: Path,
+    entries: list[Entry],
+    tensors: Iterator[tuple[Entry, torch.Tensor]],
+    dtype: torch.dtype,
+    metadata: dict,
+    deltas: dict[str, list] | None = None,
 ) -> None:
     """A .safetensors file written tensor by tensor: header from the shapes first, then each tensor's bytes."""
-    code = SAFETENSORS_DTYPES[dtype]
     header: dict = {"__metadata__": metadata}
     offset = 0
     sizes = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+    sizes.update(dict.fromkeys(FP8_CODES, 1))
     for entry in entries:
-        stored = code if entry.dtype in FLOAT_CODES else entry.dtype
+        stored = stored_code(entry, deltas or {}, dtype)
+        if stored not in sizes:
+            raise UserError(f"{entry.key} is stored as {stored}, which the merged checkpoint cannot copy")
         size = math.prod(entry.shape) * sizes[stored]
         header[entry.key] = {"dtype": stored, "shape": list(entry.shape), "data_offsets": [offset, offset + size]}
         offset += size

@@ -91,16 +91,33 @@ def set_adapter_scale(peft_model: nn.Module, scale: float) -> None:
             module.set_scale("default", scale)
 
 
+def load_peft_model(base: nn.Module, folder: Path) -> nn.Module:
+    """PeftModel.from_pretrained's model, also for a LoKr whose factor shapes peft does not build itself (a run
+    started from such a LyCORIS file): the layers take the stored shapes before the weights load."""
+    from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from difftune.adapters import injection, lokr
+
+    config = PeftConfig.from_pretrained(str(folder))
+    config.inference_mode = True
+    model = PeftModel(base, config, adapter_name="default")
+    state = load_file(str(folder / injection.ADAPTER_WEIGHTS))
+    lokr.fit_factors(model, state)
+    result = set_peft_model_state_dict(model, state)
+    if result.unexpected_keys:
+        raise UserError(f"{folder} does not fit this base model's adapter ({result.unexpected_keys[0]})")
+    return model.eval()
+
+
 def load_adapters(pipe, family: str, checkpoint: Path, scale: float = 1.0, fuse: bool = False) -> list[str]:
     """Put the checkpoint's adapters (peft format) into the pipeline; returns the subfolders loaded."""
-    from peft import PeftModel
-
     holder, slots = adapter_slots(pipe, family)
     loaded = []
     for folder, attribute in slots.items():
         if not (checkpoint / folder).is_dir():
             continue
-        model = PeftModel.from_pretrained(getattr(holder, attribute), checkpoint / folder, adapter_name="default")
+        model = load_peft_model(getattr(holder, attribute), checkpoint / folder)
         if scale != 1.0:
             set_adapter_scale(model, scale)
         setattr(holder, attribute, model.merge_and_unload() if fuse else model.get_base_model())

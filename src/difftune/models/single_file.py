@@ -2,7 +2,8 @@
 
 diffusers reads such a file with `from_single_file`, taking the architecture's configs (and the tokenizers)
 from a diffusers model folder or Hub id, `--single_file_config`. A file may carry ComfyUI's prediction-type
-markers: a `v_pred` key means v-prediction, with `ztsnr` also zero terminal SNR.
+markers: a `v_pred` key means v-prediction, with `ztsnr` also zero terminal SNR; EDM markers are refused.
+A file is safetensors or pickle by its first bytes, whatever its name.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 from difftune.cli.errors import UserError
 from difftune.storage.hub import read_model_index
@@ -23,6 +26,17 @@ DEFAULT_CONFIG = "stabilityai/stable-diffusion-xl-base-1.0"
 FLAG = "--pretrained_model_name_or_path"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 VAE_PREFIX = "first_stage_model."
+SAFETENSORS_MAX_HEADER = 100 << 20  # the safetensors library refuses larger headers
+# OpenCLIP-G's projection: OpenCLIP stores it (hidden, projection), the matrix the pooled output multiplies.
+PROJECTION = "conditioner.embedders.1.model.text_projection"
+HIDDEN_NORM = "conditioner.embedders.1.model.ln_final.weight"
+# ComfyUI's EDM markers (supported_models.SDXL.model_type): a DDPM-schedule objective on these models is wrong.
+EDM_MARKERS = {
+    "edm_mean": "an EDM model with Playground v2.5's latent scaling",
+    "edm_std": "an EDM model with Playground v2.5's latent scaling",
+    "edm_vpred.sigma_max": "an EDM v-prediction model (as CosXL ships)",
+    "edm_vpred.sigma_min": "an EDM v-prediction model (as CosXL ships)",
+}
 
 
 def add_single_file_args(group: argparse._ArgumentGroup) -> None:
@@ -46,6 +60,7 @@ class SingleFile:
     has_vae: bool
     v_pred: bool
     ztsnr: bool
+    linear_projection: str | None = None  # the key holding PROJECTION in nn.Linear's orientation, if any
 
 
 def architecture(keys: set[str]) -> str:
@@ -75,26 +90,82 @@ def architecture(keys: set[str]) -> str:
     return "no checkpoint difftune knows"
 
 
+def content_kind(path: Path) -> str:
+    """The file's format ("safetensors", "pickle" or "unknown") from its first bytes: community files come named .sft,
+    .SAFETENSORS, even .ckpt, so the name proves nothing. safetensors starts with its header's length (8 bytes,
+    little-endian) and the header, a JSON object; torch.save writes a zip ("PK") or a pickle (0x80, protocol)."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) == 9:
+        length = int.from_bytes(head[:8], "little")
+        if 0 < length <= min(path.stat().st_size - 8, SAFETENSORS_MAX_HEADER) and head[8:] == b"{":
+            return "safetensors"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "pickle"
+    return "unknown"
+
+
+def linear_projection(handle, keys: set[str]) -> str | None:
+    """The key holding OpenCLIP-G's text projection in nn.Linear's (projection, hidden) orientation, if any:
+    ComfyUI's `text_projection.weight` spelling (which it reads that way), or the OpenCLIP name stored
+    untransposed (told by the shape; a square projection, as real SDXL's 1280x1280, cannot be told and is read
+    as OpenCLIP's, as diffusers and ComfyUI do)."""
+    if PROJECTION not in keys:
+        return PROJECTION + ".weight" if PROJECTION + ".weight" in keys else None
+    if HIDDEN_NORM not in keys:
+        return None
+    rows, cols = handle.get_slice(PROJECTION).get_shape()
+    hidden = handle.get_slice(HIDDEN_NORM).get_shape()[0]
+    return PROJECTION if rows != hidden and cols == hidden else None
+
+
 def inspect(path: str | Path, flag: str = FLAG) -> SingleFile:
     """Check that `path` is a safetensors SDXL checkpoint (reading its header only) and read its markers."""
     path = Path(path).expanduser()
-    if path.suffix.lower() in PICKLE_SUFFIXES:
+    kind = content_kind(path)
+    if kind == "pickle" or (kind == "unknown" and path.suffix.lower() in PICKLE_SUFFIXES):
         raise UserError(
-            f"{flag} {path} is a pickle checkpoint ({path.suffix}), which can run code when loaded: "
-            "difftune loads only .safetensors files (download or convert the model to .safetensors)"
+            f"{flag} {path} is a pickle checkpoint (PyTorch's .ckpt / .pt format, whatever its name), which can run "
+            "code when loaded: difftune loads only .safetensors files (download or convert the model to .safetensors)"
         )
     from safetensors import safe_open
 
+    unreadable = UserError(f"{flag} {path} is not a readable .safetensors file: pass an SDXL checkpoint")
+    if kind != "safetensors":
+        raise unreadable
     try:
         with safe_open(str(path), framework="pt") as handle:
             keys = set(handle.keys())
+            projection = linear_projection(handle, keys)
     except Exception:  # noqa: BLE001 - any unreadable header is the same user error
-        raise UserError(f"{flag} {path} is not a readable .safetensors file: pass an SDXL checkpoint") from None
+        raise unreadable from None
     kind = architecture(keys)
     if kind != "sdxl":
         raise UserError(f"{flag} {path} looks like {kind}, not an SDXL checkpoint: pass an SDXL base model")
+    for marker, meaning in EDM_MARKERS.items():
+        if marker in keys:
+            raise UserError(
+                f"{flag} {path} is {meaning} (its `{marker}` key, as ComfyUI reads it): difftune trains DDPM-schedule "
+                "SDXL only (epsilon or v_pred), and would train this one with the wrong objective; use a non-EDM "
+                "SDXL checkpoint"
+            )
     v_pred = "v_pred" in keys
-    return SingleFile(path, any(k.startswith(VAE_PREFIX) for k in keys), v_pred, v_pred and "ztsnr" in keys)
+    has_vae = any(k.startswith(VAE_PREFIX) for k in keys)
+    return SingleFile(path, has_vae, v_pred, v_pred and "ztsnr" in keys, projection)
+
+
+def read_state_dict(info: SingleFile) -> dict:
+    """The file's tensors, read as safetensors whatever its name, OpenCLIP-G's projection in OpenCLIP's
+    orientation (the one diffusers' conversion transposes)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(info.path))
+    if info.linear_projection is not None:
+        logger.info(
+            "%s stores %s in nn.Linear's orientation: transposed to OpenCLIP's", info.path.name, info.linear_projection
+        )
+        state[PROJECTION] = state.pop(info.linear_projection).T.contiguous()
+    return state
 
 
 @functools.cache
@@ -167,9 +238,15 @@ def load_pipeline(path: str | Path, config: str | None, vae=None, torch_dtype=No
     kwargs = {"vae": vae} if vae is not None else {}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
-    pipe = StableDiffusionXLPipeline.from_single_file(
-        str(info.path), config=str(folder), local_files_only=True, **kwargs
-    )
+    # from_single_file takes a path only, and picks its reader by the name's extension (".safetensors", case
+    # included, else torch.load): its one file reader gets our state dict instead, read by content and fixed
+    # (patch.object fails loudly should diffusers rename that reader).
+    state = read_state_dict(info)
+    reader = importlib.import_module("diffusers.loaders.single_file")
+    with mock.patch.object(reader, "load_single_file_checkpoint", lambda *_, **__: state):
+        pipe = StableDiffusionXLPipeline.from_single_file(
+            str(info.path), config=str(folder), local_files_only=True, **kwargs
+        )
     overrides = scheduler_overrides(info)
     if overrides:
         logger.info("%s marks itself %s: training and sampling with %s", info.path.name, _markers(info), overrides)

@@ -83,6 +83,9 @@ def damaged_checkpoint(directory: Path) -> str | None:
         expected = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return f"{path} is unreadable"
+    entries = expected.values() if isinstance(expected, dict) else [None]
+    if not all(isinstance(want, dict) and {"size", CHECKSUM} <= set(want) for want in entries):
+        return f"{path} is unreadable"  # (JSON, but not name -> digest: damaged all the same)
     return first_bad(directory, expected)
 
 

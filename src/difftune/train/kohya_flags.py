@@ -212,6 +212,8 @@ SDXL_SHAPES = {
 SDXL_SHAPES |= {"to_v": SDXL_SHAPES["to_k"], "proj_out": SDXL_SHAPES["proj_in"], "upsamplers.0.conv": [(640, 640),
                 (1280, 1280)]} | dict.fromkeys(("k_proj", "v_proj", "out_proj"), SDXL_SHAPES["q_proj"])  # fmt: skip
 
+SPATIAL_CONVS = {"conv1", "conv2", "downsamplers.0.conv", "upsamplers.0.conv"}  # (3x3 in SDXL)
+
 LORA_REFUSAL = (
     'this script trains LoKr (network_module = "lycoris.kohya" with network_args = ["algo=lokr"]); a LoRA '
     "trains on the Wuerstchen prior with scripts/train_wuerstchen_lora.py, not on SDXL here"
@@ -440,14 +442,12 @@ class Translation:
             self.put("text_encoder_target_modules", text_encoders, key)
         self.encoders_adapted = bool(text_encoders)
         convs = "conv1" in unet
-        rank, alpha = self.current("rank", 8), self.current("alpha", 8.0)
-        for name, same in (("conv_dim", rank), ("conv_alpha", alpha)):
-            if name in args and convs and self.number(key, float, args[name]) != float(same):
-                self.refused.append(
-                    f"network_args {name}={args[name]}: per-layer conv ranks and alphas are not supported yet "
-                    "(only conv_dim = network_dim and conv_alpha = network_alpha)"
-                )
-            args.pop(name, None)
+        for name, dest, kind in (("conv_dim", "conv_rank", int), ("conv_alpha", "conv_alpha", float)):
+            value = self.number(key, kind, args.pop(name)) if name in args else None
+            if value and convs:  # (LyCORIS reads 0 as "the linear layers' value")
+                self.put(dest, value, key)
+            elif value:
+                self.noted[f"network_args {name}"] = f"preset {preset} adapts no 3x3 conv layer"
         for name in ("use_tucker", "use_cp", "use_conv_cp"):
             if self.switch(key, args.pop(name, False)):
                 self.refused.append(f"network_args {name}: Tucker conv factors are not supported")
@@ -478,32 +478,41 @@ class Translation:
         )
         if trains_encoders:
             targets += list(self.current("text_encoder_target_modules", []))
-        full, split, swapped = 0, 0, set()
+        # Spatial convs train at conv_dim / conv_alpha (LyCORIS's rule: a 1x1 conv is a linear layer to it).
+        groups = {"": (rank, alpha), "conv_": (self.current("conv_rank") or rank, self.current("conv_alpha") or alpha)}
+        counts = {group: [0, 0] for group in groups}  # layers with both factors full, with one split
+        swapped = set()
         for target in targets:
+            group = "conv_" if target in SPATIAL_CONVS else ""
+            group_rank = groups[group][0]
             for out_dim, in_dim in SDXL_SHAPES.get(target, []):
                 ours = [factorize(d, factor, lycoris=False) for d in (out_dim, in_dim)]
                 theirs = [factorize(d, factor, lycoris=True) for d in (out_dim, in_dim)]
                 if ours != theirs:
                     swapped.add(min(out_dim, in_dim))
                 (a, b), (c, d) = theirs
-                w1_full = not (both and rank < max(a, c) / 2)
-                w2_full = rank >= max(b, d) / 2
-                full, split = full + (w1_full and w2_full), split + (not (w1_full and w2_full))
+                full = not (both and group_rank < max(a, c) / 2) and group_rank >= max(b, d) / 2
+                counts[group][0 if full else 1] += 1
         if swapped:
             self.refused.append(
                 f"network_args factor={factor} is above sqrt({min(swapped)}): LyCORIS then swaps the two factors, "
                 "peft does not; use a factor up to its square root"
             )
-        elif full and float(alpha) != float(rank):
+            return
+        for group, (group_rank, group_alpha) in groups.items():
+            full, split = counts[group]
+            if not full or float(group_alpha) == float(group_rank):
+                continue
             if split:
+                names = ("conv_alpha", "conv_dim") if group else ("network_alpha", "network_dim")
                 self.refused.append(
-                    f"network_alpha {alpha:g} with network_dim {rank} and factor {factor}: LyCORIS scales the {full} "
-                    f"SDXL layers whose two factors are both full by 1 and the other {split} by alpha/dim, peft every "
-                    "layer by alpha/rank: set network_alpha = network_dim (scale 1 everywhere, in LyCORIS too), or a "
-                    "rank and factor that split every layer"
+                    f"{names[0]} {group_alpha:g} with {names[1]} {group_rank} and factor {factor}: LyCORIS scales the "
+                    f"{full} SDXL layers whose two factors are both full by 1 and the other {split} by alpha/dim, peft "
+                    f"every layer by alpha/rank: set {names[0]} = {names[1]} (scale 1 everywhere, in LyCORIS too), or "
+                    "a rank and factor that split every layer"
                 )
             else:  # every factor full: LyCORIS's scale is 1 whatever the alpha
-                self.out["alpha"] = float(rank)
+                self.out[group + "alpha"] = float(group_rank)
 
     def text_encoder_rate(self) -> float | None:
         """kohya's text-encoder rate: text_encoder_lr (a list: its first, as LyCORIS reads it), else learning_rate."""

@@ -24,9 +24,9 @@ logger = logging.getLogger("difftune")
 REFUSED = frozenset(
     {
         # the adapter
-        "rank", "alpha", "lora_alpha", "target_modules", "decompose_both", "decompose_factor", "lokr_init",
-        "rank_dropout", "module_dropout", "lora_dropout", "train_text_encoder", "text_encoder_target_modules",
-        "prior_subfolder",
+        "rank", "alpha", "conv_rank", "conv_alpha", "lora_alpha", "target_modules", "decompose_both",
+        "decompose_factor", "lokr_init", "rank_dropout", "module_dropout", "lora_dropout", "train_text_encoder",
+        "text_encoder_target_modules", "prior_subfolder",
         # the objective
         "prediction_type", "snr_gamma", "loss_weighting", "p2_k", "p2_gamma", "noise_offset", "timestep_bias_strategy",
         "timestep_bias_multiplier",

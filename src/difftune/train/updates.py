@@ -123,7 +123,7 @@ def is_elementwise(value: object) -> bool:
 
 
 def split_state(state: dict, sizes: list[int]) -> list[dict]:
-    """A packed parameter's state cut into its members' (scalars are shared)."""
+    """A packed parameter's state cut into its members' (scalars copied to each: the optimizer steps its own)."""
     total = sum(sizes)
     for key, value in state.items():
         if is_elementwise(value) and value.numel() != total:
@@ -132,7 +132,7 @@ def split_state(state: dict, sizes: list[int]) -> list[dict]:
     for key, value in state.items():
         chunks = value.reshape(-1).split(sizes) if is_elementwise(value) else [value] * len(sizes)
         for part, chunk in zip(parts, chunks, strict=True):
-            part[key] = chunk.clone() if is_elementwise(value) else chunk
+            part[key] = chunk.clone() if torch.is_tensor(chunk) else chunk
     return parts
 
 
