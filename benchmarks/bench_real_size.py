@@ -56,17 +56,24 @@ LAYERS = [
     (1280, 1280, 77),
 ]
 VARIANTS = ("floor", "peft", "factored")
+# (channels, side) of SDXL-base's 3x3 resnet convs at 256 px (32x32 latents): --conv_rank's layers. Their LoKr
+# runs peft's conv path in every variant (the factored forward is for Linear layers).
+CONV_LAYERS = [(320, 32), (640, 16), (1280, 8)]
 PRIOR_VARIANTS = ("prior-floor", "prior-lora")
 CASCADE_VARIANTS = ("cascade-floor", "cascade-lora")
 LITE_VARIANTS = ("lite-floor", "lite-lora")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def lokr(model: nn.Module, targets: list[str], rank: int = 8) -> nn.Module:
+def lokr(model: nn.Module, targets: list[str], rank: int = 8, rank_pattern: dict | None = None) -> nn.Module:
     from peft import LoKrConfig, get_peft_model
 
     model.requires_grad_(False)
-    return get_peft_model(model, LoKrConfig(r=rank, alpha=rank, target_modules=targets, init_weights=False))
+    pattern = rank_pattern or {}
+    config = LoKrConfig(
+        r=rank, alpha=rank, rank_pattern=pattern, alpha_pattern=pattern, target_modules=targets, init_weights=False
+    )
+    return get_peft_model(model, config)
 
 
 def set_variant(peft_model: nn.Module, variant: str) -> None:
@@ -118,7 +125,7 @@ def report(name: str, times: dict[str, list[float]]) -> None:
     print(f"{name:<28} " + " | ".join(cells), flush=True)
 
 
-def layers(repeats: int) -> None:
+def layers(repeats: int, conv_rank: int | None = None) -> None:
     print("per layer, fwd+bwd, min / median, ratio of mins to the frozen layer (LoKr r8)")
     for in_features, out_features, tokens in LAYERS:
         model = lokr(nn.Sequential(nn.Linear(in_features, out_features)), ["0"])
@@ -127,6 +134,21 @@ def layers(repeats: int) -> None:
             return (torch.randn(1, tokens, in_features, requires_grad=True),), {}
 
         report(f"Linear {in_features}->{out_features} x{tokens}", interleaved(model, make_inputs, repeats))
+    if conv_rank is None:
+        return
+    print(f"mixed ranks: one model, Linear at r8 beside a 3x3 conv at --conv_rank {conv_rank} (peft's rank_pattern)")
+    for channels, side in CONV_LAYERS:
+        block = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.Flatten(2))
+        model = nn.ModuleDict({"conv": block, "linear": nn.Linear(channels, channels)})
+        model.forward = lambda x, m=model: m["linear"](m["conv"](x).transpose(1, 2))
+        adapted = lokr(model, ["conv.0", "linear"], rank=8, rank_pattern={"conv.0": conv_rank})
+        conv = adapted.base_model.model["conv"][0]
+        assert conv.r["default"] == conv_rank and adapted.base_model.model["linear"].r["default"] == 8
+
+        def make_inputs(channels=channels, side=side):
+            return (torch.randn(1, channels, side, side, requires_grad=True),), {}
+
+        report(f"Conv3x3+Linear {channels} {side}x{side}", interleaved(adapted, make_inputs, repeats))
 
 
 def unet_inputs():
@@ -316,14 +338,17 @@ def save_real_sdxl(directory: Path) -> None:
     (directory / "complete").touch()
 
 
-def script(real_dir: Path, steps: int) -> None:
-    print("train_sdxl_lokr.py on a random real-size SDXL from disk, cached encodings, 256 px, batch 1, LoKr r8")
+def script(real_dir: Path, steps: int, conv_rank: int | None = None) -> None:
+    mixed = [] if conv_rank is None else ["--target_modules", "to_q,to_k,to_v,to_out.0,conv1,conv2",
+                                          "--conv_rank", str(conv_rank)]  # fmt: skip
+    print("train_sdxl_lokr.py on a random real-size SDXL from disk, cached encodings, 256 px, batch 1, LoKr r8",
+          *mixed)  # fmt: skip
     save_real_sdxl(real_dir)
     (floor,) = measured_in_child("script-floor", "--real_dir", str(real_dir))
     command = [
         sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--script", "sdxl", "--assets", str(real_dir),
         "--cached", "--resolution", "256", "--batch_size", "1", "--steps", str(steps), "--warmup", "2",
-        "--frozen_floor", "--no_comparison",
+        "--frozen_floor", "--no_comparison", *mixed,
     ]  # fmt: skip
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     print(out[out.index("== ") :].rstrip())
@@ -488,6 +513,11 @@ def main() -> None:
         default=None,
     )
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--conv_rank", type=int, default=None,
+        help="--only layers: also SDXL's 3x3 convs at this rank beside Linears at r8; --only script: also train "
+        "conv1,conv2 at it (--conv_rank)",
+    )  # fmt: skip
     parser.add_argument("--script_steps", type=int, default=10, help="--only script: steps (2 of them warm-up).")
     parser.add_argument(
         "--real_dir", type=Path, default=ROOT / "work_dirs" / "real-size-sdxl", help="Where the real-size SDXL is kept."
@@ -508,7 +538,7 @@ def main() -> None:
     if args.only in (None, "memory"):
         memory()  # first, for the same reason as in wuerstchen()
     if args.only in (None, "layers"):
-        layers(args.repeats)
+        layers(args.repeats, args.conv_rank)
     if args.only in (None, "unet"):
         unet(max(1, args.repeats // 2))
     if args.only in (None, "wuerstchen"):
@@ -520,7 +550,7 @@ def main() -> None:
     if args.only in (None, "cascade", "cascade-lite"):
         stable_cascade(max(1, args.repeats // 2), lite_only=args.only == "cascade-lite")
     if args.only in (None, "script"):
-        script(args.real_dir, args.script_steps)
+        script(args.real_dir, args.script_steps, args.conv_rank)
     if args.only in (None, "export"):
         export_checkpoint(args.real_dir)
 

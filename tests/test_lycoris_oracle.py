@@ -205,3 +205,32 @@ def test_dora_and_tucker_files_are_one_line_refusals(network_args, message, pres
     assert run_main("train_sdxl_lokr", sdxl_args(assets, tmp_path / "out", "--init_adapter", path, steps=1)) == 2
     line = one_line_error(capsys)
     assert message in line and "start from a LoKr trained without" in line
+
+
+def test_a_layout_peft_does_not_build_trains_resumes_and_loads_for_inference(preset, base_models, assets, tmp_path):
+    """unbalanced_factorization: the run keeps the file's factor shapes through training, --resume_from_checkpoint
+    and infer.py's loader (a bare PeftModel.from_pretrained cannot build them)."""
+    from conftest import run_script
+    from helpers import adapter_weights
+
+    from difftune.generate import inference
+
+    network = lycoris_network(copy.deepcopy(base_models), preset, unbalanced_factorization=True)
+    path = tmp_path / "unbalanced.safetensors"
+    network.save_weights(str(path), torch.float32, None)
+    flags = ("--init_adapter", path)
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert run_script("train_sdxl_lokr", sdxl_args(assets, full, *flags, steps=2, checkpointing_steps=1)) == 0
+    argv = sdxl_args(assets, resumed, *flags, steps=2, checkpointing_steps=1)
+    assert run_script("train_sdxl_lokr", [*argv, "--max_train_steps", "1"]) == 0
+    assert run_script("train_sdxl_lokr", [*argv, "--resume_from_checkpoint", "latest"]) == 0
+    expected, got = adapter_weights(full / "step2"), adapter_weights(resumed / "step2")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    # w1 (out 8 of 32 = 8 x 4 unbalanced) as the file has it, not peft's 4 x 8
+    w1 = expected["unet/base_model.model.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lokr_w1"]
+    assert w1.shape == (8, 4)
+    model = inference.load_peft_model(copy.deepcopy(base_models)["unet"], full / "step2" / "unet")
+    layer = model.base_model.model.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
+    stored = {k.rsplit(".", 1)[-1]: v for k, v in expected.items() if ".attn1.to_q." in k and "down_blocks.1." in k
+              and "attentions.0." in k}  # fmt: skip
+    assert torch.equal(layer.lokr_w1["default"], stored["lokr_w1"])

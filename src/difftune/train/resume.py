@@ -102,6 +102,11 @@ def take_checkpoint_settings(args: argparse.Namespace, checkpoint: Path, num_pro
         )
     if seed is not None:
         args.seed = seed
+    if args_file.is_file() and getattr(args, "init_adapter", None) and saved.get("init_adapter"):
+        # The adapted modules came from the --init_adapter file (recorded by its attach_all), not from the flags.
+        for name in ("target_modules", "text_encoder_target_modules"):
+            if name in saved:
+                setattr(args, name, saved[name])
     changed = changed_flags(saved, args)
     refused = sorted(set(changed) & REFUSED)
     if refused:
