@@ -66,3 +66,14 @@ def test_the_kohya_export_reimports_to_the_same_deltas(conv_run, assets, tmp_pat
     argv = sdxl_args(assets, tmp_path / "again", "--init_adapter", exported, steps=1, lr="1e-30", checkpointing_steps=1)
     assert run_script("train_sdxl_lokr", argv) == 0
     assert_same_deltas(deltas(conv_run / "step2", assets), deltas(tmp_path / "again" / "step1", assets))
+
+
+def test_a_new_run_from_the_checkpoint_keeps_each_layers_rank(conv_run, assets, tmp_path):
+    argv = sdxl_args(
+        assets, tmp_path / "again", "--init_adapter", conv_run / "step2", steps=1, lr="1e-30", checkpointing_steps=1
+    )
+    assert run_script("train_sdxl_lokr", argv) == 0
+    assert_same_deltas(deltas(conv_run / "step2", assets), deltas(tmp_path / "again" / "step1", assets))
+    before, after = (json.loads((d / "unet" / "adapter_config.json").read_text())
+                     for d in (conv_run / "step2", tmp_path / "again" / "step1"))  # fmt: skip
+    assert after["rank_pattern"] == before["rank_pattern"] and after["alpha_pattern"] == before["alpha_pattern"]

@@ -111,7 +111,7 @@ def test_slugs_and_code_follow_githubs_rules() -> None:
 
 
 def test_every_kohya_name_has_its_row_in_the_kohya_table() -> None:
-    """docs/options.md's "kohya's training flags" names every kohya key that train/kohya_flags.py reads: a key
+    """docs/options.md's "kohya's training flags" names every kohya key that train/kohya_flags/ reads: a key
     added there gets its row (same meaning, converted, no effect or refused)."""
     from difftune.train import kohya_flags
 

@@ -251,7 +251,7 @@ MUTATIONS = [
     ),
     Mutation(
         "boundaries: kohya clash check misses --flag=value",
-        files("src/difftune/train/kohya_flags.py"),
+        files("src/difftune/train/kohya_flags/command_line.py"),
         'typed = [t for t in kept if t.partition("=")[0] in action.option_strings]',
         "typed = [t for t in kept if t in action.option_strings]",
         ("tests/test_boundaries.py::test_kohya_flags_with_equals_convert_and_clash_as_with_a_space",),
@@ -889,7 +889,7 @@ MUTATIONS = [
     ),
     Mutation(
         "diffusers flags: --scale_lr without the processes",
-        files("src/difftune/train/args.py"), "args.train_batch_size * num_processes\n", "args.train_batch_size\n",
+        files("src/difftune/train/args/*.py"), "args.train_batch_size * num_processes\n", "args.train_batch_size\n",
         ("tests/test_diffusers_flags.py", "-k", "scale_lr"),
         "a multi-GPU run trains at a rate diffusers' --scale_lr would have multiplied by the GPU count",
     ),
@@ -915,7 +915,7 @@ MUTATIONS = [
     ),
     Mutation(
         "diffusers flags: --push_to_hub offline found only after training",
-        files("src/difftune/train/args.py"), "    if args.push_to_hub and is_offline():\n", "    if False:\n",
+        files("src/difftune/train/args/*.py"), "    if args.push_to_hub and is_offline():\n", "    if False:\n",
         ("tests/test_diffusers_flags.py", "-k", "offline"),
         "a whole run trains, then its upload fails",
     ),
@@ -929,7 +929,7 @@ MUTATIONS = [
     # kohya's training config and flag names (issue 31)
     Mutation(
         "kohya: network_alpha read as the rank",
-        files("src/difftune/train/kohya_flags.py"),
+        files("src/difftune/train/kohya_flags/translation.py"),
         'self.put(alpha_dest, float(self.current("rank", 8)) if alpha == 0 else alpha, "network_alpha")',
         'self.put("rank", float(self.current("rank", 8)) if alpha == 0 else alpha, "network_alpha")',
         ("tests/test_kohya_config.py", "-k", "trains_what_kohya_would"),
@@ -937,20 +937,22 @@ MUTATIONS = [
     ),
     Mutation(
         "kohya: LyCORIS's factor ignored",
-        files("src/difftune/train/kohya_flags.py"), 'self.put("decompose_factor", -1 if factor < 0 else factor, key)',
+        files("src/difftune/train/kohya_flags/translation.py"),
+        'self.put("decompose_factor", -1 if factor < 0 else factor, key)',
         "pass",
         ("tests/test_kohya_config.py", "-k", "trains_what_kohya_would"),
         "network_args factor=8 trains peft's default factors near sqrt(dim): another adapter shape",
     ),
     Mutation(
         "kohya: the text encoders left out by default",
-        files("src/difftune/train/kohya_flags.py"), 'self.default("train_text_encoder", True, "")', "pass",
+        files("src/difftune/train/kohya_flags/translation.py"), 'self.default("train_text_encoder", True, "")', "pass",
         ("tests/test_kohya_config.py", "-k", "trains_what_kohya_would or leaves_out"),
         "ours trains the U-Net only by default; kohya trains the encoders unless network_train_unet_only",
     ),
     Mutation(
         "kohya: max_train_epochs beside the file's max_train_steps",
-        files("src/difftune/train/kohya_flags.py"), '            self.out.pop("max_train_steps", None)\n', "",
+        files("src/difftune/train/kohya_flags/translation.py"),
+        '            self.out.pop("max_train_steps", None)\n', "",
         ("tests/test_kohya_config.py", "-k", "overrides_max_train_steps"),
         "ours lets --max_train_steps win; kohya's epochs do: the run stops at the wrong length",
     ),

@@ -15,7 +15,6 @@ import hashlib
 import logging
 import math
 import signal
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from difftune.train.evaluation import eval_mode, evaluation_loss, held_out_split
 from difftune.train.objectives import batch_loss
 from difftune.train.resume import apply_optimizer_flags
 from difftune.train.run_setup import main_decides
+from difftune.train.stopping import StopRequest
 from difftune.train.updates import make_update
 
 logger = logging.getLogger("difftune")
@@ -90,38 +90,6 @@ def run_config(args: argparse.Namespace) -> dict:
 def _tracker_config(args: argparse.Namespace) -> dict:
     # Trackers take scalars only.
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in run_config(args).items()}
-
-
-class StopRequest:
-    """Ctrl-C / SIGTERM: finish the current step, save a checkpoint, exit (a second Ctrl-C aborts at once)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self.previous = {}
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def handle(self, signum: int, frame) -> None:
-        if self.signum:
-            raise KeyboardInterrupt
-        self.signum = signum
-        logger.warning("%s: finishing this step, then saving a checkpoint", signal.Signals(signum).name)
-
-    def agreed(self, accelerator) -> int:
-        """The signal any process got (processes must stop at the same step)."""
-        if accelerator.num_processes == 1:
-            return self.signum
-        flag = torch.tensor([self.signum], device=accelerator.device)
-        return int(accelerator.gather(flag).max().item())
 
 
 def gathered_losses(accelerator, losses: list[torch.Tensor]) -> tuple[float, bool]:

@@ -1,218 +1,30 @@
-"""kohya sd-scripts' training settings and flag names, read with kohya's meaning.
-
-A kohya training config (the TOML of kohya's `--output_config` / `--config_file`, or the one the kohya_ss GUI
-writes, in sections such as [model_arguments] and [optimizer_arguments]) comes in through `--config`
-(`translate`, the parser's `translate_settings`), kohya's flag names through the command line
-(`add_kohya_aliases`, `rewrite_argv`). Each kohya key is one of:
-
-- another name for one of our flags, same meaning (`network_dim` = `--rank`): an extra option string, in --help;
-- converted to our flags (`network_alpha`, `network_args`, `optimizer_type`, `max_train_epochs`, ...): a hidden
-  option, its value converted exactly as the config key's;
-- without effect on what trains here (attention kernels, loader processes, memory modes): accepted, named in one
-  note;
-- refused with its reason; all refusals in one error.
-
-Settings holding any kohya-only key are a kohya config: kohya's `--output_config` leaves out every value equal to
-kohya's default, so the keys it leaves out take kohya's defaults where ours differ (one note lists them).
-
-Imported while the training scripts build their parser: no torch here (--help must not wait for it).
-"""
+"""One set of kohya settings as our flags' dests (`Translation`, section by section), with its refusals and notes;
+`translate` for a --config file, `convert` for kohya's flags on a command line."""
 
 from __future__ import annotations
 
-import argparse
 import ast
 import difflib
 import logging
 import math
-import sys
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from pathlib import Path
 
-from difftune.cli.config_file import tokens_for
 from difftune.cli.errors import UserError
+from difftune.train.kohya_flags.keys import (
+    ALIASES,
+    IMAGE_CACHE,
+    KOHYA_LEARNING_RATE,
+    KOHYA_MAX_TRAIN_STEPS,
+    KOHYA_ONLY,
+    NOTED,
+    REFUSED,
+    SDXL,
+    TRIGGERS,
+)
+from difftune.train.kohya_flags.lycoris import PRESETS, SDXL_SHAPES, SPATIAL_CONVS, factorize
 
 logger = logging.getLogger("difftune")
-
-SDXL, WUERSTCHEN = "sdxl_lokr", "wuerstchen_lora"
-
-# kohya names of our flags, same meaning (kohya key -> our dest); a script gets those whose flag it has.
-ALIASES = {
-    "network_dim": "rank",
-    "network_weights": "init_adapter",
-    "vae": "pretrained_vae_model_name_or_path",
-    "min_snr_gamma": "snr_gamma",
-    "ip_noise_gamma": "input_perturbation",  # (kohya perturbs the input's noise only, as diffusers)
-    "debiased_estimation_loss": "debiased_estimation",
-    "lr_scheduler_num_cycles": "lr_num_cycles",
-    "lr_scheduler_power": "lr_power",
-    "sample_prompts": "validation_prompts_file",
-    "sample_every_n_steps": "validation_steps",
-    "save_every_n_steps": "checkpointing_steps",
-    "save_every_n_epochs": "checkpointing_epochs",
-    "cache_text_encoder_outputs": "cache_text_embeddings",
-    "cache_text_encoder_outputs_to_disk": "cache_text_embeddings",  # (our caches are on disk)
-    "caption_extention": "caption_extension",  # (kohya keeps its old misspelling)
-}
-# The image-encoding cache: kohya's latent cache is Wuerstchen's EfficientNet-embedding cache.
-IMAGE_CACHE = {SDXL: "cache_latents", WUERSTCHEN: "cache_image_embeddings"}
-
-METADATA = [f"metadata_{name}" for name in ("title", "author", "description", "license", "tags", "usage_hint",
-            "thumbnail", "merged_from", "trigger_phrase", "preprocessor", "is_negative_embedding")]  # fmt: skip
-DEEPSPEED_KEYS = ["deepspeed", "zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path",
-                  "offload_param_device", "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model",
-                  "fp16_master_weights_and_gradients"]  # fmt: skip
-# Keys that change nothing that trains here: accepted when set, named in one note (key -> why).
-NOTED = {
-    **dict.fromkeys(("xformers", "sdpa", "mem_eff_attn"), "attention kernel: PyTorch's SDPA is used"),
-    **dict.fromkeys(
-        ("max_data_loader_n_workers", "persistent_data_loader_workers"), "loader processes: --dataloader_num_workers"
-    ),
-    **dict.fromkeys(("lowram", "highvram", "cpu_offload_checkpointing", "fused_backward_pass"), "memory placement"),
-    "vae_batch_size": "batch size while caching latents",
-    **dict.fromkeys(("full_fp16", "full_bf16"), "half-precision adapter weights: they stay fp32 here"),
-    **dict.fromkeys(("fp8_base", "fp8_base_unet"), "fp8 frozen weights: they stay in --mixed_precision's dtype"),
-    "no_half_vae": "the SDXL VAE runs in fp32 here unless it is made for fp16",
-    **dict.fromkeys(("cache_info", "skip_cache_check"), "kohya's cache bookkeeping"),
-    "disable_mmap_load_safetensors": "how weight files are read",
-    **dict.fromkeys(("torch_compile", "dynamo_backend"), "compilation"),
-    **dict.fromkeys(("ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph"), "DDP tuning"),
-    "tokenizer_cache_dir": "a tokenizer download cache",
-    **dict.fromkeys(("console_log_simple", "console_log_level", "console_log_file"), "console logging"),
-    **dict.fromkeys(("log_prefix", "log_tracker_name", "wandb_run_name", "log_config"), "tracker naming"),
-    "wandb_api_key": "log in with `wandb login`",
-    **dict.fromkeys(("training_comment", "no_metadata", *METADATA), "kohya's file metadata"),
-    **dict.fromkeys(
-        ("save_state", "save_state_on_train_end", "save_last_n_epochs_state", "save_last_n_steps_state"),
-        "every checkpoint here holds the state to resume",
-    ),
-    **dict.fromkeys(("use_safetensors", "save_model_as"), "exported files are .safetensors (scripts/export.py)"),
-    "save_precision": "the exported precision is scripts/export.py --dtype",
-    "async_upload": "uploads",
-    **dict.fromkeys(
-        ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps"),
-        "the held-out loss is measured on every held-out image at each validation and checkpoint",
-    ),
-    **dict.fromkeys(("lr_scheduler_timescale", "lr_scheduler_min_lr_ratio"), "used by schedules not offered here"),
-    "sample_at_first": "validation images start at the first validation",
-    "dim_from_weights": "--init_adapter takes the rank from its file",
-}
-DEEPSPEED = "DeepSpeed is set in accelerate's config here (configs/accelerate/deepspeed_zero2.yaml)"
-HUB = "uploads: --push_to_hub --hub_model_id (once, at the end)"
-# Keys refused when set to anything but their neutral values (key -> (neutral values, why)); None, false, 0, ""
-# and [] are always neutral.
-REFUSED = {
-    "v2": ((), "Stable Diffusion 2 is not trained here"),
-    "zero_terminal_snr": ((), "not supported yet (a single-file v-pred base with its zsnr marker gets it)"),
-    "noise_offset_random_strength": ((), "a random noise-offset strength is not supported"),
-    "ip_noise_gamma_random_strength": ((), "a random input-perturbation strength is not supported"),
-    "adaptive_noise_scale": ((), "not supported"),
-    "min_timestep": ((), "a timestep range is not supported (--timestep_bias_strategy range weights one)"),
-    "max_timestep": ((1000,), "a timestep range is not supported (--timestep_bias_strategy range weights one)"),
-    "huber_scale": ((1, 1.0), "not supported (1.0 only)"),
-    "scale_v_pred_loss_like_noise_pred": ((), "not supported"),
-    "v_pred_like_loss": ((), "not supported"),
-    "weighted_captions": ((), "prompt weighting is not supported"),
-    "max_token_length": ((75,), "captions are encoded as one 77-token window, as diffusers does"),
-    "in_json": ((), "kohya's fine-tuning metadata: use a --dataset_config or metadata.jsonl"),
-    "dataset_repeats": ((1,), "repeats of in_json data: use '<repeats>_<name>' folders or a --dataset_config"),
-    "dataset_class": ((), "custom data-set classes are not supported"),
-    "conditioning_data_dir": ((), "ControlNet training's conditioning images"),
-    "debug_dataset": ((), "it shows the data instead of training"),
-    "network_train_text_encoder_only": ((), "the U-Net always trains here"),
-    "scale_weight_norms": ((), "max-norm regularisation is not supported"),
-    "base_weights": ((), "merging networks before training is not supported"),
-    "base_weights_multiplier": ((), "merging networks before training is not supported"),
-    "initial_epoch": ((1,), "start from a checkpoint with --resume_from_checkpoint"),
-    "initial_step": ((), "start from a checkpoint with --resume_from_checkpoint"),
-    "skip_until_initial_step": ((), "start from a checkpoint with --resume_from_checkpoint"),
-    "use_lion_optimizer": ((), "Lion is not offered (--optimizer: adamw, adamw8bit, prodigy, adafactor)"),
-    "lr_decay_steps": ((), "used by warmup_stable_decay only, which is not offered"),
-    "lr_scheduler_type": ((), "custom schedulers are not supported"),
-    "lr_scheduler_args": ((), "custom scheduler arguments are not supported"),
-    "save_n_epoch_ratio": ((), "use save_every_n_epochs"),
-    "resume": ((), "kohya's saved state cannot resume here: --resume_from_checkpoint takes our step<N>"),
-    "huggingface_repo_id": ((), HUB),
-    "huggingface_repo_type": ((), HUB),
-    "huggingface_path_in_repo": ((), HUB),
-    "huggingface_repo_visibility": ((), HUB),
-    "huggingface_token": ((), HUB),
-    "save_state_to_huggingface": ((), HUB),
-    "resume_from_huggingface": ((), HUB),
-    **dict.fromkeys(DEEPSPEED_KEYS, ((), DEEPSPEED)),
-    "config_file": ((), "difftune reads kohya's training config with --config FILE"),
-    "output_config": ((), "a run's args.json is its config (--config OUTPUT_DIR/step<N>/args.json)"),
-}
-# Keys converted here (beyond the aliases); on the command line they are hidden options.
-CONVERTED = (
-    "v_parameterization", "clip_skip", "network_module", "network_args", "network_alpha", "network_dropout",
-    "network_train_unet_only", "unet_lr", "optimizer_type", "optimizer_args", "max_train_epochs",
-    "sample_every_n_epochs", "sample_sampler", "log_with", "save_last_n_steps", "save_last_n_epochs",
-    "cache_latents_to_disk",
-)  # fmt: skip
-# Settings with any of these are a kohya config (kohya's names of our flags alone are not).
-TRIGGERS = (set(NOTED) | set(REFUSED) | set(CONVERTED)) - {"cache_latents_to_disk"}  # (an alias, but per script)
-KOHYA_ONLY = TRIGGERS | set(ALIASES)
-# kohya's store_true flags and its lists (nargs="*"): how many values each takes on the command line.
-SWITCHES = {
-    "v2", "v_parameterization", "network_train_unet_only", "network_train_text_encoder_only", "dim_from_weights",
-    "no_half_vae", "skip_until_initial_step", "cpu_offload_checkpointing", "no_metadata", "fp8_base_unet",
-    "use_lion_optimizer", "fused_backward_pass", "save_state_to_huggingface", "resume_from_huggingface",
-    "async_upload", "save_state", "save_state_on_train_end", "mem_eff_attn", "torch_compile", "xformers", "sdpa",
-    "persistent_data_loader_workers", "full_fp16", "full_bf16", "fp8_base", "ddp_gradient_as_bucket_view",
-    "ddp_static_graph", "log_config", "noise_offset_random_strength", "ip_noise_gamma_random_strength",
-    "zero_terminal_snr", "lowram", "highvram", "sample_at_first", "output_config", "disable_mmap_load_safetensors",
-    "cache_info", "debug_dataset", "cache_latents_to_disk", "skip_cache_check", "weighted_captions",
-    "scale_v_pred_loss_like_noise_pred", "use_safetensors", "console_log_simple", "deepspeed", "zero3_init_flag",
-    "zero3_save_16bit_model", "fp16_master_weights_and_gradients", "metadata_is_negative_embedding",
-}  # fmt: skip
-LISTS = {"network_args", "optimizer_args", "lr_scheduler_args", "base_weights", "base_weights_multiplier"}
-
-# kohya's defaults where ours differ (kohya's argparse defaults; network_dim: kohya's and LyCORIS's modules' 4).
-KOHYA_LEARNING_RATE = 2e-6
-KOHYA_MAX_TRAIN_STEPS = 1600
-
-# LyCORIS presets (lycoris.config.PRESET) on kohya's SDXL U-Net, by the diffusers names of the same layers: U-Net
-# targets, text-encoder targets. Its `conv_in` / `time_embedding` names match nothing in kohya's SDXL U-Net.
-ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
-TRANSFORMER = [*ATTN, "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
-RESNET_LINEAR = ["time_emb_proj", "conv_shortcut"]  # (a Linear and a 1x1 conv: adapted even without conv layers)
-CONVS = ["conv1", "conv2", "downsamplers.0.conv", "upsamplers.0.conv"]  # 3x3: only presets that enable convs
-TE_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
-TE_ALL = [*TE_ATTN, "fc1", "fc2"]
-PRESETS = {
-    "full": ([*TRANSFORMER, *RESNET_LINEAR, *CONVS], TE_ALL),
-    "full-lin": ([*TRANSFORMER, *RESNET_LINEAR], TE_ALL),
-    "attn-mlp": (TRANSFORMER, TE_ALL),
-    "attn-only": (ATTN, TE_ATTN),
-    "unet-only": ([*TRANSFORMER, *RESNET_LINEAR, *CONVS], []),
-    "unet-transformer-only": (TRANSFORMER, []),
-    "unet-convblock-only": ([*RESNET_LINEAR, *CONVS], []),
-}
-# SDXL's layer shapes (out, in) by target name: the U-Net's (transformers at 640 and 1280 channels, resnets at
-# 320 / 640 / 1280 with the up blocks' concatenated inputs) and both text encoders'.
-_RESNETS = [(320, 320), (640, 320), (640, 640), (1280, 640), (1280, 1280), (1280, 2560), (1280, 1920),
-            (640, 1920), (640, 1280), (640, 960), (320, 960), (320, 640)]  # fmt: skip
-SDXL_SHAPES = {
-    "to_q": [(640, 640), (1280, 1280)],
-    "to_k": [(640, 640), (1280, 1280), (640, 2048), (1280, 2048)],
-    "to_out.0": [(640, 640), (1280, 1280)],
-    "ff.net.0.proj": [(5120, 640), (10240, 1280)],
-    "ff.net.2": [(640, 2560), (1280, 5120)],
-    "proj_in": [(640, 640), (1280, 1280)],
-    "conv1": _RESNETS,
-    "conv2": [(320, 320), (640, 640), (1280, 1280)],
-    "time_emb_proj": [(320, 1280), (640, 1280), (1280, 1280)],
-    "conv_shortcut": [shape for shape in _RESNETS if shape[0] != shape[1]],
-    "downsamplers.0.conv": [(320, 320), (640, 640)],
-    "q_proj": [(768, 768), (1280, 1280)],
-    "fc1": [(3072, 768), (5120, 1280)],
-    "fc2": [(768, 3072), (1280, 5120)],
-}
-SDXL_SHAPES |= {"to_v": SDXL_SHAPES["to_k"], "proj_out": SDXL_SHAPES["proj_in"], "upsamplers.0.conv": [(640, 640),
-                (1280, 1280)]} | dict.fromkeys(("k_proj", "v_proj", "out_proj"), SDXL_SHAPES["q_proj"])  # fmt: skip
-
-SPATIAL_CONVS = {"conv1", "conv2", "downsamplers.0.conv", "upsamplers.0.conv"}  # (3x3 in SDXL)
 
 LORA_REFUSAL = (
     'this script trains LoKr (network_module = "lycoris.kohya" with network_args = ["algo=lokr"]); a LoRA '
@@ -710,25 +522,6 @@ class Translation:
         self.default("report_to", "none")
 
 
-def factorize(dim: int, factor: int, *, lycoris: bool) -> tuple[int, int]:
-    """(w1's side, w2's side) of one dimension, as peft's and LyCORIS's `factorization` split it: a factor that
-    divides the dimension is taken as is (LyCORIS: the smaller side first), else the divisor pair nearest the
-    factor (-1: nearest sqrt)."""
-    if factor > 0 and dim % factor == 0:
-        pair = (factor, dim // factor)
-        return (min(pair), max(pair)) if lycoris else pair
-    limit = dim if factor < 0 else factor
-    m, n = 1, dim
-    while m < n:
-        step = m + 1
-        while dim % step:
-            step += 1
-        if step > limit:
-            break
-        m, n = step, dim // step
-    return (min(m, n), max(m, n))
-
-
 def suggestion(key: str, known: Collection[str]) -> str:
     near = difflib.get_close_matches(key, list(known), n=1)
     return f" (did you mean {near[0]}?)" if near else ""
@@ -743,131 +536,3 @@ def translate(settings: dict, script: str, known: Collection[str] | None = None)
 def convert(settings: dict, script: str, context: dict) -> dict:
     """kohya flags of a command line as our dests, next to our flags' `context` values (no kohya defaults)."""
     return Translation(settings, script, config=False, context=context).run(None)
-
-
-# -- the command line ----------------------------------------------------------------------------------------------
-def add_option_strings(parser: argparse.ArgumentParser, flag: str, *names: str) -> None:
-    """Give our flag `flag` more names, shown in --help beside it ("--rank RANK, --network_dim RANK"). argparse
-    has no public way to add a name to an action: its option strings and the parser's index of them are extended."""
-    action = parser._option_string_actions[flag]
-    for name in names:
-        if name not in parser._option_string_actions:
-            action.option_strings.append(name)
-            parser._option_string_actions[name] = action
-
-
-def script_of(parser: argparse.ArgumentParser) -> str:
-    return SDXL if "--decompose_factor" in parser._option_string_actions else WUERSTCHEN
-
-
-def add_kohya_aliases(parser: argparse.ArgumentParser) -> None:
-    """kohya's names: the same-meaning ones beside our flags in --help, the converted ones as hidden options (their
-    values are converted by `rewrite_argv` before parsing); and the --config hook for kohya's training configs."""
-    script = script_of(parser)
-    aliases = dict(ALIASES)
-    aliases["cache_latents_to_disk"] = IMAGE_CACHE[script]
-    if script == WUERSTCHEN:
-        aliases["cache_latents"] = IMAGE_CACHE[script]
-    for kohya, dest in aliases.items():
-        if f"--{dest}" in parser._option_string_actions:
-            add_option_strings(parser, f"--{dest}", f"--{kohya}")
-    for key in sorted(KOHYA_ONLY - set(aliases)):
-        if f"--{key}" not in parser._option_string_actions:
-            nargs = 0 if key in SWITCHES else "*" if key in LISTS else None
-            kind = {"action": "store_true"} if nargs == 0 else {"nargs": nargs} if nargs else {}
-            parser.add_argument(f"--{key}", **kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    known = {option[2:] for option in parser._option_string_actions if option.startswith("--")}
-    parser.translate_settings = lambda settings: translate(settings, script, known)
-
-
-# Our flags a kohya flag overrides on the same command line (kohya: max_train_epochs over max_train_steps, ...).
-COMPANIONS = {
-    "max_train_epochs": ("max_train_steps",),
-    "unet_lr": ("learning_rate",),
-    "sample_every_n_epochs": ("validation_steps", "sample_every_n_steps"),
-}
-
-
-def rewrite_argv(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> list[str]:
-    """The command line with kohya's converted flags replaced by ours (after the rest: kohya's meaning wins over
-    the --config file's); a flag given both ways is refused."""
-    tokens = list(sys.argv[1:] if argv is None else map(str, argv))
-    script = script_of(parser)
-    aliases = {f"--{k}" for k, d in ALIASES.items() if f"--{d}" in parser._option_string_actions}
-    converted = {f"--{key}" for key in KOHYA_ONLY} - aliases - {"--cache_latents_to_disk"}
-    settings, kept, index = {}, [], 0
-    while index < len(tokens):
-        name, eq, inline = tokens[index].partition("=")
-        if name not in converted:
-            kept.append(tokens[index])
-            index += 1
-            continue
-        key, index = name[2:], index + 1
-        if key in SWITCHES:
-            settings[key] = True
-        elif eq:
-            settings[key] = [inline] if key in LISTS else inline
-        elif key in LISTS:
-            start = index
-            while index < len(tokens) and not tokens[index].startswith("--"):
-                index += 1
-            settings[key] = tokens[start:index]
-        else:
-            settings[key], index = (tokens[index] if index < len(tokens) else None), index + 1
-    if not settings:
-        return tokens
-    kept = take_companions(settings, kept)
-    context = peek(kept)
-    out = convert(settings, script, context)
-    added = []
-    for dest, value in out.items():
-        action = parser._option_string_actions.get(f"--{dest}")
-        if action is None:
-            raise UserError(f"--{dest} (from kohya's {', '.join(sorted(settings))}) is not a flag of this script")
-        typed = [t for t in kept if t.partition("=")[0] in action.option_strings]
-        if typed:
-            raise UserError(f"{typed[0].partition('=')[0]} and kohya's {', '.join(f'--{k}' for k in sorted(settings))}"
-                            f" both set --{dest}: pass one of them")  # fmt: skip
-        added += tokens_for(action, f"--{dest}", value)
-    return kept + added
-
-
-def take_companions(settings: dict, kept: list[str]) -> list[str]:
-    """Move our flags that a kohya flag overrides from the command line into its settings."""
-    remaining, index = [], 0
-    names = {f"--{c}": c for key in settings for c in COMPANIONS.get(key, ())}
-    while index < len(kept):
-        name, eq, inline = kept[index].partition("=")
-        if name in names:
-            value = inline if eq else (kept[index + 1] if index + 1 < len(kept) else None)
-            settings.setdefault(names[name], value)
-            index += 1 if eq else 2
-            continue
-        remaining.append(kept[index])
-        index += 1
-    return remaining
-
-
-def peek(tokens: list[str]) -> dict:
-    """Our flags' values on a command line that kohya's conversions depend on (rank, alpha, factor, schedules);
-    a value that is no number is left for argparse to name when it parses for real."""
-    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
-    kinds = {"rank": int, "alpha": float, "decompose_factor": int, "checkpointing_steps": int,
-             "checkpointing_epochs": int}  # fmt: skip
-    names = {"rank": ["--network_dim"], "checkpointing_steps": ["--save_every_n_steps"],
-             "checkpointing_epochs": ["--save_every_n_epochs"]}  # fmt: skip
-    for dest in kinds:
-        probe.add_argument(f"--{dest}", *names.get(dest, []), dest=dest, default=None)
-    for dest in ("decompose_both", "train_text_encoder"):
-        probe.add_argument(f"--{dest}", action="store_true", default=None)
-    try:
-        known, _ = probe.parse_known_args(tokens)
-    except argparse.ArgumentError:
-        return {}
-    values = {}
-    for dest, value in vars(known).items():
-        try:
-            values[dest] = kinds[dest](value) if dest in kinds and value is not None else value
-        except ValueError:
-            continue
-    return {k: v for k, v in values.items() if v is not None}
