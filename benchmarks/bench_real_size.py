@@ -136,19 +136,20 @@ def layers(repeats: int, conv_rank: int | None = None) -> None:
         report(f"Linear {in_features}->{out_features} x{tokens}", interleaved(model, make_inputs, repeats))
     if conv_rank is None:
         return
-    print(f"mixed ranks: one model, Linear at r8 beside a 3x3 conv at --conv_rank {conv_rank} (peft's rank_pattern)")
+    print(f"a 3x3 conv and a Linear in one model: both at r8, then the conv at --conv_rank {conv_rank} (rank_pattern)")
     for channels, side in CONV_LAYERS:
-        block = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.Flatten(2))
-        model = nn.ModuleDict({"conv": block, "linear": nn.Linear(channels, channels)})
-        model.forward = lambda x, m=model: m["linear"](m["conv"](x).transpose(1, 2))
-        adapted = lokr(model, ["conv.0", "linear"], rank=8, rank_pattern={"conv.0": conv_rank})
-        conv = adapted.base_model.model["conv"][0]
-        assert conv.r["default"] == conv_rank and adapted.base_model.model["linear"].r["default"] == 8
+        for rank in (8, conv_rank):
+            block = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.Flatten(2))
+            model = nn.ModuleDict({"conv": block, "linear": nn.Linear(channels, channels)})
+            model.forward = lambda x, m=model: m["linear"](m["conv"](x).transpose(1, 2))
+            adapted = lokr(model, ["conv.0", "linear"], rank=8, rank_pattern={"conv.0": rank})
+            assert adapted.base_model.model["conv"][0].r["default"] == rank
 
-        def make_inputs(channels=channels, side=side):
-            return (torch.randn(1, channels, side, side, requires_grad=True),), {}
+            def make_inputs(channels=channels, side=side):
+                return (torch.randn(1, channels, side, side, requires_grad=True),), {}
 
-        report(f"Conv3x3+Linear {channels} {side}x{side}", interleaved(adapted, make_inputs, repeats))
+            name = f"Conv3x3 r{rank}+Linear r8 {channels} {side}x{side}"
+            report(name, interleaved(adapted, make_inputs, repeats))
 
 
 def unet_inputs():

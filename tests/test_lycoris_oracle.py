@@ -234,3 +234,9 @@ def test_a_layout_peft_does_not_build_trains_resumes_and_loads_for_inference(pre
     stored = {k.rsplit(".", 1)[-1]: v for k, v in expected.items() if ".attn1.to_q." in k and "down_blocks.1." in k
               and "attentions.0." in k}  # fmt: skip
     assert torch.equal(layer.lokr_w1["default"], stored["lokr_w1"])
+    # ... and export.py writes it for ComfyUI / A1111 as it trained (LyCORIS's own loader reads no unbalanced file)
+    exported = tmp_path / "exported.safetensors"
+    assert run_script("export", ["--checkpoint", full / "step2", "--out", exported, "--allow_large_factor"]) == 0
+    name = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"  # (down_blocks.1.attentions.0 in SGM names)
+    comfyui = comfyui_delta(load_file(str(exported)), name, layer.get_base_layer().weight.shape)
+    assert (comfyui - layer.get_delta_weight("default")).abs().max() <= 1e-6 * comfyui.abs().max()
