@@ -11,7 +11,7 @@ from test_init_adapter import assert_same_deltas, deltas
 
 # The tiny UNet's 3x3 convs (conv1, conv2) at rank 2, alpha 1; its 1x1 shortcut and attention at rank 4, alpha 8.
 FLAGS = ("--target_modules", "to_q,to_k,conv1,conv2,conv_shortcut", "--rank", "4", "--alpha", "8",
-         "--conv_rank", "2", "--conv_alpha", "1")  # fmt: skip
+         "--conv_rank", "2", "--conv_alpha", "1", "--use_ema")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +54,11 @@ def test_a_resumed_conv_rank_run_equals_the_uninterrupted_one(conv_run, assets, 
     argv = sdxl_args(assets, resumed, *FLAGS, steps=2, checkpointing_steps=1)
     assert run_script("train_sdxl_lokr", [*argv, "--max_train_steps", "1"]) == 0
     assert run_script("train_sdxl_lokr", [*argv, "--resume_from_checkpoint", "latest"]) == 0
-    expected, got = adapter_weights(conv_run / "step2"), adapter_weights(resumed / "step2")
-    assert expected.keys() == got.keys()
-    for key in expected:
-        assert torch.equal(expected[key], got[key]), key
+    for sub in ("step2", "step2/ema"):  # the EMA of mixed-rank weights too
+        expected, got = adapter_weights(conv_run / sub), adapter_weights(resumed / sub)
+        assert expected.keys() == got.keys()
+        for key in expected:
+            assert torch.equal(expected[key], got[key]), (sub, key)
 
 
 def test_the_kohya_export_reimports_to_the_same_deltas(conv_run, assets, tmp_path):
