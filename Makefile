@@ -6,7 +6,7 @@ ASSETS := work_dirs/tiny_assets
 DEMO := work_dirs/demo
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv assets demo test test-fast lint clean bench-real mutation-check
+.PHONY: venv assets demo test test-fast lint clean bench-real mutation-check mutation-auto
 
 venv: $(VENV)/.installed
 
@@ -50,3 +50,14 @@ bench-real: venv
 # not part of `make test`). Some only: ARGS="--only export"; snippets still found after a merge: ARGS="--check".
 mutation-check: venv
 	$(BIN)/python tools/mutation_check.py $(ARGS)
+
+# mutmut over whole modules, each against the fast tests that coverage says run it, one worker (minutes per
+# module; not part of `make test`); survivors and their diffs in work_dirs/mutation/report.md. Dev tools from
+# requirements-dev.txt, installed for this target only. Example: MODULES="src/difftune/data/captions.py".
+MODULES ?= src/difftune/data/captions.py
+mutation-auto: $(VENV)/.installed-dev
+	$(BIN)/python tools/mutation_auto.py $(MODULES) $(ARGS)
+
+$(VENV)/.installed-dev: requirements-dev.txt $(VENV)/.installed
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $@
