@@ -39,7 +39,7 @@ COVERAGE_DATA = WORK / "coverage.sqlite"
 COVERAGE_MAP = WORK / "tests_by_module.json"
 MODEL_TESTS = WORK / "tests_with_models.json"  # the tests that load the tiny models (the `assets` fixture): slow
 REPORT = WORK / "report.md"
-SURVIVOR_TESTS = "tests/test_mutation_survivors.py"  # the tests written for survivors (`--retest` adds them)
+SURVIVOR_TESTS = "tests/test_mutation_survivors*.py"  # the tests written for survivors (`--retest` adds them)
 KILLED = {"killed", "caught by type check"}
 UNCAUGHT = ("survived", "no tests")  # "no tests": no selected test runs the mutated function
 
@@ -200,7 +200,9 @@ def prepare_retest(module: str) -> tuple[Path, list[str], list[str]]:
     uncaught = [name for name, status in before.items() if status in UNCAUGHT]
     copy_files(tree, [name for name in repo_files() if name.startswith("tests/")])
     tests = selected_tests(tree)
-    tests += [SURVIVOR_TESTS] if SURVIVOR_TESTS not in tests else []
+    tests += sorted(
+        str(t.relative_to(ROOT)) for t in ROOT.glob(SURVIVOR_TESTS) if str(t.relative_to(ROOT)) not in tests
+    )
     configure(tree, module, tests)
     return tree, tests, uncaught
 
