@@ -937,7 +937,7 @@ MUTATIONS = [
     ),
     Mutation(
         "kohya: LyCORIS's factor ignored",
-        files("src/difftune/train/kohya_flags/translation.py"),
+        files("src/difftune/train/kohya_flags/lycoris.py"),
         'self.put("decompose_factor", -1 if factor < 0 else factor, key)',
         "pass",
         ("tests/test_kohya_config.py", "-k", "trains_what_kohya_would"),
