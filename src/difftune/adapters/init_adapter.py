@@ -114,11 +114,7 @@ def read_folder(path: Path, names: Sequence[str]) -> dict[str, Source]:
 
 def comfyui_scale(weights: dict[str, torch.Tensor]) -> float:
     """s of ComfyUI's / A1111's LoKr rule: alpha / dim with a stored alpha and a split factor, else 1."""
-    dim = None
-    if "lokr_w2_b" in weights:
-        dim = weights["lokr_w2_b"].shape[0]
-    elif "lokr_w1_b" in weights:
-        dim = weights["lokr_w1_b"].shape[0]
+    dim = split_rank(weights)
     alpha = weights.get("alpha")
     return float(alpha) / dim if alpha is not None and dim is not None else 1.0
 
