@@ -37,6 +37,7 @@ BIN = Path(sys.executable).parent
 WORK = ROOT / "work_dirs" / "mutation"
 COVERAGE_DATA = WORK / "coverage.sqlite"
 COVERAGE_MAP = WORK / "tests_by_module.json"
+MEASURED_TESTS = WORK / "measured_tests.json"  # every test the map has measured, covering or not
 MODEL_TESTS = WORK / "tests_with_models.json"  # the tests that load the tiny models (the `assets` fixture): slow
 REPORT = WORK / "report.md"
 SURVIVOR_TESTS = "tests/test_mutation_survivors*.py"  # the tests written for survivors (`--retest` adds them)
@@ -91,31 +92,40 @@ def function_lines(path: Path) -> set[int]:
     return lines
 
 
-def coverage_map(modules: list[str], refresh: bool) -> dict[str, list[str]]:
-    """{module path: sorted node ids of the fast tests that run a line of its functions}, cached."""
-    cached = json.loads(COVERAGE_MAP.read_text()) if COVERAGE_MAP.is_file() else {}
-    if not refresh and all(module in cached for module in modules):
+def coverage_map(modules: list[str], refresh: bool, now: set[str]) -> dict[str, list[str]]:
+    """{module path: sorted node ids of the fast tests that run a line of its functions}, cached. Tests collected
+    `now` but never measured (added since) are measured on their own and merged in; `refresh` measures them all."""
+    cached = {} if refresh or not COVERAGE_MAP.is_file() else json.loads(COVERAGE_MAP.read_text())
+    measured = set(json.loads(MEASURED_TESTS.read_text())) if cached and MEASURED_TESTS.is_file() else set()
+    measured |= {test for tests in cached.values() for test in tests}
+    new = sorted(now - measured)
+    if cached and not new:
         return cached
     import coverage
 
-    print("measuring which fast tests cover which module (one pytest run under coverage) ...", flush=True)
+    print(f"measuring which of {len(new)} fast tests cover which module (pytest under coverage) ...", flush=True)
     COVERAGE_DATA.unlink(missing_ok=True)
-    env = {**os.environ, "MUTATION_AUTO_COVERAGE": str(COVERAGE_DATA), "MUTATION_AUTO_MODELS": str(MODEL_TESTS)}
+    heavy_now = WORK / "tests_with_models.new.json"
+    env = {**os.environ, "MUTATION_AUTO_COVERAGE": str(COVERAGE_DATA), "MUTATION_AUTO_MODELS": str(heavy_now)}
     env["PYTHONPATH"] = str(ROOT / "tools")
     command = [sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "mutation_auto", "-p", "no:cacheprovider"]
-    subprocess.run(command, cwd=ROOT, env=env, check=False, stdout=subprocess.DEVNULL)
+    subprocess.run(command + (new if cached else []), cwd=ROOT, env=env, check=False, stdout=subprocess.DEVNULL)
+    heavy = set(json.loads(MODEL_TESTS.read_text())) if cached and MODEL_TESTS.is_file() else set()
+    MODEL_TESTS.write_text(json.dumps(sorted(heavy | set(json.loads(heavy_now.read_text()))), indent=1))
     data = coverage.CoverageData(basename=str(COVERAGE_DATA))
     data.read()
-    tests_by_module = {}
-    for measured in data.measured_files():
-        path = Path(measured).resolve()
+    tests_by_module = {module: [test for test in tests if test in now] for module, tests in cached.items()}
+    for measured_file in data.measured_files():
+        path = Path(measured_file).resolve()
         if not path.is_relative_to(ROOT / "src") or not path.is_file():  # (a file moved since)
             continue
         inside = function_lines(path)
-        contexts = data.contexts_by_lineno(measured)
+        contexts = data.contexts_by_lineno(measured_file)
         tests = {test for line in inside for test in contexts.get(line, []) if test}
-        tests_by_module[str(path.relative_to(ROOT))] = sorted(tests)
+        module = str(path.relative_to(ROOT))
+        tests_by_module[module] = sorted(set(tests_by_module.get(module, [])) | tests)
     COVERAGE_MAP.write_text(json.dumps(tests_by_module, indent=1, sort_keys=True))
+    MEASURED_TESTS.write_text(json.dumps(sorted(measured | set(new)), indent=1))
     return tests_by_module
 
 
@@ -188,7 +198,7 @@ def selected_tests(tree: Path) -> list[str]:
     return json.loads(line.removeprefix(key))
 
 
-def prepare_retest(module: str) -> tuple[Path, list[str], list[str]]:
+def prepare_retest(module: str, survivor_tests: str = SURVIVOR_TESTS) -> tuple[Path, list[str], list[str]]:
     """The module's tree of the last run with today's tests copied in and SURVIVOR_TESTS added to its selection,
     and the mutants it did not catch: (tree, tests, mutant names to run again)."""
     tree = tree_of(module)
@@ -201,7 +211,7 @@ def prepare_retest(module: str) -> tuple[Path, list[str], list[str]]:
     copy_files(tree, [name for name in repo_files() if name.startswith("tests/")])
     tests = selected_tests(tree)
     tests += sorted(
-        str(t.relative_to(ROOT)) for t in ROOT.glob(SURVIVOR_TESTS) if str(t.relative_to(ROOT)) not in tests
+        str(t.relative_to(ROOT)) for t in ROOT.glob(survivor_tests) if str(t.relative_to(ROOT)) not in tests
     )
     configure(tree, module, tests)
     return tree, tests, uncaught
@@ -273,27 +283,32 @@ def main() -> int:
     parser.add_argument("--min-tests", type=int, default=10, help="Tiny-model tests fill the selection up to this.")
     parser.add_argument("--retest", action="store_true", help=f"The last run's survivors again, with {SURVIVOR_TESTS}.")
     parser.add_argument("--report-only", action="store_true", help="Only write the report from the last runs.")
+    parser.add_argument("--with-tests", default=SURVIVOR_TESTS, help="The test files --retest adds (a glob).")
+    parser.add_argument("--report", type=Path, default=REPORT, help="Where to write the report.")
     parser.add_argument("--assets", type=Path, help="Tiny assets to reuse (default: built once under work_dirs/).")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
 
-    tests_by_module = coverage_map(args.modules, args.refresh_coverage)
+    first_run = not (args.retest or args.report_only)  # the others take the tests their tree already has
+    now = collected_tests() if first_run else set()
+    tests_by_module = coverage_map(args.modules, args.refresh_coverage, now) if first_run else {}
     assets = args.assets or WORK / "assets"
     if not (assets / ".done").is_file():
         subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_assets.py"), str(assets)], check=True)
         (assets / ".done").touch()
 
-    sections, rows, now = [], [], collected_tests()
+    sections, rows = [], []
     for module in args.modules:
         if args.report_only:
             tree, names = tree_of(module), []
             tests = selected_tests(tree)
         elif args.retest:
-            tree, tests, names = prepare_retest(module)
+            tree, tests, names = prepare_retest(module, args.with_tests)
         else:
             tests, names = select_tests(module, tests_by_module, args.min_tests, now), []
             tree = prepare_tree(module, tests)
-        print(f"{module}: {len(tests)} of {len(tests_by_module.get(module, []))} covering tests", flush=True)
+        covering = f" of {len(tests_by_module[module])} covering" if module in tests_by_module else ""
+        print(f"{module}: {len(tests)}{covering} tests", flush=True)
         log = tree / ("mutmut-retest.log" if args.retest else "mutmut.log")
         run = tests and not args.report_only and (names or not args.retest)
         seconds = run_mutmut(tree, assets.resolve(), log, names) if run else 0.0
@@ -305,8 +320,8 @@ def main() -> int:
         sections.append(report_section(module, len(tests), seconds, statuses, tree))
         rows.append(summary_row(module, statuses))
         print(rows[-1], flush=True)
-        REPORT.write_text("\n".join(["# Mutation survivors (mutmut)", "", HEADER, *rows, "", *sections]))  # each time
-    print(f"report: {REPORT.relative_to(ROOT)}")
+        args.report.write_text("\n".join(["# Mutation survivors (mutmut)", "", HEADER, *rows, "", *sections]))
+    print(f"report: {args.report}")
     return 0
 
 
