@@ -44,6 +44,28 @@ def files(*patterns: str) -> tuple[str, ...]:
 
 
 MUTATIONS = [
+    # grown from `make mutation-auto` survivors (docs/mutation.md): kohya's caption rules at their edges
+    Mutation(
+        "captions: a draw equal to the dropout rate drops",
+        files("src/difftune/data/captions.py"),
+        "rng.random() < self.dropout_rate", "rng.random() <= self.dropout_rate",
+        ("tests/test_mutation_survivors_captions.py",),
+        "kohya drops a caption when the draw is below the rate: `<=` drops slightly more than asked",
+    ),
+    Mutation(
+        "captions: every n-th epoch counted from 0",
+        files("src/difftune/data/captions.py"),
+        "(epoch + 1) % self.dropout_every_n_epochs", "epoch % self.dropout_every_n_epochs",
+        ("tests/test_mutation_survivors_captions.py",),
+        "kohya's epochs count from 1: the first epoch (0 here) would train on empty captions",
+    ),
+    Mutation(
+        "captions: token warm-up still cutting at its last step",
+        files("src/difftune/data/captions.py"),
+        "if warmup and step < warmup:", "if warmup and step <= warmup:",
+        ("tests/test_mutation_survivors_captions.py",),
+        "at the warm-up step kohya keeps every tag; kohya's float expression drops one there for some counts",
+    ),
     # adapters: per-module ranks and every LyCORIS LoKr layout (issue 34)
     Mutation(
         "conv rank: --conv_alpha given to every layer",
