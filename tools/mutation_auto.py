@@ -200,14 +200,16 @@ def selected_tests(tree: Path) -> list[str]:
 
 def prepare_retest(module: str, survivor_tests: str = SURVIVOR_TESTS) -> tuple[Path, list[str], list[str]]:
     """The module's tree of the last run with today's tests copied in and SURVIVOR_TESTS added to its selection,
-    and the mutants it did not catch: (tree, tests, mutant names to run again)."""
+    and the mutants it did not catch or did not reach: (tree, tests, mutant names to run again)."""
     tree = tree_of(module)
     # mutmut forgets earlier outcomes once the selection changes ("not checked"): they are kept for the report
     kept = tree / "results-before-retest.json"
     before = json.loads(kept.read_text()) if kept.is_file() else {}
-    before |= {name: status for name, status in results(tree, module).items() if status != "not checked"}
+    last = results(tree, module)
+    before |= {name: status for name, status in last.items() if status != "not checked"}
     kept.write_text(json.dumps(before, indent=1))
     uncaught = [name for name, status in before.items() if status in UNCAUGHT]
+    uncaught += [name for name in last if name not in before]  # never reached (a first run stopped early)
     copy_files(tree, [name for name in repo_files() if name.startswith("tests/")])
     tests = selected_tests(tree)
     tests += sorted(
