@@ -198,7 +198,9 @@ def selected_tests(tree: Path) -> list[str]:
     return json.loads(line.removeprefix(key))
 
 
-def prepare_retest(module: str, survivor_tests: str = SURVIVOR_TESTS) -> tuple[Path, list[str], list[str]]:
+def prepare_retest(
+    module: str, survivor_tests: tuple[str, ...] = (SURVIVOR_TESTS,)
+) -> tuple[Path, list[str], list[str]]:
     """The module's tree of the last run with today's tests copied in and SURVIVOR_TESTS added to its selection,
     and the mutants it did not catch or did not reach: (tree, tests, mutant names to run again)."""
     tree = tree_of(module)
@@ -212,9 +214,8 @@ def prepare_retest(module: str, survivor_tests: str = SURVIVOR_TESTS) -> tuple[P
     uncaught += [name for name in last if name not in before]  # never reached (a first run stopped early)
     copy_files(tree, [name for name in repo_files() if name.startswith("tests/")])
     tests = selected_tests(tree)
-    tests += sorted(
-        str(t.relative_to(ROOT)) for t in ROOT.glob(survivor_tests) if str(t.relative_to(ROOT)) not in tests
-    )
+    added = {str(test.relative_to(ROOT)) for pattern in survivor_tests for test in ROOT.glob(pattern)}
+    tests += sorted(added - set(tests))
     configure(tree, module, tests)
     return tree, tests, uncaught
 
@@ -285,7 +286,9 @@ def main() -> int:
     parser.add_argument("--min-tests", type=int, default=10, help="Tiny-model tests fill the selection up to this.")
     parser.add_argument("--retest", action="store_true", help=f"The last run's survivors again, with {SURVIVOR_TESTS}.")
     parser.add_argument("--report-only", action="store_true", help="Only write the report from the last runs.")
-    parser.add_argument("--with-tests", default=SURVIVOR_TESTS, help="The test files --retest adds (a glob).")
+    parser.add_argument(
+        "--with-tests", action="append", help=f"The test files --retest adds (a glob, repeatable; {SURVIVOR_TESTS})."
+    )
     parser.add_argument("--report", type=Path, default=REPORT, help="Where to write the report.")
     parser.add_argument("--assets", type=Path, help="Tiny assets to reuse (default: built once under work_dirs/).")
     args = parser.parse_args()
@@ -305,7 +308,7 @@ def main() -> int:
             tree, names = tree_of(module), []
             tests = selected_tests(tree)
         elif args.retest:
-            tree, tests, names = prepare_retest(module, args.with_tests)
+            tree, tests, names = prepare_retest(module, tuple(args.with_tests or [SURVIVOR_TESTS]))
         else:
             tests, names = select_tests(module, tests_by_module, args.min_tests, now), []
             tree = prepare_tree(module, tests)
