@@ -46,6 +46,13 @@ def files(*patterns: str) -> tuple[str, ...]:
 MUTATIONS = [
     # grown from `make mutation-auto` survivors (docs/mutation.md): kohya's caption rules at their edges
     Mutation(
+        "init adapter: a text encoder the file lacks takes the other's modules",
+        files("src/difftune/adapters/init_adapter.py"),
+        "make_config(args, flag_targets)", "make_config(args, getattr(args, flag))",
+        ("tests/test_mutation_survivors_init_adapter.py", "-k", "fresh_on_the_flags"),
+        "the bug found by mutation testing: text_encoder_two trained on text_encoder_one's recorded modules",
+    ),
+    Mutation(
         "captions: a draw equal to the dropout rate drops",
         files("src/difftune/data/captions.py"),
         "rng.random() < self.dropout_rate", "rng.random() <= self.dropout_rate",

@@ -358,12 +358,13 @@ def attach_all(
     models = {denoiser[0]: denoiser[1], **text_encoders}
     unet_config = dict(denoiser[1].config) if denoiser[0] == "unet" else {}
     trained = {}
+    flag_targets = list(args.text_encoder_target_modules)  # (the loop records a source's own modules in args)
     for name, model in models.items():
         flag = "target_modules" if name == denoiser[0] else "text_encoder_target_modules"
         source = sources.get(name)
         if source is None:
             if name != denoiser[0] and args.train_text_encoder:
-                trained[name] = injection.attach(model, make_config(args, getattr(args, flag)), base)
+                trained[name] = injection.attach(model, make_config(args, flag_targets), base)
             continue
         if source.kohya:
             resolve_kohya(source, name, model, unet_config, args.init_adapter)
