@@ -326,7 +326,7 @@ def load_dataset_config(path: str | Path, args) -> list[DatasetSpec]:
         problems.add("file", "has no [[datasets]]")
     problems.raise_if_any()
     for spec in specs:
-        check_spec(spec, path)
+        check_spec(spec, f"--dataset_config {path}")
     note_without_effect(config, path)
     return specs
 
@@ -387,16 +387,17 @@ def spec_from(subsets: list[Subset], level: dict, fine_tuning: bool) -> DatasetS
     )
 
 
-def check_spec(spec: DatasetSpec, path: Path | str) -> None:
-    """What kohya asserts when it builds the data set: the bucket range covers the resolution."""
+def check_spec(spec: DatasetSpec, where: str, prefix: str = "") -> None:
+    """What kohya asserts when it builds the data set: the bucket range covers the resolution (`where` names the
+    source in the message; `prefix` is "--" when the range comes from flags)."""
     if not spec.enable_bucket or spec.bucket_no_upscale:
         return
     low = spec.min_bucket_reso - spec.min_bucket_reso % spec.bucket_reso_steps
     high = spec.max_bucket_reso + (-spec.max_bucket_reso) % spec.bucket_reso_steps
     if min(spec.resolution) < low or max(spec.resolution) > high:
         raise UserError(
-            f"--dataset_config {path}: resolution {spec.resolution[1]}x{spec.resolution[0]} is outside "
-            f"min_bucket_reso {spec.min_bucket_reso} .. max_bucket_reso {spec.max_bucket_reso}: widen the bucket range"
+            f"{where}: resolution {spec.resolution[1]}x{spec.resolution[0]} is outside {prefix}min_bucket_reso "
+            f"{spec.min_bucket_reso} .. {prefix}max_bucket_reso {spec.max_bucket_reso}: widen the bucket range"
         )
 
 
@@ -452,5 +453,5 @@ def specs_from_folders(args) -> list[DatasetSpec] | None:
             for s in found
         ]  # fmt: skip
     spec = spec_from(subsets, level, fine_tuning=False)
-    check_spec(spec, "--train_data_dir")
+    check_spec(spec, "--train_data_dir", prefix="--")
     return [spec]
