@@ -20,7 +20,7 @@ from pathlib import Path
 
 from difftune.cli.errors import UserError
 from difftune.data import folders
-from difftune.data.selection import append_rows, checked_selection
+from difftune.data.selection import checked_selection
 
 logger = logging.getLogger("difftune")
 
@@ -130,22 +130,15 @@ def with_caption_lists(images, caption_column: str):
 def class_rows(args, columns: list[str], scanning: tuple):
     """The class images as a datasets.Dataset (image, caption, repeats columns), or None without them: the first
     --num_class_images of --class_data_dir (captioned --class_prompt unless a caption file says otherwise)."""
-    parts = []
-    extension = getattr(args, "caption_extension", None) or ".txt"
-    if args.with_prior_preservation:
-        source = f"--class_data_dir {args.class_data_dir}"
-        subset = folders.Subset(Path(args.class_data_dir), caption_extension=extension)
-        rows = folders.read_subsets([subset], source, args.class_prompt, prompt_flag="--class_prompt")
-        rows = folders.first_rows(rows, args.num_class_images)
-        parts.append((folders.folder_dataset(rows, *columns), source))
-    if not parts:
+    if not args.with_prior_preservation:
         return None
-    selected = [checked_selection(rows, columns[0], None, args.seed, source, *scanning) for rows, source in parts]
-    keep = [*columns, "repeats"]
-    images = selected[0].select_columns(keep)
-    for more, (_, source) in zip(selected[1:], parts[1:], strict=True):
-        images = append_rows(images, more.select_columns(keep), source)
-    return images
+    source = f"--class_data_dir {args.class_data_dir}"
+    extension = getattr(args, "caption_extension", None) or ".txt"
+    subset = folders.Subset(Path(args.class_data_dir), caption_extension=extension)
+    rows = folders.read_subsets([subset], source, args.class_prompt, prompt_flag="--class_prompt")
+    rows = folders.first_rows(rows, args.num_class_images)
+    images = checked_selection(folders.folder_dataset(rows, *columns), columns[0], None, args.seed, source, *scanning)
+    return images.select_columns([*columns, "repeats"])
 
 
 def class_seed(seed: int) -> int:
