@@ -52,14 +52,7 @@ def refusal(tmp_path: Path, text: str | dict, args=None) -> str:
 
 # --- the command line, the level above [general]: kohya's defaults for flags a command lacks ---
 
-KOHYA_DEFAULTS = {
-    "caption_prefix": "",
-    "caption_suffix": "",
-    "caption_dropout_rate": 0.0,
-    "caption_separator": ",",
-    "keep_tokens": 0,
-    "shuffle_caption": False,
-    "caption_tag_dropout_rate": 0.0,
+KOHYA_DEFAULTS = CAPTION_FLAGS | {
     "keep_tokens_separator": "",
     "secondary_separator": "",
     "enable_wildcard": False,
