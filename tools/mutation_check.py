@@ -413,9 +413,9 @@ MUTATIONS = [
     ),
     Mutation(
         "layers: DreamBooth's class rows import the data sources back",
-        files("src/difftune/data/dreambooth.py"), "    parts = []\n    extension = ",
-        "    from difftune.data.sources import append_rows, checked_selection  # noqa: F811\n\n"
-        "    parts = []\n    extension = ",
+        files("src/difftune/data/dreambooth.py"), "    source = f\"--class_data_dir {args.class_data_dir}\"\n",
+        "    from difftune.data.sources import checked_selection  # noqa: F811\n\n"
+        "    source = f\"--class_data_dir {args.class_data_dir}\"\n",
         ("tests/test_layers.py::test_the_library_imports_only_downward_and_has_no_cycles",),
         "the cycle this package had (sources <-> dreambooth), hidden in a function: it runs, and ties the two together",
     ),
