@@ -158,3 +158,16 @@ def cascade_prior_inputs(prior, batch: int = 2, seed: int = 0) -> dict:
 class Killed(BaseException):
     """Raised by a test's patch to stop a run at a chosen moment, as SIGKILL would: nothing catches it (not
     the one-line error handlers, not the Ctrl-C handler), and no cleanup of the run's own runs."""
+
+
+def module_tree(layers: dict[str, torch.nn.Module], root: torch.nn.Module | None = None) -> torch.nn.Module:
+    """A module (`root`, or a new one) holding `layers` at their dotted diffusers / transformers paths."""
+    root = torch.nn.Module() if root is None else root
+    for path, layer in layers.items():
+        node, (*parents, last) = root, path.split(".")
+        for name in parents:
+            if name not in node._modules:
+                node.add_module(name, torch.nn.Module())
+            node = node._modules[name]
+        node.add_module(last, layer)
+    return root

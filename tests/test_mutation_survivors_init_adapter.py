@@ -13,6 +13,7 @@ import sys
 import peft.tuners.lokr.layer  # noqa: F401 - (with difftune's lokr, lora, kohya below) see the note there
 import pytest
 import torch
+from helpers import module_tree
 from peft import LoKrConfig, LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from torch import nn
@@ -209,20 +210,6 @@ def test_kohya_settings_check_every_module():
 # --- per-module ranks and peft's decompose_factor, on tiny modules ---
 
 
-def tree(layers: dict[str, nn.Module], root: nn.Module | None = None) -> nn.Module:
-    """A module holding `layers` at their dotted paths."""
-    root = nn.Module() if root is None else root
-    for path, layer in layers.items():
-        parent = root
-        *heads, last = path.split(".")
-        for head in heads:
-            if head not in parent._modules:
-                parent.add_module(head, nn.Module())
-            parent = parent._modules[head]
-        parent.add_module(last, layer)
-    return root
-
-
 @pytest.mark.parametrize(
     ("settings", "layer", "shapes", "expected"),
     [
@@ -246,7 +233,7 @@ def tree(layers: dict[str, nn.Module], root: nn.Module | None = None) -> nn.Modu
 )
 def test_module_patterns_give_each_module_its_own_rank(settings, layer, shapes, expected):
     source = init_adapter.Source(settings, {"block.layer": factors(shapes, 1.0)})
-    patterns = init_adapter.module_patterns(source, tree({"block.layer": layer}))
+    patterns = init_adapter.module_patterns(source, module_tree({"block.layer": layer}))
     assert patterns == ({} if expected is None else {"block.layer": expected})
 
 
@@ -266,7 +253,7 @@ def test_module_patterns_give_each_module_its_own_rank(settings, layer, shapes, 
     ],
 )
 def test_decompose_factor_builds_most_stored_shapes(layers, expected):
-    model = tree({name: nn.Linear(i, o, bias=False) for name, ((o, i), _) in layers.items()})
+    model = module_tree({name: nn.Linear(i, o, bias=False) for name, ((o, i), _) in layers.items()})
     weights = {
         name: {"lokr_w1": rand(a, c), "lokr_w2": rand(o // a, i // c)} for name, ((o, i), (a, c)) in layers.items()
     }
@@ -701,7 +688,7 @@ class TinyUNet(nn.Module):
         super().__init__()
         self.config = dict(UNET_CONFIG)
         self.checkpointing = False
-        tree(
+        module_tree(
             {
                 Q_PATH: nn.Linear(32, 32), K_PATH: nn.Linear(32, 32), CONV_PATH: nn.Conv2d(32, 32, 3, padding=1),
                 "extra.proj": nn.Linear(4, 4), "extra.norm": nn.LayerNorm(4),
@@ -718,7 +705,7 @@ class TinyTextEncoder(nn.Module):
         super().__init__()
         self.checkpointing = None
         layers = {"encoder.layers.0.self_attn.q_proj": nn.Linear(32, 32), "encoder.layers.0.mlp.fc1": nn.Linear(4, 8)}
-        tree({root + k: v for k, v in layers.items()}, self)
+        module_tree({root + k: v for k, v in layers.items()}, self)
 
     def gradient_checkpointing_enable(self, kwargs):
         self.checkpointing = kwargs
@@ -882,6 +869,21 @@ def test_a_text_encoder_the_source_lacks_starts_fresh_on_the_flags_modules(held,
     assert set(trained[fresh].peft_config["default"].target_modules) == {"q_proj", "k_proj", "v_proj", "out_proj"}
 
 
+def test_each_text_encoder_is_checked_against_the_typed_flag_not_the_other_encoders_modules():
+    w = {"lokr_w1": rand(4, 4), "lokr_w2": rand(8, 8)}
+    fc1 = {"lokr_w1": rand(2, 2), "lokr_w2": rand(4, 2)}
+    one, two = "encoder.layers.0.self_attn.q_proj", "text_model.encoder.layers.0.mlp.fc1"
+    sources = {"unet": init_adapter.Source({"r": 4, "alpha": 4}, {Q_PATH: dict(w)}),
+               "text_encoder_one": init_adapter.Source({"r": 4, "alpha": 4}, {one: dict(w)}),
+               "text_encoder_two": init_adapter.Source({"r": 4, "alpha": 4}, {two: fc1})}  # fmt: skip
+    unet, encoders = tiny_sdxl()
+    argv = ["--text_encoder_target_modules", "q_proj,fc1"]
+    args = lokr_args(init_adapter="f", train_text_encoder=True, text_encoder_target_modules=["q_proj", "fc1"])
+    trained, _ = init_adapter.attach_all(args, injection.lokr_config, "b", ("unet", unet), encoders, sources, argv)
+    assert set(trained["text_encoder_two"].peft_config["default"].target_modules) == {two}
+    assert args.text_encoder_target_modules == [two]  # recorded: the modules the (last) encoder adapts
+
+
 def test_attach_all_refuses_a_module_this_model_lacks_or_a_weight_peft_does_not_hold(tmp_path):
     path = tmp_path / "other.safetensors"
     other = "lora_unet_middle_block_9_proj"
@@ -979,7 +981,7 @@ def test_attach_all_keeps_a_peft_folders_own_settings(tmp_path, caplog):
 class TinyPrior(nn.Module):
     def __init__(self):
         super().__init__()
-        tree({"blocks.0.attn.to_q": nn.Linear(16, 16), "blocks.0.attn.to_k": nn.Linear(16, 16)}, self)
+        module_tree({"blocks.0.attn.to_q": nn.Linear(16, 16), "blocks.0.attn.to_k": nn.Linear(16, 16)}, self)
 
 
 def lora_args(**values) -> argparse.Namespace:
@@ -1035,7 +1037,7 @@ def test_attach_all_without_a_source_is_the_plain_injection(monkeypatch):
 
 def test_config_for_takes_the_sources_settings_over_the_flags():
     args = lokr_args(conv_rank=16, conv_alpha=16.0, rank_dropout=0.25)
-    model = tree({"conv": nn.Conv2d(4, 4, 3), "q": nn.Linear(4, 4)})
+    model = module_tree({"conv": nn.Conv2d(4, 4, 3), "q": nn.Linear(4, 4)})
     settings = {
         "r": 2,
         "alpha": 2,
@@ -1060,9 +1062,12 @@ def test_config_for_takes_the_sources_settings_over_the_flags():
 def tiny_peft():
     """A LoKr (w1 4 x 4, w2 split at 2) and a LoRA on a 32 x 32 Linear."""
     lokr = get_peft_model(
-        tree({"proj": nn.Linear(32, 32), "other": nn.Linear(4, 4)}), LoKrConfig(r=2, alpha=2, target_modules=["proj"])
+        module_tree({"proj": nn.Linear(32, 32), "other": nn.Linear(4, 4)}),
+        LoKrConfig(r=2, alpha=2, target_modules=["proj"]),
     )
-    lora = get_peft_model(tree({"proj": nn.Linear(32, 32)}), LoraConfig(r=2, lora_alpha=2, target_modules=["proj"]))
+    lora = get_peft_model(
+        module_tree({"proj": nn.Linear(32, 32)}), LoraConfig(r=2, lora_alpha=2, target_modules=["proj"])
+    )
     return lokr, lora
 
 

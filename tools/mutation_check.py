@@ -48,9 +48,10 @@ MUTATIONS = [
     Mutation(
         "init adapter: a text encoder the file lacks takes the other's modules",
         files("src/difftune/adapters/init_adapter.py"),
-        "make_config(args, flag_targets)", "make_config(args, getattr(args, flag))",
-        ("tests/test_mutation_survivors_init_adapter.py", "-k", "fresh_on_the_flags"),
-        "the bug found by mutation testing: text_encoder_two trained on text_encoder_one's recorded modules",
+        "        adapted[flag] = modules\n", "        adapted[flag] = modules\n        setattr(args, flag, modules)\n",
+        ("tests/test_mutation_survivors_init_adapter.py", "-k", "fresh_on_the_flags or typed_flag_not"),
+        "the bug found by mutation testing: the modules recorded in the flags mid-loop, so text_encoder_two "
+        "trained on (or was checked against) text_encoder_one's modules",
     ),
     Mutation(
         "captions: a draw equal to the dropout rate drops",

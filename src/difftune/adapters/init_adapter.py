@@ -357,14 +357,13 @@ def attach_all(
     given = explicit_flags(argv)
     models = {denoiser[0]: denoiser[1], **text_encoders}
     unet_config = dict(denoiser[1].config) if denoiser[0] == "unet" else {}
-    trained = {}
-    flag_targets = list(args.text_encoder_target_modules)  # (the loop records a source's own modules in args)
+    trained, adapted = {}, {}
     for name, model in models.items():
         flag = "target_modules" if name == denoiser[0] else "text_encoder_target_modules"
         source = sources.get(name)
         if source is None:
             if name != denoiser[0] and args.train_text_encoder:
-                trained[name] = injection.attach(model, make_config(args, flag_targets), base)
+                trained[name] = injection.attach(model, make_config(args, getattr(args, flag)), base)
             continue
         if source.kohya:
             resolve_kohya(source, name, model, unet_config, args.init_adapter)
@@ -376,7 +375,7 @@ def attach_all(
             settings["decompose_factor"] = decompose_factor(source, model)
         if source.lokr and "rank_pattern" not in settings:
             settings["rank_pattern"] = settings["alpha_pattern"] = module_patterns(source, model)
-        setattr(args, flag, modules)  # recorded in args.json: exactly the modules the run adapts
+        adapted[flag] = modules
         trained[name] = injection.attach(model, config_for(args, make_config, settings, modules, model), base)
         state = peft_state(source)
         refitted = lokr.fit_factors(trained[name], state) if source.lokr else []
@@ -390,6 +389,9 @@ def attach_all(
                 "checkpoints load with infer.py, export.py and --resume_from_checkpoint, not PeftModel.from_pretrained",
                 len(refitted), name, refitted[0],
             )  # fmt: skip
+    # Recorded in args.json (exactly the modules the run adapts) only now: the loop reads the flags as typed.
+    for flag, modules in adapted.items():
+        setattr(args, flag, modules)
     adapted_text_encoders = [trained[n] for n in text_encoders if n in trained]
     if args.gradient_checkpointing:
         injection.enable_gradient_checkpointing(denoiser[1], adapted_text_encoders)
