@@ -8,6 +8,7 @@ import struct
 
 import pytest
 import torch
+from helpers import module_tree
 from peft import LoKrConfig, get_peft_model, get_peft_model_state_dict  # imported once, at collection (slow)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -31,19 +32,6 @@ POSITION_IDS = "text_model.embeddings.position_ids"
 SDXL_UNET_CONFIG = {"layers_per_block": 2, "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}
 
 
-def tree(leaves: dict[str, nn.Module]) -> nn.Module:
-    """A module whose submodules sit at the given dotted (diffusers / transformers) paths."""
-    root = nn.Module()
-    for path, leaf in leaves.items():
-        node, (*parents, last) = root, path.split(".")
-        for name in parents:
-            if name not in node._modules:
-                node.add_module(name, nn.Module())
-            node = node._modules[name]
-        node.add_module(last, leaf)
-    return root
-
-
 def seeded(module: nn.Module, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     for p in module.parameters():
@@ -61,14 +49,14 @@ def models():
     q, k, v = (f"text_model.encoder.layers.0.self_attn.{p}_proj" for p in "qkv")
     built = {
         "unet": seeded(
-            tree({
+            module_tree({
                 "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": nn.Linear(64, 64, bias=False),
                 "down_blocks.1.resnets.0.conv1": nn.Conv2d(8, 8, 3),
                 "up_blocks.0.upsamplers.0.conv": nn.Conv2d(2, 2, 1),
             }), 1),
-        "text_encoder_one": seeded(tree({q: nn.Linear(4, 4)}), 2),
+        "text_encoder_one": seeded(module_tree({q: nn.Linear(4, 4)}), 2),
         "text_encoder_two": seeded(
-            tree({q: nn.Linear(4, 4), k: nn.Linear(4, 4), v: nn.Linear(4, 4),
+            module_tree({q: nn.Linear(4, 4), k: nn.Linear(4, 4), v: nn.Linear(4, 4),
                   "text_model.encoder.layers.0.mlp.fc1": nn.Linear(4, 6),
                   "text_model.final_layer_norm": nn.LayerNorm(4), "text_projection": nn.Linear(4, 3, bias=False)}),
             3),

@@ -40,6 +40,7 @@ COVERAGE_MAP = WORK / "tests_by_module.json"
 MEASURED_TESTS = WORK / "measured_tests.json"  # every test the map has measured, covering or not
 MODEL_TESTS = WORK / "tests_with_models.json"  # the tests that load the tiny models (the `assets` fixture): slow
 REPORT = WORK / "report.md"
+KEPT_OUTCOMES = "results-before-retest.json"  # in a module's tree: the outcomes of its runs before the last
 SURVIVOR_TESTS = "tests/test_mutation_survivors*.py"  # the tests written for survivors (`--retest` adds them)
 KILLED = {"killed", "caught by type check"}
 UNCAUGHT = ("survived", "no tests")  # "no tests": no selected test runs the mutated function
@@ -198,26 +199,29 @@ def selected_tests(tree: Path) -> list[str]:
     return json.loads(line.removeprefix(key))
 
 
-def prepare_retest(
-    module: str, survivor_tests: tuple[str, ...] = (SURVIVOR_TESTS,)
-) -> tuple[Path, list[str], list[str]]:
-    """The module's tree of the last run with today's tests copied in and SURVIVOR_TESTS added to its selection,
-    and the mutants it did not catch or did not reach: (tree, tests, mutant names to run again)."""
-    tree = tree_of(module)
-    # mutmut forgets earlier outcomes once the selection changes ("not checked"): they are kept for the report
-    kept = tree / "results-before-retest.json"
-    before = json.loads(kept.read_text()) if kept.is_file() else {}
+def outcomes(tree: Path, module: str) -> dict[str, str]:
+    """Each mutant's last known outcome: the last run's, over those kept from earlier runs (mutmut forgets earlier
+    outcomes once the selection changes, "not checked"); "not checked" left means never run."""
+    kept = tree / KEPT_OUTCOMES
     last = results(tree, module)
-    before |= {name: status for name, status in last.items() if status != "not checked"}
-    kept.write_text(json.dumps(before, indent=1))
-    uncaught = [name for name, status in before.items() if status in UNCAUGHT]
-    uncaught += [name for name in last if name not in before]  # never reached (a first run stopped early)
+    earlier = json.loads(kept.read_text()) if kept.is_file() else {}
+    return last | earlier | {name: status for name, status in last.items() if status != "not checked"}
+
+
+def prepare_retest(module: str, survivor_tests: tuple[str, ...]) -> tuple[Path, list[str], list[str]]:
+    """The module's tree of the last run with today's tests copied in and `survivor_tests` (globs) added to its
+    selection, and the mutants it did not catch or never ran: (tree, tests, mutant names to run again)."""
+    tree = tree_of(module)
+    known = outcomes(tree, module)
+    checked = {name: status for name, status in known.items() if status != "not checked"}
+    (tree / KEPT_OUTCOMES).write_text(json.dumps(checked, indent=1))
+    again = [name for name, status in known.items() if status in UNCAUGHT or status == "not checked"]
     copy_files(tree, [name for name in repo_files() if name.startswith("tests/")])
     tests = selected_tests(tree)
     added = {str(test.relative_to(ROOT)) for pattern in survivor_tests for test in ROOT.glob(pattern)}
     tests += sorted(added - set(tests))
     configure(tree, module, tests)
-    return tree, tests, uncaught
+    return tree, tests, again
 
 
 def run_mutmut(tree: Path, assets: Path, log: Path, names: list[str]) -> float:
@@ -317,11 +321,7 @@ def main() -> int:
         log = tree / ("mutmut-retest.log" if args.retest else "mutmut.log")
         run = tests and not args.report_only and (names or not args.retest)
         seconds = run_mutmut(tree, assets.resolve(), log, names) if run else 0.0
-        statuses = results(tree, module)
-        kept = tree / "results-before-retest.json"
-        if kept.is_file():  # after a retest, the mutants not run again keep their earlier outcome
-            fresh = {name: status for name, status in statuses.items() if status != "not checked"}
-            statuses = json.loads(kept.read_text()) | fresh
+        statuses = outcomes(tree, module)
         sections.append(report_section(module, len(tests), seconds, statuses, tree))
         rows.append(summary_row(module, statuses))
         print(rows[-1], flush=True)
